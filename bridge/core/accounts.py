@@ -1,0 +1,319 @@
+"""Users, their access tokens, subscription plans (thing quotas) and application principals."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+from dataclasses import dataclass
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerifyMismatchError
+
+from bridge.core import ids
+from bridge.core.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from bridge.store import Store
+
+_hasher = PasswordHasher()
+# Verifying against this keeps an unknown username as slow as a wrong password.
+_DUMMY_HASH = _hasher.hash("thingbridge-dummy-password")
+TOKEN_ISSUER = "thingbridge"
+CREATE_THING_ACTION = "flashex:createThing"  # sic: the document's spelling, which clients match on
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    username: str
+    role: str
+    email_verified: bool
+    created: float
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class Subscription:
+    id: str
+    user_id: str
+    common_name: str
+    plan_id: str
+    plan_name: str
+    product_id: str
+    status: str
+    thing_quota: int
+    startts: int
+    endts: int | None
+    created: float
+
+
+@dataclass(frozen=True)
+class PolicyStatement:
+    action: str
+    effect: str
+    resource: str
+    allowed: int
+    actual: int
+
+
+@dataclass(frozen=True)
+class SubscriptionPolicy:
+    subscription: Subscription
+    statements: list[PolicyStatement]
+
+
+@dataclass(frozen=True)
+class App:
+    name: str
+    owner_id: str
+    fleet_wide: bool
+    cert_id: str | None = None
+
+
+def _user(row: sqlite3.Row) -> User:
+    return User(row["id"], row["username"], row["role"], bool(row["email_verified"]), row["created"])
+
+
+def _app(row: sqlite3.Row) -> App:
+    return App(row["name"], row["owner_id"], bool(row["fleet_wide"]), row["cert_id"])
+
+
+def _subscription(row: sqlite3.Row) -> Subscription:
+    return Subscription(**{k: row[k] for k in row.keys()})  # noqa: SIM118 (sqlite3.Row)
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+async def hash_password(password: str) -> str:
+    return await asyncio.to_thread(_hasher.hash, password)
+
+
+async def verify_password(stored_hash: str | None, password: str) -> bool:
+    def check() -> bool:
+        try:
+            return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+        except (VerifyMismatchError, InvalidHashError):
+            return False
+
+    return await asyncio.to_thread(check)
+
+
+def _insert_free_subscription(conn: sqlite3.Connection, user_id: str, quota: int) -> None:
+    ts = ids.now()
+    conn.execute(
+        "INSERT INTO subscriptions (id, user_id, common_name, plan_id, plan_name, product_id, status,"
+        " thing_quota, startts, endts, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (ids.new_id(), user_id, "FREE", "plan_free", "Free", "thingbridge", "active", quota, int(ts), None, ts),
+    )
+
+
+class Accounts:
+    def __init__(self, store: Store, token_key: bytes, token_ttl: int, free_plan_things: int) -> None:
+        self.store = store
+        self._token_key = token_key
+        self.token_ttl = token_ttl
+        self.free_plan_things = free_plan_things
+
+    # ---- users -------------------------------------------------------------------------------
+    async def create_user(self, username: str, password: str, role: str = "user") -> User:
+        ids.check_username(username)
+        if len(password) < 8:
+            raise Invalid("password must be at least 8 characters")
+        pw_hash = await hash_password(password)
+        user = User(ids.new_id(), username, role, False, ids.now())
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO users (id, username, password_hash, role, email_verified, created)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (user.id, username, pw_hash, role, 0, user.created),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"user {username!r} already exists") from exc
+            _insert_free_subscription(conn, user.id, self.free_plan_things)
+
+        await self.store.write(insert)
+        return user
+
+    async def user_by_name(self, username: str) -> User:
+        row = await self.store.read(
+            lambda c: c.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
+        )
+        if row is None:
+            raise NotFound(f"user {username!r} not found")
+        return _user(row)
+
+    async def has_users(self) -> bool:
+        return await self.store.read(lambda c: c.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None)
+
+    async def login(self, username: str, password: str) -> User:
+        row = await self.store.read(
+            lambda c: c.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
+        )
+        if not await verify_password(row["password_hash"] if row else None, password) or row is None:
+            raise Unauthorized("bad username or password")
+        return _user(row)
+
+    async def get_user(self, caller: User, sub: str) -> User:
+        if sub != caller.id:
+            raise Forbidden("a user may read only its own record")
+        return caller
+
+    # ---- tokens ------------------------------------------------------------------------------
+    async def issue_token(self, user: User) -> str:
+        issued = ids.now()
+        jti = secrets.token_urlsafe(16)
+        expires = issued + self.token_ttl
+        await self.store.write(
+            lambda c: c.execute(
+                "INSERT INTO tokens (jti, user_id, issued, expires, revoked) VALUES (?,?,?,?,0)",
+                (jti, user.id, issued, expires),
+            )
+        )
+        claims = {
+            "iss": TOKEN_ISSUER,
+            "sub": user.id,
+            "username": user.username,
+            "jti": jti,
+            "iat": int(issued),
+            "exp": int(expires),
+        }
+        return jwt.encode(claims, self._token_key, algorithm="HS256")
+
+    def _claims(self, token: str) -> dict:
+        try:
+            return jwt.decode(
+                token,
+                self._token_key,
+                algorithms=["HS256"],
+                issuer=TOKEN_ISSUER,
+                options={"require": ["exp", "sub", "jti", "iss"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthorized("access token expired") from exc
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized("access token is not valid") from exc
+
+    async def authenticate(self, token: str) -> User:
+        claims = self._claims(token)
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT users.*, tokens.revoked FROM tokens JOIN users ON users.id = tokens.user_id"
+                " WHERE tokens.jti = ? AND tokens.user_id = ?",
+                (claims["jti"], claims["sub"]),
+            ).fetchone()
+        )
+        if row is None or row["revoked"]:
+            raise Unauthorized("access token has been revoked")
+        return _user(row)
+
+    async def revoke_token(self, token: str) -> None:
+        claims = self._claims(token)
+        await self.store.write(
+            lambda c: c.execute("UPDATE tokens SET revoked = 1 WHERE jti = ?", (claims["jti"],))
+        )
+
+    # ---- subscriptions and quota ---------------------------------------------------------------
+    async def subscriptions(self, user: User) -> list[Subscription]:
+        rows = await self.store.read(
+            lambda c: c.execute(
+                "SELECT * FROM subscriptions WHERE user_id = ? ORDER BY created", (user.id,)
+            ).fetchall()
+        )
+        return [_subscription(r) for r in rows]
+
+    async def subscription(self, user: User, subscription_id: str) -> Subscription:
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT * FROM subscriptions WHERE id = ? AND user_id = ?", (subscription_id, user.id)
+            ).fetchone()
+        )
+        if row is None:
+            raise NotFound("subscription not found")
+        return _subscription(row)
+
+    async def active_policy(self, user: User) -> SubscriptionPolicy:
+        return await self.store.read(active_policy, user.id, self.free_plan_things)
+
+    async def set_plan(self, username: str, things: int, plan_name: str = "Custom") -> Subscription:
+        if things < 0:
+            raise Invalid("the thing quota cannot be negative")
+        user = await self.user_by_name(username)
+
+        def switch(conn: sqlite3.Connection) -> Subscription:
+            ts = ids.now()
+            conn.execute(
+                "UPDATE subscriptions SET status = 'ended', endts = ? WHERE user_id = ? AND status = 'active'",
+                (int(ts), user.id),
+            )
+            sub = Subscription(
+                ids.new_id(), user.id, plan_name.upper(), f"plan_{plan_name.lower()}", plan_name,
+                "thingbridge", "active", things, int(ts), None, ts,
+            )
+            conn.execute(
+                "INSERT INTO subscriptions (id, user_id, common_name, plan_id, plan_name, product_id, status,"
+                " thing_quota, startts, endts, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (sub.id, sub.user_id, sub.common_name, sub.plan_id, sub.plan_name, sub.product_id,
+                 sub.status, sub.thing_quota, sub.startts, sub.endts, sub.created),
+            )
+            return sub
+
+        return await self.store.write(switch)
+
+    # ---- application principals -----------------------------------------------------------------
+    async def create_app(self, name: str, owner: str, password: str, fleet_wide: bool = False) -> App:
+        ids.check_name(name, "application name")
+        user = await self.user_by_name(owner)
+        if fleet_wide and not user.is_admin:
+            raise Forbidden("only an admin may own a fleet-wide application")
+        pw_hash = await hash_password(password)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO apps (name, owner_id, password_hash, fleet_wide, created) VALUES (?,?,?,?,?)",
+                    (name, user.id, pw_hash, int(fleet_wide), ids.now()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"application {name!r} already exists") from exc
+
+        await self.store.write(insert)
+        return App(name, user.id, fleet_wide)
+
+    async def app(self, name: str) -> App | None:
+        row = await self.store.read(lambda c: c.execute("SELECT * FROM apps WHERE name = ?", (name,)).fetchone())
+        return _app(row) if row else None
+
+    async def set_app_certificate(self, name: str, cert_id: str) -> None:
+        await self.store.write(lambda c: c.execute("UPDATE apps SET cert_id = ? WHERE name = ?", (cert_id, name)))
+
+    async def app_login(self, name: str, password: str) -> App | None:
+        row = await self.store.read(lambda c: c.execute("SELECT * FROM apps WHERE name = ?", (name,)).fetchone())
+        if not await verify_password(row["password_hash"] if row else None, password) or row is None:
+            return None
+        return _app(row)
+
+
+def active_policy(conn: sqlite3.Connection, user_id: str, free_quota: int) -> SubscriptionPolicy:
+    """The user's active subscription and its createThing statement. Runs inside the caller's
+    transaction so that thing creation checks and inserts atomically."""
+    row = conn.execute(
+        "SELECT * FROM subscriptions WHERE user_id = ? AND status = 'active' ORDER BY created DESC LIMIT 1",
+        (user_id,),
+    ).fetchone()
+    if row is None:
+        ts = ids.now()
+        sub = Subscription(ids.new_id(), user_id, "FREE", "plan_free", "Free", "thingbridge", "active",
+                           free_quota, int(ts), None, ts)
+    else:
+        sub = _subscription(row)
+    actual = conn.execute("SELECT count(*) FROM things WHERE owner_id = ?", (user_id,)).fetchone()[0]
+    effect = "Allow" if actual < sub.thing_quota else "Deny"
+    statement = PolicyStatement(CREATE_THING_ACTION, effect, f"{user_id}:thing:*", sub.thing_quota, actual)
+    return SubscriptionPolicy(sub, [statement])

@@ -1,0 +1,73 @@
+"""A thing's distribution bundle: what a device needs to connect, as files. `GET .../dist` zips it;
+`thingbridge thing create --out DIR` writes it to a folder."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+
+import orjson
+
+from bridge.core.things import Thing
+
+
+@dataclass
+class Endpoints:
+    host: str
+    mqtt_tls_port: int
+    http_port: int
+    https_port: int | None
+
+
+DEVICE_TOPICS = ("collect", "status", "config/get", "upgrade/check", "versions", "upgrade/result")
+CLOUD_TOPICS = ("publish", "config", "upgrade/notify", "status/accepted", "status/rejected")
+
+
+def thing_files(thing: Thing, ca_pem: str, ep: Endpoints) -> dict[str, bytes]:
+    key_file = "private.key" if thing.private_key_pem else "<your private key>"
+    config = {
+        "thingId": thing.id,
+        "clientId": thing.id,
+        "mqtt": {"host": ep.host, "port": ep.mqtt_tls_port, "tls": True, "protocol": "MQTT 3.1.1"},
+        "http": {"url": f"http://{ep.host}:{ep.http_port}/dev/v1"}
+        | ({"httpsUrl": f"https://{ep.host}:{ep.https_port}/dev/v1"} if ep.https_port else {}),
+        "files": {"ca": "ca.pem", "certificate": "certificate.pem", "privateKey": key_file},
+        "topics": {
+            "publishTo": {t: f"things/{thing.id}/{t}" for t in DEVICE_TOPICS},
+            "subscribeTo": {t: f"things/{thing.id}/{t}" for t in CLOUD_TOPICS},
+        },
+    }
+    common = f"--cafile ca.pem --cert certificate.pem --key {key_file} -h {ep.host} -p {ep.mqtt_tls_port}"
+    readme = f"""thingbridge device bundle for thing {thing.id}
+
+Files: ca.pem (the bridge CA), certificate.pem (this thing's certificate, CN={thing.id}),
+{"private.key (its private key: keep it secret), " if thing.private_key_pem else ""}public.key, thing.json.
+
+Send a message (stored, and seen by applications on things/+/collect):
+  mosquitto_pub {common} -i {thing.id} -q 1 -t things/{thing.id}/collect -m '{{"temp": 21.5}}'
+
+Receive messages published to this thing:
+  mosquitto_sub {common} -i {thing.id}:sub -q 1 -t things/{thing.id}/publish
+
+The client id must be the thing id, or start with "{thing.id}:" for extra connections.
+A thing may use only topics under things/{thing.id}/.
+"""
+    files = {
+        "ca.pem": ca_pem.encode(),
+        "certificate.pem": thing.cert_pem.encode(),
+        "public.key": thing.public_key_pem.encode(),
+        "thing.json": orjson.dumps(config, option=orjson.OPT_INDENT_2),
+        "README.txt": readme.encode(),
+    }
+    if thing.private_key_pem:
+        files["private.key"] = thing.private_key_pem.encode()
+    return files
+
+
+def zip_bytes(files: dict[str, bytes], folder: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(f"{folder}/{name}", data)
+    return buf.getvalue()

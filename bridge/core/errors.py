@@ -1,0 +1,35 @@
+"""Domain errors. Each adapter maps these to its dialect in one table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    """Base class; `str(err)` is a sentence safe to show the caller."""
+
+
+class Invalid(DomainError):
+    pass
+
+
+class Unauthorized(DomainError):
+    pass
+
+
+class Forbidden(DomainError):
+    pass
+
+
+class NotFound(DomainError):
+    pass
+
+
+class Conflict(DomainError):
+    pass
+
+
+class QuotaExceeded(Forbidden):
+    def __init__(self, message: str, policy: Any) -> None:
+        super().__init__(message)
+        self.policy = policy

@@ -1,0 +1,47 @@
+"""The core assembled: one object the adapters and the command line hold."""
+
+from __future__ import annotations
+
+from bridge import pki
+from bridge.config import Config
+from bridge.core.accounts import Accounts, App
+from bridge.core.bundle import Endpoints
+from bridge.core.things import Things
+from bridge.keyring import Keyring
+from bridge.store import Store
+
+
+class Core:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.ca = pki.CertificateAuthority.load_or_create(cfg.pki.dir)
+        self.keyring = Keyring.load_or_create(cfg.data_dir)
+        self.accounts = Accounts(
+            store, self.keyring.token_key, cfg.accounts.token_ttl, cfg.accounts.free_plan_things
+        )
+        self.things = Things(
+            store, self.ca, self.keyring,
+            cert_days=cfg.pki.thing_cert_days,
+            default_key_type=cfg.pki.default_key_type,
+            free_plan_things=cfg.accounts.free_plan_things,
+        )
+        # Where devices reach us; the running process replaces the configured ports with bound ones.
+        self.endpoints = Endpoints(
+            cfg.http.public_host,
+            cfg.mqtt.tls.port,
+            cfg.http.http.port,
+            cfg.http.https.port if cfg.http.https.enabled else None,
+        )
+
+    async def issue_app_certificate(self, app: App) -> dict[str, bytes]:
+        """A client certificate (CN `app:<name>`) so the application can use the TLS listener too.
+        Issuing a new one revokes the previous one."""
+        key = pki.generate_key("EC")
+        cert = self.ca.issue_client(f"app:{app.name}", key.public_key(), self.cfg.pki.thing_cert_days)
+        await self.accounts.set_app_certificate(app.name, pki.cert_id(cert))
+        return {
+            "ca.pem": self.ca.ca_pem.encode(),
+            "certificate.pem": pki.cert_pem(cert).encode(),
+            "private.key": pki.private_pem(key).encode(),
+        }

@@ -1,0 +1,202 @@
+"""The things registry: create (key pair or CSR, certificate from the bridge CA), read, delete
+(revoke, disconnect), enable/disable, and the device-facing checks the broker calls on CONNECT."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass
+
+from bridge import pki
+from bridge.core import ids
+from bridge.core.accounts import User, active_policy
+from bridge.core.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from bridge.core.ports import DeviceLink, NoLink
+from bridge.keyring import Keyring
+from bridge.store import Store
+
+
+@dataclass(frozen=True)
+class Thing:
+    id: str
+    owner_id: str
+    name: str
+    type: str
+    dist: str
+    key_type: str
+    cert_pem: str
+    cert_id: str
+    public_key_pem: str
+    private_key_pem: str | None
+    enabled: bool
+    test_status: str
+    created: float
+
+
+@dataclass
+class NewThing:
+    """A create request, already parsed by an adapter."""
+
+    id: str | None = None
+    name: str | None = None
+    type: str = "generic"
+    dist: str = "mosquitto"
+    key_type: str | None = None
+    csr: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    thing_id: str
+    owner_id: str
+
+
+class Things:
+    def __init__(self, store: Store, ca: pki.CertificateAuthority, keyring: Keyring, *,
+                 cert_days: int, default_key_type: str, free_plan_things: int) -> None:
+        self.store = store
+        self.ca = ca
+        self.keyring = keyring
+        self.cert_days = cert_days
+        self.default_key_type = default_key_type
+        self.free_plan_things = free_plan_things
+        self.link: DeviceLink = NoLink()
+        # thing id -> owner id, for per-delivery tenancy checks; filled lazily, dropped on delete
+        self._owners: dict[str, str] = {}
+
+    def _row(self, row: sqlite3.Row) -> Thing:
+        sealed = row["private_key_sealed"]
+        private = self.keyring.open(sealed, row["id"].encode()).decode() if sealed else None
+        return Thing(
+            row["id"], row["owner_id"], row["name"], row["type"], row["dist"], row["key_type"],
+            row["cert_pem"], row["cert_id"], row["public_key_pem"], private, bool(row["enabled"]),
+            row["test_status"], row["created"],
+        )
+
+    async def create(self, owner: User, req: NewThing) -> Thing:
+        thing_id = ids.check_thing_id(req.id) if req.id is not None else ids.new_id()
+        for value, what in ((req.type, "thingType"), (req.dist, "thingDist")):
+            ids.check_name(value, what)
+        name = req.name if req.name is not None else thing_id
+        if not 1 <= len(name) <= 256:
+            raise Invalid("thingName must be 1-256 characters")
+        if req.csr is not None:
+            if req.key_type is not None:
+                raise Invalid("give either keyType or csr, not both")
+            try:
+                public_key = pki.public_key_from_csr(req.csr)
+            except pki.CsrError as exc:
+                raise Invalid(str(exc)) from exc
+            private_pem = None
+        else:
+            kind = req.key_type or self.default_key_type
+            if kind not in ("RSA", "EC"):
+                raise Invalid("keyType must be RSA or EC")
+            key = await asyncio.to_thread(pki.generate_key, kind)
+            public_key = key.public_key()
+            private_pem = pki.private_pem(key)
+        cert = self.ca.issue_client(thing_id, public_key, self.cert_days)
+        thing = Thing(
+            thing_id, owner.id, name, req.type, req.dist, pki.key_type_of(public_key), pki.cert_pem(cert),
+            pki.cert_id(cert), pki.public_pem(public_key), private_pem, True, "CREATED", ids.now(),
+        )
+        sealed = self.keyring.seal(private_pem.encode(), thing_id.encode()) if private_pem else None
+
+        def insert(conn: sqlite3.Connection) -> None:
+            policy = active_policy(conn, owner.id, self.free_plan_things)
+            if policy.statements[0].effect == "Deny":
+                raise QuotaExceeded(
+                    f"subscription allows {policy.statements[0].allowed} things and "
+                    f"{policy.statements[0].actual} exist",
+                    policy,
+                )
+            try:
+                conn.execute(
+                    "INSERT INTO things (id, owner_id, name, type, dist, key_type, cert_pem, cert_id,"
+                    " public_key_pem, private_key_sealed, enabled, test_status, created)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (thing.id, thing.owner_id, thing.name, thing.type, thing.dist, thing.key_type,
+                     thing.cert_pem, thing.cert_id, thing.public_key_pem, sealed, 1, thing.test_status,
+                     thing.created),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"thing {thing_id!r} already exists") from exc
+
+        await self.store.write(insert)
+        return thing
+
+    async def list(self, owner: User) -> list[Thing]:
+        rows = await self.store.read(
+            lambda c: c.execute("SELECT * FROM things WHERE owner_id = ? ORDER BY created", (owner.id,)).fetchall()
+        )
+        return [self._row(r) for r in rows]
+
+    async def get(self, owner: User, thing_id: str) -> Thing:
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT * FROM things WHERE id = ? AND owner_id = ?", (thing_id, owner.id)
+            ).fetchone()
+        )
+        if row is None:  # another user's thing is indistinguishable from a missing one
+            raise NotFound(f"thing {thing_id!r} not found")
+        return self._row(row)
+
+    async def delete(self, owner: User, thing_id: str) -> None:
+        def remove(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT cert_id FROM things WHERE id = ? AND owner_id = ?", (thing_id, owner.id)
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM things WHERE id = ?", (thing_id,))
+            conn.execute(
+                "INSERT OR REPLACE INTO revoked_certs (cert_id, thing_id, revoked_at, reason) VALUES (?,?,?,?)",
+                (row["cert_id"], thing_id, ids.now(), "thing deleted"),
+            )
+            return row["cert_id"]
+
+        if await self.store.write(remove) is None:
+            raise NotFound(f"thing {thing_id!r} not found")
+        self._owners.pop(thing_id, None)
+        await self.link.disconnect_thing(thing_id)
+
+    async def set_enabled(self, owner: User, thing_id: str, enabled: bool) -> Thing:
+        def update(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE things SET enabled = ? WHERE id = ? AND owner_id = ?", (int(enabled), thing_id, owner.id)
+            ).rowcount
+
+        if not await self.store.write(update):
+            raise NotFound(f"thing {thing_id!r} not found")
+        if not enabled:
+            await self.link.disconnect_thing(thing_id)
+        return await self.get(owner, thing_id)
+
+    # ---- device-facing checks (called by the broker) -------------------------------------------
+    async def identify_device(self, thing_id: str, presented_cert_id: str) -> DeviceIdentity | None:
+        """The thing behind a verified client certificate, if it exists, is enabled, and the
+        certificate is the one currently issued to it (so a deleted-and-recreated id does not
+        accept the old certificate)."""
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT owner_id, cert_id, enabled FROM things WHERE id = ?", (thing_id,)
+            ).fetchone()
+        )
+        if row is None or not row["enabled"] or row["cert_id"] != presented_cert_id:
+            return None
+        self._owners[thing_id] = row["owner_id"]
+        return DeviceIdentity(thing_id, row["owner_id"])
+
+    def cached_owner(self, thing_id: str) -> str | None:
+        return self._owners.get(thing_id)
+
+    async def owner_of(self, thing_id: str) -> str | None:
+        owner = self._owners.get(thing_id)
+        if owner is None:
+            row = await self.store.read(
+                lambda c: c.execute("SELECT owner_id FROM things WHERE id = ?", (thing_id,)).fetchone()
+            )
+            if row is None:
+                return None
+            owner = self._owners[thing_id] = row["owner_id"]
+        return owner

@@ -1,0 +1,37 @@
+"""Request bodies: parsed strictly, with a sentence that says what was wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from bridge.core.errors import Invalid
+
+
+async def json_object(request: web.Request, fields: dict[str, type], *, empty_ok: bool = True) -> dict[str, Any]:
+    """A JSON object whose keys are all in `fields`, each of the declared type (None = absent)."""
+    raw = await request.read()
+    if not raw.strip():
+        if empty_ok:
+            return {}
+        raise Invalid("a JSON body is required")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Invalid(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise Invalid("body must be a JSON object")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise Invalid(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(fields)}")
+    for name, kind in fields.items():
+        value = data.get(name)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise Invalid(f"field {name!r} must be a {_type_name(kind)}")
+    return data
+
+
+def _type_name(kind: type) -> str:
+    return {str: "string", bool: "boolean", int: "integer", dict: "object", list: "array"}.get(kind, kind.__name__)

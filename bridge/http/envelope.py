@@ -1,0 +1,64 @@
+"""The things-gateway RestResponse envelope and its error table (domain error -> HTTP status)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from bridge.core.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, QuotaExceeded, Unauthorized
+
+STATUS_TEXT = {
+    200: "OK",
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    500: "ERROR",
+}
+ERROR_STATUS: list[tuple[type[DomainError], int]] = [
+    (Invalid, 400),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def envelope(result: Any = None, message: str = "OK", status: int = 200,
+             headers: dict[str, str] | None = None) -> web.Response:
+    body = {
+        "status": STATUS_TEXT.get(status, "ERROR" if status >= 400 else "OK"),
+        "code": status,
+        "messages": [{"key": "message", "value": message}],
+        "result": result,
+    }
+    return json_response(body, status, headers)
+
+
+def status_of(exc: DomainError) -> int:
+    for cls, status in ERROR_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 400
+
+
+def render_error(status: int, message: str, exc: Exception | None) -> web.Response:
+    """This dialect's error body: the envelope with code = HTTP status (quota: the policy in result)."""
+    if isinstance(exc, QuotaExceeded):
+        from bridge.http.things_gateway import render_policy
+
+        return envelope(render_policy(exc.policy), message, status)
+    headers = {"WWW-Authenticate": 'Bearer realm="thingbridge"'} if status == 401 else None
+    return envelope(None, message, status, headers)

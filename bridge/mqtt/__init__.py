@@ -1,0 +1,1 @@
+"""The MQTT adapter: the embedded amqtt broker, hardened, with per-thing identity and ACL."""

@@ -1,0 +1,147 @@
+"""Who a connection is (IdentityPlugin) and what it may do (AclPlugin), as amqtt plugins.
+
+Identity comes from the verified client certificate alone on the TLS listener: CN = thing id (or
+`app:<name>` for an application certificate), and the certificate must be the one currently
+issued, so a deleted or re-created thing's old certificate is refused. On the plain listener only
+application principals connect, with username and password."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from bridge import pki
+from bridge.mqtt import topics
+
+log = logging.getLogger(__name__)
+PRINCIPAL = "thingbridge.principal"
+APP_PREFIX = "app:"
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str  # "thing" | "app"
+    name: str
+    owner_id: str
+    fleet_wide: bool = False
+
+    @property
+    def client_id_prefix(self) -> str:
+        return self.name if self.kind == "thing" else f"{APP_PREFIX}{self.name}"
+
+    def owns_client_id(self, client_id: str | None) -> bool:
+        """A thing may hold several connections ("{id}" or "{id}:{suffix}") but never name another's."""
+        prefix = self.client_id_prefix
+        return bool(client_id) and (client_id == prefix or client_id.startswith(prefix + ":"))
+
+
+@dataclass
+class Counters:
+    refused_connects: int = 0
+    denied_publishes: int = 0
+    denied_subscribes: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def refuse(self, reason: str) -> None:
+        self.refused_connects += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+def _common_name(ssl_object: Any) -> str | None:
+    cert = ssl_object.getpeercert()  # populated only for a certificate that verified against our CA
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+class IdentityPlugin(BaseAuthPlugin):
+    @dataclass
+    class Config:
+        core: Any = None
+        counters: Any = None
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        principal, reason = await self._identify(session)
+        if principal is None or not principal.owns_client_id(session.client_id):
+            reason = reason or "client id does not belong to the certificate's identity"
+            self.config.counters.refuse(reason)
+            log.warning("CONNECT refused from %s (client id %r): %s",
+                        session.remote_address, session.client_id, reason)
+            return False
+        session.attributes[PRINCIPAL] = principal
+        return True
+
+    async def _identify(self, session: Session) -> tuple[Principal | None, str | None]:
+        core = self.config.core
+        if session.ssl_object is not None:
+            der = session.ssl_object.getpeercert(binary_form=True)
+            cn = _common_name(session.ssl_object)
+            if not der or not cn:
+                return None, "no verified client certificate"
+            presented = pki.der_cert_id(der)
+            if cn.startswith(APP_PREFIX):
+                app = await core.accounts.app(cn[len(APP_PREFIX):])
+                if app is None or app.cert_id != presented:
+                    return None, "unknown or revoked application certificate"
+                return Principal("app", app.name, app.owner_id, app.fleet_wide), None
+            device = await core.things.identify_device(cn, presented)
+            if device is None:
+                return None, "unknown, disabled or revoked thing certificate"
+            return Principal("thing", device.thing_id, device.owner_id), None
+        if not session.username or session.password is None:
+            return None, "plain listener needs an application username and password"
+        app = await core.accounts.app_login(session.username, session.password)
+        if app is None:
+            return None, "bad application username or password"
+        return Principal("app", app.name, app.owner_id, app.fleet_wide), None
+
+
+class AclPlugin(BaseTopicPlugin):
+    @dataclass
+    class Config:
+        core: Any = None
+        counters: Any = None
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        principal: Principal | None = session.attributes.get(PRINCIPAL) if session else None
+        if principal is None or topic is None:
+            return False
+        if principal.kind == "thing":
+            if action == Action.PUBLISH:
+                allowed = topics.thing_may_publish(principal.name, topic)
+            elif action == Action.SUBSCRIBE:
+                allowed = topics.thing_may_subscribe(principal.name, topic)
+            else:
+                allowed = topics.thing_of(topic) == principal.name
+        elif action == Action.SUBSCRIBE:
+            allowed = topics.app_may_subscribe(topic)
+        elif action == Action.PUBLISH:
+            allowed = await self._owns(principal, topics.publish_target(topic))
+        else:
+            allowed = await self._owns(principal, topics.thing_of(topic))
+        if not allowed:
+            if action == Action.PUBLISH:
+                self.config.counters.denied_publishes += 1
+                log.info("publish by %s %s to %r denied", principal.kind, principal.name, topic)
+            elif action == Action.SUBSCRIBE:
+                self.config.counters.denied_subscribes += 1
+        return allowed
+
+    async def _owns(self, principal: Principal, thing_id: str | None) -> bool:
+        """Tenancy: an application reaches only its owner's things, unless it is fleet-wide."""
+        if thing_id is None:
+            return False
+        if principal.fleet_wide:
+            return True
+        things = self.config.core.things
+        owner = things.cached_owner(thing_id) or await things.owner_of(thing_id)
+        return owner == principal.owner_id

@@ -1,0 +1,5 @@
+"""SQLite persistence: the schema in one place, one writer thread that commits in groups, pooled readers."""
+
+from bridge.store.db import Store
+
+__all__ = ["Store"]
