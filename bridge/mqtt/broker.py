@@ -12,11 +12,12 @@ import ssl
 from typing import Any
 
 from amqtt.adapters import StreamWriterAdapter
+from amqtt.broker import Broker
 
 from bridge.config import Config
 from bridge.core.service import Core
 from bridge.mqtt.auth import Counters
-from bridge.mqtt.hardened import CappedReader, HardenedBroker
+from bridge.mqtt.hardened import CappedReader, HardenedBroker, close_client
 
 log = logging.getLogger(__name__)
 TLS, PLAIN = "tls", "default"  # amqtt requires a listener named "default"
@@ -31,11 +32,14 @@ def device_tls_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLCo
 
 
 class MqttBroker:
-    def __init__(self, cfg: Config, core: Core) -> None:
+    def __init__(self, cfg: Config, core: Core, broker_cls: type[Broker] = HardenedBroker) -> None:
+        """`broker_cls` exists so tests can run stock amqtt under the same listeners and plugins and
+        show each defect that HardenedBroker fixes."""
         self.cfg = cfg
         self.core = core
+        self.broker_cls = broker_cls
         self.counters = Counters()
-        self.broker: HardenedBroker | None = None
+        self.broker: Broker | None = None
         self._servers: list[asyncio.Server] = []
         self.ports: dict[str, int] = {}
 
@@ -55,7 +59,7 @@ class MqttBroker:
         }
 
     async def start(self) -> None:
-        self.broker = HardenedBroker(self._amqtt_config())
+        self.broker = self.broker_cls(self._amqtt_config())
         await self.broker.start()
         listeners = [(PLAIN, self.cfg.mqtt.plain, None)]
         if self.cfg.mqtt.tls.enabled:
@@ -98,5 +102,5 @@ class MqttBroker:
         owned = [cid for cid in list(self.broker.sessions) if cid == thing_id or cid.startswith(thing_id + ":")]
         closed = 0
         for client_id in owned:
-            closed += await self.broker.close_client(client_id, forget=True)
+            closed += await close_client(self.broker, client_id)
         return closed

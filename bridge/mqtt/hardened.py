@@ -142,13 +142,14 @@ class HardenedBroker(Broker):
         ]
         await asyncio.gather(*sends, return_exceptions=True)
 
-    async def close_client(self, client_id: str, forget: bool) -> bool:
-        """End a live connection (as an abnormal disconnect); with `forget`, drop its session too."""
-        session, handler = self._sessions.get(client_id, (None, None))
-        closed = False
-        if session is not None and handler is not None and session.transitions.is_connected():
-            await handler.handle_connection_closed()
-            closed = True
-        if forget:
-            await self._delete_session(client_id)
-        return closed
+
+async def close_client(broker: Broker, client_id: str) -> bool:
+    """End a client's live connection (as an abnormal disconnect, so its will fires and it goes
+    offline) and forget its session, queued messages included."""
+    session, handler = broker.sessions.get(client_id, (None, None))
+    closed = False
+    if session is not None and handler is not None and session.transitions.is_connected():
+        await handler.handle_connection_closed()
+        closed = True
+    await broker._delete_session(client_id)
+    return closed

@@ -1,0 +1,148 @@
+"""Start the real `thingbridge serve` process on ephemeral loopback ports and talk to it."""
+
+from __future__ import annotations
+
+import base64
+import os
+import queue
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pytest
+
+ADMIN_PASSWORD = "admin-test-password"
+READY = "thingbridge ready "
+
+
+def write_config(folder: Path, **overrides: object) -> Path:
+    """A broker.yaml with every listener on 127.0.0.1 and port 0."""
+    accounts = {"token_ttl": 3600, "free_plan_things": 10, **overrides.pop("accounts", {})}  # type: ignore[dict-item]
+    mqtt = {"max_packet_size": 1024 * 1024, **overrides.pop("mqtt", {})}  # type: ignore[dict-item]
+    doc = {
+        "data_dir": "data",
+        "pki": {"dir": "certs"},
+        "mqtt": {"tls": {"host": "127.0.0.1", "port": 0}, "plain": {"host": "127.0.0.1", "port": 0}, **mqtt},
+        "http": {
+            "http": {"host": "127.0.0.1", "port": 0},
+            "https": {"host": "127.0.0.1", "port": 0},
+            "public_host": "127.0.0.1",
+        },
+        "accounts": accounts,
+        **overrides,
+    }
+    path = folder / "broker.yaml"
+    path.write_bytes(orjson.dumps(doc))  # JSON is YAML
+    return path
+
+
+@dataclass
+class Bridge:
+    folder: Path
+    config: Path
+    proc: subprocess.Popen[str] | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.ports['http']}"
+
+    @property
+    def api(self) -> str:
+        return f"{self.http}/dev/v1"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.folder / "certs" / "ca.pem"
+
+    @property
+    def db_path(self) -> Path:
+        return self.folder / "data" / "thingbridge.sqlite"
+
+    def start(self, timeout: float = 30) -> None:
+        env = {**os.environ, "THINGBRIDGE_ADMIN_PASSWORD": ADMIN_PASSWORD, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            assert self.proc and self.proc.stdout
+            for line in self.proc.stdout:
+                self.output.append(line)
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        while True:
+            try:
+                line = lines.get(timeout=timeout)
+            except queue.Empty:
+                self.kill()
+                raise RuntimeError("bridge did not become ready:\n" + "".join(self.output)) from None
+            if line is None:
+                raise RuntimeError("bridge exited before ready:\n" + "".join(self.output))
+            if line.startswith(READY):
+                self.ports = orjson.loads(line[len(READY):])
+                return
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM and wait: the graceful path."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", *args, "--config", str(self.config)],
+            capture_output=True, text=True, timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"thingbridge {' '.join(args)} failed: {result.stderr}{result.stdout}")
+        return result
+
+    def client_tls(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        if cert is not None:
+            ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+
+def basic(username: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
+
+
+def _bridge(tmp_path_factory: pytest.TempPathFactory, **overrides: object) -> Iterator[Bridge]:
+    folder = tmp_path_factory.mktemp("bridge")
+    bridge = Bridge(folder, write_config(folder, **overrides))
+    bridge.start()
+    try:
+        yield bridge
+    finally:
+        bridge.kill()
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    yield from _bridge(tmp_path_factory)
+
+
+@pytest.fixture
+def fresh_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    yield from _bridge(tmp_path_factory)

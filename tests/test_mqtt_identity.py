@@ -1,0 +1,247 @@
+"""Per-thing X.509 identity and topic ACL on the real broker, with aiomqtt and mosquitto clients."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import aiomqtt
+import pytest
+
+from tests.conftest import Bridge
+from tests.helpers import create_thing, new_user, token, unique
+
+
+def thing_client(bridge: Bridge, thing, client_id: str | None = None, **kw) -> aiomqtt.Client:  # noqa: ANN001
+    return aiomqtt.Client(
+        "127.0.0.1", bridge.ports["mqtt_tls"], identifier=client_id or thing.id,
+        tls_context=bridge.client_tls(thing.cert, thing.key), timeout=5, **kw,
+    )
+
+
+def app_client(bridge: Bridge, name: str, password: str, client_id: str | None = None) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "127.0.0.1", bridge.ports["mqtt_plain"], identifier=client_id or f"app:{name}",
+        username=name, password=password, timeout=5,
+    )
+
+
+async def next_message(client: aiomqtt.Client, timeout: float = 5) -> aiomqtt.Message:
+    async with asyncio.timeout(timeout):
+        async for message in client.messages:
+            return message
+    raise AssertionError("no message")
+
+
+@pytest.fixture(scope="module")
+def owner(bridge: Bridge) -> tuple[str, str]:
+    return new_user(bridge)
+
+
+@pytest.fixture(scope="module")
+def app(bridge: Bridge, owner: tuple[str, str]) -> tuple[str, str]:
+    name = unique("app")
+    bridge.cli("app", "add", name, "--owner", owner[0], "--password", "app-password-1")
+    return name, "app-password-1"
+
+
+async def test_thing_publishes_and_app_receives(bridge: Bridge, owner, app, tmp_path: Path) -> None:
+    tok = await token(bridge, *owner)
+    thing = await create_thing(bridge, tok, tmp_path)
+    async with app_client(bridge, *app) as sub:
+        await sub.subscribe("things/+/collect", qos=1)
+        async with thing_client(bridge, thing) as dev:
+            await dev.publish(f"things/{thing.id}/collect", b'{"t": 1}', qos=1)
+            msg = await next_message(sub)
+    assert str(msg.topic) == f"things/{thing.id}/collect"
+    assert msg.payload == b'{"t": 1}'
+
+
+async def test_ec_thing_connects(bridge: Bridge, owner, tmp_path: Path) -> None:
+    tok = await token(bridge, *owner)
+    thing = await create_thing(bridge, tok, tmp_path, keyType="EC")
+    assert "BEGIN EC PRIVATE KEY" in thing.record["keyPairPrivate"]
+    async with thing_client(bridge, thing) as dev:
+        await dev.subscribe(f"things/{thing.id}/publish", qos=1)
+
+
+async def test_client_without_certificate_is_refused_in_tls(bridge: Bridge) -> None:
+    ctx = bridge.client_tls()
+    with pytest.raises((aiomqtt.MqttError, ssl.SSLError, OSError)):
+        async with aiomqtt.Client("127.0.0.1", bridge.ports["mqtt_tls"], identifier="x", tls_context=ctx,
+                                  timeout=2):
+            pass
+
+
+async def test_certificate_from_another_ca_is_refused(bridge: Bridge, tmp_path: Path) -> None:
+    from bridge import pki
+
+    rogue = pki.CertificateAuthority.load_or_create(tmp_path / "rogue")
+    key = pki.generate_key("EC")
+    cert = rogue.issue_client("victim", key.public_key(), 1)
+    (tmp_path / "c.pem").write_text(pki.cert_pem(cert))
+    (tmp_path / "k.pem").write_text(pki.private_pem(key))
+    ctx = bridge.client_tls(tmp_path / "c.pem", tmp_path / "k.pem")
+    with pytest.raises((aiomqtt.MqttError, ssl.SSLError, OSError)):
+        async with aiomqtt.Client("127.0.0.1", bridge.ports["mqtt_tls"], identifier="victim", tls_context=ctx,
+                                  timeout=2):
+            pass
+
+
+async def test_client_id_must_belong_to_the_certificate(bridge: Bridge, owner, tmp_path: Path) -> None:
+    tok = await token(bridge, *owner)
+    a = await create_thing(bridge, tok, tmp_path)
+    b = await create_thing(bridge, tok, tmp_path)
+    with pytest.raises(aiomqtt.MqttCodeError) as err:
+        async with thing_client(bridge, a, client_id=b.id):
+            pass
+    assert err.value.rc in (5, 135)
+    # a second connection of the same thing with a suffixed client id is fine
+    async with thing_client(bridge, a, client_id=f"{a.id}:second"):
+        pass
+
+
+async def test_thing_cannot_use_another_things_topics(bridge: Bridge, owner, app, tmp_path: Path) -> None:
+    tok = await token(bridge, *owner)
+    a = await create_thing(bridge, tok, tmp_path)
+    b = await create_thing(bridge, tok, tmp_path)
+    async with app_client(bridge, *app) as sub:
+        await sub.subscribe("things/#", qos=1)
+        async with thing_client(bridge, a) as dev:
+            result = await dev.subscribe(f"things/{b.id}/publish", qos=1)
+            assert [int(getattr(rc, "value", rc)) for rc in result] == [128]
+            await dev.publish(f"things/{b.id}/collect", b"forged", qos=1)
+            # a thing may not pose as the cloud on its own cloud-to-device topics either
+            await dev.publish(f"things/{a.id}/presence", b"forged", qos=1)
+            await dev.publish(f"things/{a.id}/collect", b"mine", qos=1)
+            # the connection stays up after a denied publish
+            await dev.publish(f"things/{a.id}/collect", b"still-up", qos=1)
+            got = [await next_message(sub), await next_message(sub)]
+    assert [(str(m.topic), m.payload) for m in got] == [
+        (f"things/{a.id}/collect", b"mine"),
+        (f"things/{a.id}/collect", b"still-up"),
+    ]
+
+
+async def test_app_sees_only_its_owners_things(bridge: Bridge, owner, app, tmp_path: Path) -> None:
+    other_tok = await token(bridge, *new_user(bridge))
+    foreign = await create_thing(bridge, other_tok, tmp_path)
+    mine = await create_thing(bridge, await token(bridge, *owner), tmp_path)
+    async with app_client(bridge, *app) as sub:
+        await sub.subscribe("things/#", qos=1)
+        async with thing_client(bridge, foreign) as f, thing_client(bridge, mine) as m:
+            await f.publish(f"things/{foreign.id}/collect", b"not-for-you", qos=1)
+            await m.publish(f"things/{mine.id}/collect", b"for-you", qos=1)
+            msg = await next_message(sub)
+    assert (str(msg.topic), msg.payload) == (f"things/{mine.id}/collect", b"for-you")
+
+
+async def test_app_publishes_only_to_its_owners_things(bridge: Bridge, owner, app, tmp_path: Path) -> None:
+    other_tok = await token(bridge, *new_user(bridge))
+    foreign = await create_thing(bridge, other_tok, tmp_path)
+    mine = await create_thing(bridge, await token(bridge, *owner), tmp_path)
+    async with thing_client(bridge, foreign) as f, thing_client(bridge, mine) as m:
+        await f.subscribe(f"things/{foreign.id}/publish", qos=1)
+        await m.subscribe(f"things/{mine.id}/publish", qos=1)
+        async with app_client(bridge, *app) as pub:
+            await pub.publish(f"things/{foreign.id}/publish", b"hijack", qos=1)
+            await pub.publish(f"things/{mine.id}/publish", b"command", qos=1)
+        msg = await next_message(m)
+        assert msg.payload == b"command"
+        with pytest.raises(TimeoutError):
+            await next_message(f, timeout=1)
+
+
+async def test_wrong_app_password_is_refused(bridge: Bridge, app) -> None:
+    with pytest.raises(aiomqtt.MqttCodeError) as err:
+        async with app_client(bridge, app[0], "wrong-password"):
+            pass
+    assert err.value.rc in (5, 135)
+
+
+async def test_plain_listener_refuses_anonymous(bridge: Bridge) -> None:
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with aiomqtt.Client("127.0.0.1", bridge.ports["mqtt_plain"], identifier="anon", timeout=5):
+            pass
+
+
+async def test_deleting_a_thing_closes_its_session_and_refuses_its_certificate(
+    bridge: Bridge, owner, tmp_path: Path
+) -> None:
+    tok = await token(bridge, *owner)
+    thing = await create_thing(bridge, tok, tmp_path)
+    async with thing_client(bridge, thing) as dev:
+        await dev.subscribe(f"things/{thing.id}/publish", qos=1)
+        async with aiohttp.ClientSession(headers={"Authorization": tok}) as s:
+            async with s.delete(f"{bridge.api}/things/{thing.id}") as r:
+                assert r.status == 200
+        with pytest.raises(aiomqtt.MqttError):
+            async with asyncio.timeout(1):  # "within a second"
+                async for _ in dev.messages:
+                    pass
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with thing_client(bridge, thing):
+            pass
+
+
+async def test_disabling_a_thing_closes_its_session(bridge: Bridge, owner, tmp_path: Path) -> None:
+    tok = await token(bridge, *owner)
+    thing = await create_thing(bridge, tok, tmp_path)
+    url = f"{bridge.api}/things/{thing.id}"
+    async with aiohttp.ClientSession(headers={"Authorization": tok}) as s:
+        async with thing_client(bridge, thing) as dev:
+            await dev.subscribe(f"things/{thing.id}/publish", qos=1)
+            async with s.patch(url, json={"enabled": False}) as r:
+                assert r.status == 200 and (await r.json())["result"]["enabled"] is False
+            with pytest.raises(aiomqtt.MqttError):
+                async with asyncio.timeout(1):
+                    async for _ in dev.messages:
+                        pass
+        with pytest.raises(aiomqtt.MqttCodeError):
+            async with thing_client(bridge, thing):
+                pass
+        async with s.patch(url, json={"enabled": True}) as r:
+            assert r.status == 200
+        async with thing_client(bridge, thing):
+            pass
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto-clients not installed")
+async def test_mosquitto_clients_with_the_dist_bundle(bridge: Bridge, owner, app, tmp_path: Path) -> None:
+    tok = await token(bridge, *owner)
+    thing = await create_thing(bridge, tok, tmp_path)
+    tls = ["--cafile", str(thing.ca), "--cert", str(thing.cert), "--key", str(thing.key),
+           "-h", "127.0.0.1", "-p", str(bridge.ports["mqtt_tls"])]
+    sub = await asyncio.create_subprocess_exec(
+        "mosquitto_sub", *tls, "-i", f"{thing.id}:sub", "-q", "1", "-t", f"things/{thing.id}/publish", "-C", "1",
+        "-W", "10", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    async with app_client(bridge, *app) as apps:
+        await apps.subscribe(f"things/{thing.id}/collect", qos=1)
+        pub = await asyncio.create_subprocess_exec(
+            "mosquitto_pub", *tls, "-i", thing.id, "-q", "1", "-t", f"things/{thing.id}/collect", "-m", "hello",
+            stderr=subprocess.PIPE,
+        )
+        assert await pub.wait() == 0, (await pub.stderr.read()).decode()
+        assert (await next_message(apps)).payload == b"hello"
+        # keep publishing the command until the subscriber (started concurrently) is in and takes it
+        async with asyncio.timeout(10):
+            while sub.returncode is None:
+                await apps.publish(f"things/{thing.id}/publish", b"cmd", qos=1)
+                try:
+                    await asyncio.wait_for(sub.wait(), 0.5)
+                except TimeoutError:
+                    pass
+    out, err = await sub.communicate()
+    assert sub.returncode == 0, err.decode()
+    assert out.decode().strip() == "cmd"
+    # mosquitto_pub without a certificate is refused
+    bad = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "--cafile", str(thing.ca), "-h", "127.0.0.1", "-p", str(bridge.ports["mqtt_tls"]),
+        "-i", thing.id, "-t", f"things/{thing.id}/collect", "-m", "x", stderr=subprocess.PIPE,
+    )
+    assert await asyncio.wait_for(bad.wait(), 15) != 0
