@@ -40,7 +40,9 @@ async def ensure_admin(core: Core) -> None:
     password = os.environ.get("THINGBRIDGE_ADMIN_PASSWORD") or generate_password()
     await core.accounts.create_user("admin", password, role="admin")
     if "THINGBRIDGE_ADMIN_PASSWORD" not in os.environ:
-        print(f"Created user 'admin' with password: {password}  (shown once; it is stored hashed)", flush=True)
+        print(
+            f"Created user 'admin' with password: {password}  (shown once; it is stored hashed)", flush=True
+        )
 
 
 async def _start_site(runner: web.AppRunner, host: str, port: int, ctx: object = None) -> int:
@@ -66,7 +68,9 @@ async def serve(cfg: Config) -> int:
     if cfg.http.http.enabled:
         ports["http"] = await _start_site(runner, cfg.http.http.host, cfg.http.http.port)
     if cfg.http.https.enabled:
-        ports["https"] = await _start_site(runner, cfg.http.https.host, cfg.http.https.port, https_context(core))
+        ports["https"] = await _start_site(
+            runner, cfg.http.https.host, cfg.http.https.port, https_context(core)
+        )
     core.endpoints.mqtt_tls_port = ports["mqtt_tls"] or cfg.mqtt.tls.port
     core.endpoints.http_port = ports.get("http") or cfg.http.http.port
     core.endpoints.https_port = ports.get("https")

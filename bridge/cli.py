@@ -10,7 +10,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-
 from bridge import config
 from bridge.core.accounts import generate_password
 from bridge.core.bundle import thing_files
@@ -20,8 +19,12 @@ from bridge.core.things import NewThing
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=Path("broker.yaml"),
-                   help="config file (default ./broker.yaml); relative paths in it resolve against its folder")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path("broker.yaml"),
+        help="config file (default ./broker.yaml); relative paths in it resolve against its folder",
+    )
     p.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir in the config)")
 
 
@@ -54,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--out", type=Path, help="also write a client certificate for the TLS listener here")
 
     thing = sub.add_parser("thing", help="things").add_subparsers(dest="action", required=True)
-    create = thing.add_parser("create", help="create a thing and write its bundle (certificate, keys, config)")
+    create = thing.add_parser(
+        "create", help="create a thing and write its bundle (certificate, keys, config)"
+    )
     _common(create)
     create.add_argument("name", help="thingName")
     create.add_argument("--owner", required=True)
@@ -164,5 +169,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thingbridge: {exc}", file=sys.stderr)
         return 1
     return 0
-
-

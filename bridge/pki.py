@@ -163,8 +163,14 @@ class CertificateAuthority:
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(directory, key, cert)
 
-    def _sign(self, subject_cn: str, public_key: PublicKey, days: int, sans: list[x509.GeneralName],
-              usage: x509.ObjectIdentifier) -> x509.Certificate:
+    def _sign(
+        self,
+        subject_cn: str,
+        public_key: PublicKey,
+        days: int,
+        sans: list[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+    ) -> x509.Certificate:
         now = _now()
         return (
             x509.CertificateBuilder()
@@ -186,8 +192,9 @@ class CertificateAuthority:
     def issue_client(self, identity: str, public_key: PublicKey, days: int) -> x509.Certificate:
         """A client certificate whose CN is `identity` (a thing id, or `app:<name>`)."""
         uri = f"urn:thing:{identity}" if not identity.startswith("app:") else f"urn:{identity}"
-        return self._sign(identity, public_key, days, [x509.UniformResourceIdentifier(uri)],
-                          ExtendedKeyUsageOID.CLIENT_AUTH)
+        return self._sign(
+            identity, public_key, days, [x509.UniformResourceIdentifier(uri)], ExtendedKeyUsageOID.CLIENT_AUTH
+        )
 
     def ensure_server_cert(self, names: list[str]) -> None:
         """(Re)issue the listeners' certificate when missing or when the configured names changed."""

@@ -70,7 +70,10 @@ class Bridge:
         env = {**os.environ, "THINGBRIDGE_ADMIN_PASSWORD": ADMIN_PASSWORD, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bridge", "serve", "--config", str(self.config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         lines: queue.Queue[str | None] = queue.Queue()
 
@@ -91,7 +94,7 @@ class Bridge:
             if line is None:
                 raise RuntimeError("bridge exited before ready:\n" + "".join(self.output))
             if line.startswith(READY):
-                self.ports = orjson.loads(line[len(READY):])
+                self.ports = orjson.loads(line[len(READY) :])
                 return
 
     def stop(self, timeout: float = 15) -> int:
@@ -111,7 +114,9 @@ class Bridge:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "bridge", *args, "--config", str(self.config)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"thingbridge {' '.join(args)} failed: {result.stderr}{result.stdout}")

@@ -20,7 +20,10 @@ def unique(prefix: str) -> str:
 
 
 async def token(bridge: Bridge, username: str = "admin", password: str = ADMIN_PASSWORD) -> str:
-    async with aiohttp.ClientSession() as s, s.get(f"{bridge.api}/token", headers=basic(username, password)) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{bridge.api}/token", headers=basic(username, password)) as r,
+    ):
         assert r.status == 200, await r.text()
         return (await r.json())["accessToken"]
 

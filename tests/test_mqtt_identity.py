@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import ssl
 import subprocess
@@ -16,17 +17,25 @@ from tests.conftest import Bridge
 from tests.helpers import create_thing, new_user, token, unique
 
 
-def thing_client(bridge: Bridge, thing, client_id: str | None = None, **kw) -> aiomqtt.Client:  # noqa: ANN001
+def thing_client(bridge: Bridge, thing, client_id: str | None = None, **kw) -> aiomqtt.Client:
     return aiomqtt.Client(
-        "127.0.0.1", bridge.ports["mqtt_tls"], identifier=client_id or thing.id,
-        tls_context=bridge.client_tls(thing.cert, thing.key), timeout=5, **kw,
+        "127.0.0.1",
+        bridge.ports["mqtt_tls"],
+        identifier=client_id or thing.id,
+        tls_context=bridge.client_tls(thing.cert, thing.key),
+        timeout=5,
+        **kw,
     )
 
 
 def app_client(bridge: Bridge, name: str, password: str, client_id: str | None = None) -> aiomqtt.Client:
     return aiomqtt.Client(
-        "127.0.0.1", bridge.ports["mqtt_plain"], identifier=client_id or f"app:{name}",
-        username=name, password=password, timeout=5,
+        "127.0.0.1",
+        bridge.ports["mqtt_plain"],
+        identifier=client_id or f"app:{name}",
+        username=name,
+        password=password,
+        timeout=5,
     )
 
 
@@ -72,8 +81,9 @@ async def test_ec_thing_connects(bridge: Bridge, owner, tmp_path: Path) -> None:
 async def test_client_without_certificate_is_refused_in_tls(bridge: Bridge) -> None:
     ctx = bridge.client_tls()
     with pytest.raises((aiomqtt.MqttError, ssl.SSLError, OSError)):
-        async with aiomqtt.Client("127.0.0.1", bridge.ports["mqtt_tls"], identifier="x", tls_context=ctx,
-                                  timeout=2):
+        async with aiomqtt.Client(
+            "127.0.0.1", bridge.ports["mqtt_tls"], identifier="x", tls_context=ctx, timeout=2
+        ):
             pass
 
 
@@ -87,8 +97,9 @@ async def test_certificate_from_another_ca_is_refused(bridge: Bridge, tmp_path: 
     (tmp_path / "k.pem").write_text(pki.private_pem(key))
     ctx = bridge.client_tls(tmp_path / "c.pem", tmp_path / "k.pem")
     with pytest.raises((aiomqtt.MqttError, ssl.SSLError, OSError)):
-        async with aiomqtt.Client("127.0.0.1", bridge.ports["mqtt_tls"], identifier="victim", tls_context=ctx,
-                                  timeout=2):
+        async with aiomqtt.Client(
+            "127.0.0.1", bridge.ports["mqtt_tls"], identifier="victim", tls_context=ctx, timeout=2
+        ):
             pass
 
 
@@ -176,9 +187,11 @@ async def test_deleting_a_thing_closes_its_session_and_refuses_its_certificate(
     thing = await create_thing(bridge, tok, tmp_path)
     async with thing_client(bridge, thing) as dev:
         await dev.subscribe(f"things/{thing.id}/publish", qos=1)
-        async with aiohttp.ClientSession(headers={"Authorization": tok}) as s:
-            async with s.delete(f"{bridge.api}/things/{thing.id}") as r:
-                assert r.status == 200
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": tok}) as s,
+            s.delete(f"{bridge.api}/things/{thing.id}") as r,
+        ):
+            assert r.status == 200
         with pytest.raises(aiomqtt.MqttError):
             async with asyncio.timeout(1):  # "within a second"
                 async for _ in dev.messages:
@@ -214,16 +227,47 @@ async def test_disabling_a_thing_closes_its_session(bridge: Bridge, owner, tmp_p
 async def test_mosquitto_clients_with_the_dist_bundle(bridge: Bridge, owner, app, tmp_path: Path) -> None:
     tok = await token(bridge, *owner)
     thing = await create_thing(bridge, tok, tmp_path)
-    tls = ["--cafile", str(thing.ca), "--cert", str(thing.cert), "--key", str(thing.key),
-           "-h", "127.0.0.1", "-p", str(bridge.ports["mqtt_tls"])]
+    tls = [
+        "--cafile",
+        str(thing.ca),
+        "--cert",
+        str(thing.cert),
+        "--key",
+        str(thing.key),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(bridge.ports["mqtt_tls"]),
+    ]
     sub = await asyncio.create_subprocess_exec(
-        "mosquitto_sub", *tls, "-i", f"{thing.id}:sub", "-q", "1", "-t", f"things/{thing.id}/publish", "-C", "1",
-        "-W", "10", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        "mosquitto_sub",
+        *tls,
+        "-i",
+        f"{thing.id}:sub",
+        "-q",
+        "1",
+        "-t",
+        f"things/{thing.id}/publish",
+        "-C",
+        "1",
+        "-W",
+        "10",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     async with app_client(bridge, *app) as apps:
         await apps.subscribe(f"things/{thing.id}/collect", qos=1)
         pub = await asyncio.create_subprocess_exec(
-            "mosquitto_pub", *tls, "-i", thing.id, "-q", "1", "-t", f"things/{thing.id}/collect", "-m", "hello",
+            "mosquitto_pub",
+            *tls,
+            "-i",
+            thing.id,
+            "-q",
+            "1",
+            "-t",
+            f"things/{thing.id}/collect",
+            "-m",
+            "hello",
             stderr=subprocess.PIPE,
         )
         assert await pub.wait() == 0, (await pub.stderr.read()).decode()
@@ -232,16 +276,26 @@ async def test_mosquitto_clients_with_the_dist_bundle(bridge: Bridge, owner, app
         async with asyncio.timeout(10):
             while sub.returncode is None:
                 await apps.publish(f"things/{thing.id}/publish", b"cmd", qos=1)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(sub.wait(), 0.5)
-                except TimeoutError:
-                    pass
     out, err = await sub.communicate()
     assert sub.returncode == 0, err.decode()
     assert out.decode().strip() == "cmd"
     # mosquitto_pub without a certificate is refused
     bad = await asyncio.create_subprocess_exec(
-        "mosquitto_pub", "--cafile", str(thing.ca), "-h", "127.0.0.1", "-p", str(bridge.ports["mqtt_tls"]),
-        "-i", thing.id, "-t", f"things/{thing.id}/collect", "-m", "x", stderr=subprocess.PIPE,
+        "mosquitto_pub",
+        "--cafile",
+        str(thing.ca),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(bridge.ports["mqtt_tls"]),
+        "-i",
+        thing.id,
+        "-t",
+        f"things/{thing.id}/collect",
+        "-m",
+        "x",
+        stderr=subprocess.PIPE,
     )
     assert await asyncio.wait_for(bad.wait(), 15) != 0

@@ -108,7 +108,19 @@ def _insert_free_subscription(conn: sqlite3.Connection, user_id: str, quota: int
     conn.execute(
         "INSERT INTO subscriptions (id, user_id, common_name, plan_id, plan_name, product_id, status,"
         " thing_quota, startts, endts, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-        (ids.new_id(), user_id, "FREE", "plan_free", "Free", "thingbridge", "active", quota, int(ts), None, ts),
+        (
+            ids.new_id(),
+            user_id,
+            "FREE",
+            "plan_free",
+            "Free",
+            "thingbridge",
+            "active",
+            quota,
+            int(ts),
+            None,
+            ts,
+        ),
     )
 
 
@@ -150,7 +162,9 @@ class Accounts:
         return _user(row)
 
     async def has_users(self) -> bool:
-        return await self.store.read(lambda c: c.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None)
+        return await self.store.read(
+            lambda c: c.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+        )
 
     async def login(self, username: str, password: str) -> User:
         row = await self.store.read(
@@ -253,14 +267,34 @@ class Accounts:
                 (int(ts), user.id),
             )
             sub = Subscription(
-                ids.new_id(), user.id, plan_name.upper(), f"plan_{plan_name.lower()}", plan_name,
-                "thingbridge", "active", things, int(ts), None, ts,
+                ids.new_id(),
+                user.id,
+                plan_name.upper(),
+                f"plan_{plan_name.lower()}",
+                plan_name,
+                "thingbridge",
+                "active",
+                things,
+                int(ts),
+                None,
+                ts,
             )
             conn.execute(
                 "INSERT INTO subscriptions (id, user_id, common_name, plan_id, plan_name, product_id, status,"
                 " thing_quota, startts, endts, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (sub.id, sub.user_id, sub.common_name, sub.plan_id, sub.plan_name, sub.product_id,
-                 sub.status, sub.thing_quota, sub.startts, sub.endts, sub.created),
+                (
+                    sub.id,
+                    sub.user_id,
+                    sub.common_name,
+                    sub.plan_id,
+                    sub.plan_name,
+                    sub.product_id,
+                    sub.status,
+                    sub.thing_quota,
+                    sub.startts,
+                    sub.endts,
+                    sub.created,
+                ),
             )
             return sub
 
@@ -287,14 +321,20 @@ class Accounts:
         return App(name, user.id, fleet_wide)
 
     async def app(self, name: str) -> App | None:
-        row = await self.store.read(lambda c: c.execute("SELECT * FROM apps WHERE name = ?", (name,)).fetchone())
+        row = await self.store.read(
+            lambda c: c.execute("SELECT * FROM apps WHERE name = ?", (name,)).fetchone()
+        )
         return _app(row) if row else None
 
     async def set_app_certificate(self, name: str, cert_id: str) -> None:
-        await self.store.write(lambda c: c.execute("UPDATE apps SET cert_id = ? WHERE name = ?", (cert_id, name)))
+        await self.store.write(
+            lambda c: c.execute("UPDATE apps SET cert_id = ? WHERE name = ?", (cert_id, name))
+        )
 
     async def app_login(self, name: str, password: str) -> App | None:
-        row = await self.store.read(lambda c: c.execute("SELECT * FROM apps WHERE name = ?", (name,)).fetchone())
+        row = await self.store.read(
+            lambda c: c.execute("SELECT * FROM apps WHERE name = ?", (name,)).fetchone()
+        )
         if not await verify_password(row["password_hash"] if row else None, password) or row is None:
             return None
         return _app(row)
@@ -309,8 +349,19 @@ def active_policy(conn: sqlite3.Connection, user_id: str, free_quota: int) -> Su
     ).fetchone()
     if row is None:
         ts = ids.now()
-        sub = Subscription(ids.new_id(), user_id, "FREE", "plan_free", "Free", "thingbridge", "active",
-                           free_quota, int(ts), None, ts)
+        sub = Subscription(
+            ids.new_id(),
+            user_id,
+            "FREE",
+            "plan_free",
+            "Free",
+            "thingbridge",
+            "active",
+            free_quota,
+            int(ts),
+            None,
+            ts,
+        )
     else:
         sub = _subscription(row)
     actual = conn.execute("SELECT count(*) FROM things WHERE owner_id = ?", (user_id,)).fetchone()[0]

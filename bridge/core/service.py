@@ -21,7 +21,9 @@ class Core:
             store, self.keyring.token_key, cfg.accounts.token_ttl, cfg.accounts.free_plan_things
         )
         self.things = Things(
-            store, self.ca, self.keyring,
+            store,
+            self.ca,
+            self.keyring,
             cert_days=cfg.pki.thing_cert_days,
             default_key_type=cfg.pki.default_key_type,
             free_plan_things=cfg.accounts.free_plan_things,

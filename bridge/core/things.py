@@ -52,8 +52,16 @@ class DeviceIdentity:
 
 
 class Things:
-    def __init__(self, store: Store, ca: pki.CertificateAuthority, keyring: Keyring, *,
-                 cert_days: int, default_key_type: str, free_plan_things: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ca: pki.CertificateAuthority,
+        keyring: Keyring,
+        *,
+        cert_days: int,
+        default_key_type: str,
+        free_plan_things: int,
+    ) -> None:
         self.store = store
         self.ca = ca
         self.keyring = keyring
@@ -68,9 +76,19 @@ class Things:
         sealed = row["private_key_sealed"]
         private = self.keyring.open(sealed, row["id"].encode()).decode() if sealed else None
         return Thing(
-            row["id"], row["owner_id"], row["name"], row["type"], row["dist"], row["key_type"],
-            row["cert_pem"], row["cert_id"], row["public_key_pem"], private, bool(row["enabled"]),
-            row["test_status"], row["created"],
+            row["id"],
+            row["owner_id"],
+            row["name"],
+            row["type"],
+            row["dist"],
+            row["key_type"],
+            row["cert_pem"],
+            row["cert_id"],
+            row["public_key_pem"],
+            private,
+            bool(row["enabled"]),
+            row["test_status"],
+            row["created"],
         )
 
     async def create(self, owner: User, req: NewThing) -> Thing:
@@ -97,8 +115,19 @@ class Things:
             private_pem = pki.private_pem(key)
         cert = self.ca.issue_client(thing_id, public_key, self.cert_days)
         thing = Thing(
-            thing_id, owner.id, name, req.type, req.dist, pki.key_type_of(public_key), pki.cert_pem(cert),
-            pki.cert_id(cert), pki.public_pem(public_key), private_pem, True, "CREATED", ids.now(),
+            thing_id,
+            owner.id,
+            name,
+            req.type,
+            req.dist,
+            pki.key_type_of(public_key),
+            pki.cert_pem(cert),
+            pki.cert_id(cert),
+            pki.public_pem(public_key),
+            private_pem,
+            True,
+            "CREATED",
+            ids.now(),
         )
         sealed = self.keyring.seal(private_pem.encode(), thing_id.encode()) if private_pem else None
 
@@ -115,9 +144,21 @@ class Things:
                     "INSERT INTO things (id, owner_id, name, type, dist, key_type, cert_pem, cert_id,"
                     " public_key_pem, private_key_sealed, enabled, test_status, created)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (thing.id, thing.owner_id, thing.name, thing.type, thing.dist, thing.key_type,
-                     thing.cert_pem, thing.cert_id, thing.public_key_pem, sealed, 1, thing.test_status,
-                     thing.created),
+                    (
+                        thing.id,
+                        thing.owner_id,
+                        thing.name,
+                        thing.type,
+                        thing.dist,
+                        thing.key_type,
+                        thing.cert_pem,
+                        thing.cert_id,
+                        thing.public_key_pem,
+                        sealed,
+                        1,
+                        thing.test_status,
+                        thing.created,
+                    ),
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"thing {thing_id!r} already exists") from exc
@@ -127,7 +168,9 @@ class Things:
 
     async def list(self, owner: User) -> list[Thing]:
         rows = await self.store.read(
-            lambda c: c.execute("SELECT * FROM things WHERE owner_id = ? ORDER BY created", (owner.id,)).fetchall()
+            lambda c: c.execute(
+                "SELECT * FROM things WHERE owner_id = ? ORDER BY created", (owner.id,)
+            ).fetchall()
         )
         return [self._row(r) for r in rows]
 
@@ -163,7 +206,8 @@ class Things:
     async def set_enabled(self, owner: User, thing_id: str, enabled: bool) -> Thing:
         def update(conn: sqlite3.Connection) -> int:
             return conn.execute(
-                "UPDATE things SET enabled = ? WHERE id = ? AND owner_id = ?", (int(enabled), thing_id, owner.id)
+                "UPDATE things SET enabled = ? WHERE id = ? AND owner_id = ?",
+                (int(enabled), thing_id, owner.id),
             ).rowcount
 
         if not await self.store.write(update):

@@ -10,7 +10,9 @@ from aiohttp import web
 from bridge.core.errors import Invalid
 
 
-async def json_object(request: web.Request, fields: dict[str, type], *, empty_ok: bool = True) -> dict[str, Any]:
+async def json_object(
+    request: web.Request, fields: dict[str, type], *, empty_ok: bool = True
+) -> dict[str, Any]:
     """A JSON object whose keys are all in `fields`, each of the declared type (None = absent)."""
     raw = await request.read()
     if not raw.strip():
@@ -34,4 +36,6 @@ async def json_object(request: web.Request, fields: dict[str, type], *, empty_ok
 
 
 def _type_name(kind: type) -> str:
-    return {str: "string", bool: "boolean", int: "integer", dict: "object", list: "array"}.get(kind, kind.__name__)
+    return {str: "string", bool: "boolean", int: "integer", dict: "object", list: "array"}.get(
+        kind, kind.__name__
+    )

@@ -7,7 +7,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridge.core.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, QuotaExceeded, Unauthorized
+from bridge.core.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    QuotaExceeded,
+    Unauthorized,
+)
 
 STATUS_TEXT = {
     200: "OK",
@@ -36,8 +44,9 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
-def envelope(result: Any = None, message: str = "OK", status: int = 200,
-             headers: dict[str, str] | None = None) -> web.Response:
+def envelope(
+    result: Any = None, message: str = "OK", status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     body = {
         "status": STATUS_TEXT.get(status, "ERROR" if status >= 400 else "OK"),
         "code": status,

@@ -170,7 +170,9 @@ async def update_thing(request: web.Request) -> web.Response:
     user = await require_user(request)
     body = await json_object(request, {"enabled": bool}, empty_ok=False)
     if "enabled" not in body:
-        return envelope(render_thing(await request.app[CORE].things.get(user, request.match_info["thing_id"])))
+        return envelope(
+            render_thing(await request.app[CORE].things.get(user, request.match_info["thing_id"]))
+        )
     thing = await request.app[CORE].things.set_enabled(user, request.match_info["thing_id"], body["enabled"])
     return envelope(render_thing(thing), "Successful update")
 

@@ -72,8 +72,12 @@ class IdentityPlugin(BaseAuthPlugin):
         if principal is None or not principal.owns_client_id(session.client_id):
             reason = reason or "client id does not belong to the certificate's identity"
             self.config.counters.refuse(reason)
-            log.warning("CONNECT refused from %s (client id %r): %s",
-                        session.remote_address, session.client_id, reason)
+            log.warning(
+                "CONNECT refused from %s (client id %r): %s",
+                session.remote_address,
+                session.client_id,
+                reason,
+            )
             return False
         session.attributes[PRINCIPAL] = principal
         return True
@@ -87,7 +91,7 @@ class IdentityPlugin(BaseAuthPlugin):
                 return None, "no verified client certificate"
             presented = pki.der_cert_id(der)
             if cn.startswith(APP_PREFIX):
-                app = await core.accounts.app(cn[len(APP_PREFIX):])
+                app = await core.accounts.app(cn[len(APP_PREFIX) :])
                 if app is None or app.cert_id != presented:
                     return None, "unknown or revoked application certificate"
                 return Principal("app", app.name, app.owner_id, app.fleet_wide), None

@@ -70,7 +70,10 @@ class MqttBroker:
             if not listener.enabled:
                 continue
             server = await asyncio.start_server(
-                lambda r, w, name=name: self._serve(r, w, name), listener.host, listener.port, ssl=ctx,
+                lambda r, w, name=name: self._serve(r, w, name),
+                listener.host,
+                listener.port,
+                ssl=ctx,
                 ssl_handshake_timeout=10 if ctx else None,
             )
             self._servers.append(server)
@@ -99,7 +102,9 @@ class MqttBroker:
     async def disconnect_thing(self, thing_id: str) -> int:
         if self.broker is None:
             return 0
-        owned = [cid for cid in list(self.broker.sessions) if cid == thing_id or cid.startswith(thing_id + ":")]
+        owned = [
+            cid for cid in list(self.broker.sessions) if cid == thing_id or cid.startswith(thing_id + ":")
+        ]
         closed = 0
         for client_id in owned:
             closed += await close_client(self.broker, client_id)

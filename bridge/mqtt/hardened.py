@@ -42,7 +42,8 @@ class KeepAliveHandler(BrokerProtocolHandler):
     """Drop a peer silent for 1.5 x its keepalive [MQTT-3.1.2-24]: its will fires, it goes offline."""
 
     def handle_read_timeout(self) -> None:
-        asyncio.ensure_future(self.handle_connection_closed())
+        # the reader loop calls this synchronously; keep a reference so the task is not collected
+        self._closing = asyncio.ensure_future(self.handle_connection_closed())
 
 
 class CappedReader(StreamReaderAdapter):
@@ -94,8 +95,19 @@ class HardenedBroker(Broker):
             session.parent = 0
         elif session.client_id in self._sessions:
             existing, _ = self._sessions[session.client_id]
-            for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
-                         "username", "password", "ssl_object", "remote_address", "remote_port"):
+            for attr in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "will_retain",
+                "keep_alive",
+                "username",
+                "password",
+                "ssl_object",
+                "remote_address",
+                "remote_port",
+            ):
                 setattr(existing, attr, getattr(incoming, attr))
             existing.attributes.update(incoming.attributes)
             session = existing
@@ -117,7 +129,9 @@ class HardenedBroker(Broker):
             await self._handle_message_delivery(client_session, handler, fut)
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
-    async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: Any, wait_deliver: Any
+    ) -> bool:
         if await super()._handle_message_delivery(client_session, handler, wait_deliver):
             return True
         # G: a protocol violation ends the connection through the normal path (will, offline event).

@@ -51,7 +51,9 @@ class Store:
         with conn:
             conn.execute("BEGIN IMMEDIATE")
             schema.create(conn)
-        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="sqlite-write", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(conn,), name="sqlite-write", daemon=True
+        )
         self._writer.start()
 
     def close(self) -> None:
