@@ -60,7 +60,9 @@ async def serve(cfg: Config) -> int:
 
     mqtt = MqttBroker(cfg, core)
     await mqtt.start()
-    core.things.link = mqtt
+    core.attach(mqtt)
+    await core.presence.restore()
+    await mqtt.listen()
 
     runner = web.AppRunner(make_app(core), access_log=None, shutdown_timeout=5)
     await runner.setup()

@@ -56,6 +56,14 @@ class AccountsConfig:
 
 
 @dataclass
+class MessagesConfig:
+    # Largest message payload stored (bytes): HTTP answers 413, MQTT drops and counts it.
+    max_payload: int = 256 * 1024
+    # Most records one history query returns (the `limit` parameter may ask for fewer).
+    page_limit: int = 10000
+
+
+@dataclass
 class StoreConfig:
     # FULL: a commit is on disk before we acknowledge it (QoS 1 PUBACK, HTTP 2xx).
     synchronous: str = "FULL"
@@ -68,6 +76,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
     @property

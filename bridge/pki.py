@@ -61,6 +61,15 @@ def der_cert_id(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def peer_common_name(peercert: dict | None) -> str | None:
+    """Subject CN from `SSLObject.getpeercert()` (a dict only for a certificate that verified)."""
+    for rdn in (peercert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
 def key_type_of(key: PublicKey) -> str:
     return "EC" if isinstance(key, ec.EllipticCurvePublicKey) else "RSA"
 

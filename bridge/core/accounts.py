@@ -19,6 +19,7 @@ _hasher = PasswordHasher()
 # Verifying against this keeps an unknown username as slow as a wrong password.
 _DUMMY_HASH = _hasher.hash("thingbridge-dummy-password")
 TOKEN_ISSUER = "thingbridge"
+APP_CN_PREFIX = "app:"  # an application's certificate CN and client-id prefix
 CREATE_THING_ACTION = "flashex:createThing"  # sic: the document's spelling, which clients match on
 
 
@@ -303,6 +304,8 @@ class Accounts:
     # ---- application principals -----------------------------------------------------------------
     async def create_app(self, name: str, owner: str, password: str, fleet_wide: bool = False) -> App:
         ids.check_name(name, "application name")
+        if len(APP_CN_PREFIX + name) > 64:
+            raise Invalid("application name must be at most 60 characters")
         user = await self.user_by_name(owner)
         if fleet_wide and not user.is_admin:
             raise Forbidden("only an admin may own a fleet-wide application")

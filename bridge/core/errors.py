@@ -29,6 +29,10 @@ class Conflict(DomainError):
     pass
 
 
+class TooLarge(DomainError):
+    pass
+
+
 class QuotaExceeded(Forbidden):
     def __init__(self, message: str, policy: Any) -> None:
         super().__init__(message)

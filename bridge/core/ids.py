@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 
 from bridge.core.errors import Invalid
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# 64: the most an X.509 common name may hold (the thing id is the CN).
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 # Application client ids are "app:<name>[:suffix]"; a thing called "app" would shadow them.
 RESERVED_THING_IDS = frozenset({"app"})
@@ -23,7 +24,7 @@ def new_id() -> str:
 def check_thing_id(value: str) -> str:
     if not _ID.fullmatch(value) or value in RESERVED_THING_IDS:
         raise Invalid(
-            "flthingspk must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a "
+            "flthingspk must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a "
             "letter or digit"
         )
     return value
@@ -31,7 +32,7 @@ def check_thing_id(value: str) -> str:
 
 def check_name(value: str, what: str) -> str:
     if not _ID.fullmatch(value):
-        raise Invalid(f"{what} must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        raise Invalid(f"{what} must be 1-64 characters of letters, digits, '.', '_' or '-'")
     return value
 
 

@@ -6,6 +6,9 @@ from bridge import pki
 from bridge.config import Config
 from bridge.core.accounts import Accounts, App
 from bridge.core.bundle import Endpoints
+from bridge.core.messages import Messages
+from bridge.core.ports import DeviceLink
+from bridge.core.presence import Presence
 from bridge.core.things import Things
 from bridge.keyring import Keyring
 from bridge.store import Store
@@ -28,6 +31,10 @@ class Core:
             default_key_type=cfg.pki.default_key_type,
             free_plan_things=cfg.accounts.free_plan_things,
         )
+        self.messages = Messages(
+            store, max_payload=cfg.messages.max_payload, page_limit=cfg.messages.page_limit
+        )
+        self.presence = Presence(store)
         # Where devices reach us; the running process replaces the configured ports with bound ones.
         self.endpoints = Endpoints(
             cfg.http.public_host,
@@ -35,6 +42,10 @@ class Core:
             cfg.http.http.port,
             cfg.http.https.port if cfg.http.https.enabled else None,
         )
+
+    def attach(self, link: DeviceLink) -> None:
+        """Connect the flows to a running device transport."""
+        self.things.link = self.messages.link = self.presence.link = link
 
     async def issue_app_certificate(self, app: App) -> dict[str, bytes]:
         """A client certificate (CN `app:<name>`) so the application can use the TLS listener too.

@@ -7,13 +7,18 @@ import asyncio
 import sqlite3
 from dataclasses import dataclass
 
+import jwt
+
 from bridge import pki
 from bridge.core import ids
 from bridge.core.accounts import User, active_policy
-from bridge.core.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from bridge.core.errors import Conflict, Invalid, NotFound, QuotaExceeded, Unauthorized
 from bridge.core.ports import DeviceLink, NoLink
 from bridge.keyring import Keyring
 from bridge.store import Store
+
+TOKEN_ISSUER_PREFIX = "urn:thing:"
+MAX_TOKEN_LIFETIME = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class Things:
                 raise Invalid(str(exc)) from exc
             private_pem = None
         else:
-            kind = req.key_type or self.default_key_type
+            kind = self.default_key_type if req.key_type is None else req.key_type
             if kind not in ("RSA", "EC"):
                 raise Invalid("keyType must be RSA or EC")
             key = await asyncio.to_thread(pki.generate_key, kind)
@@ -191,6 +196,8 @@ class Things:
             ).fetchone()
             if row is None:
                 return None
+            conn.execute("DELETE FROM messages WHERE thing_id = ?", (thing_id,))
+            conn.execute("DELETE FROM presence WHERE thing_id = ?", (thing_id,))
             conn.execute("DELETE FROM things WHERE id = ?", (thing_id,))
             conn.execute(
                 "INSERT OR REPLACE INTO revoked_certs (cert_id, thing_id, revoked_at, reason) VALUES (?,?,?,?)",
@@ -201,7 +208,7 @@ class Things:
         if await self.store.write(remove) is None:
             raise NotFound(f"thing {thing_id!r} not found")
         self._owners.pop(thing_id, None)
-        await self.link.disconnect_thing(thing_id)
+        await self.link.disconnect_thing(thing_id, forget=True)
 
     async def set_enabled(self, owner: User, thing_id: str, enabled: bool) -> Thing:
         def update(conn: sqlite3.Connection) -> int:
@@ -213,7 +220,7 @@ class Things:
         if not await self.store.write(update):
             raise NotFound(f"thing {thing_id!r} not found")
         if not enabled:
-            await self.link.disconnect_thing(thing_id)
+            await self.link.disconnect_thing(thing_id, forget=False)
         return await self.get(owner, thing_id)
 
     # ---- device-facing checks (called by the broker) -------------------------------------------
@@ -229,6 +236,50 @@ class Things:
         if row is None or not row["enabled"] or row["cert_id"] != presented_cert_id:
             return None
         self._owners[thing_id] = row["owner_id"]
+        return DeviceIdentity(thing_id, row["owner_id"])
+
+    async def verify_token(self, token: str, path_thing_id: str) -> DeviceIdentity:
+        """A JWT signed with the thing's own private key (RS256 for RSA, ES256 for EC keys): header
+        `kid` = thing id and/or claim `iss` = `urn:thing:<id>`; `exp` required, `nbf` honoured,
+        lifetime at most 24 h; the thing it names must be the one in the path."""
+        try:
+            header = jwt.get_unverified_header(token)
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized("thing token is not a valid JWT") from exc
+        iss = claims.get("iss")
+        from_iss = (
+            iss[len(TOKEN_ISSUER_PREFIX) :]
+            if isinstance(iss, str) and iss.startswith(TOKEN_ISSUER_PREFIX)
+            else None
+        )
+        named = {n for n in (header.get("kid"), from_iss) if n}
+        if len(named) != 1:
+            raise Unauthorized("thing token must name one thing in kid and/or iss (urn:thing:<id>)")
+        (thing_id,) = named
+        if thing_id != path_thing_id:
+            raise Unauthorized("thing token is for another thing")
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT owner_id, key_type, public_key_pem, enabled FROM things WHERE id = ?", (thing_id,)
+            ).fetchone()
+        )
+        if row is None:
+            raise NotFound(f"thing {thing_id!r} not found")
+        if not row["enabled"]:
+            raise Unauthorized("thing is disabled")
+        algorithm = "ES256" if row["key_type"] == "EC" else "RS256"
+        try:
+            verified = jwt.decode(
+                token, row["public_key_pem"], algorithms=[algorithm], options={"require": ["exp"]}, leeway=30
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthorized("thing token expired") from exc
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(f"thing token rejected: {exc}") from exc
+        start = verified.get("nbf", verified.get("iat", ids.now()))
+        if not isinstance(start, int | float) or verified["exp"] - min(start, ids.now()) > MAX_TOKEN_LIFETIME:
+            raise Unauthorized("thing token lifetime exceeds 24 hours")
         return DeviceIdentity(thing_id, row["owner_id"])
 
     def cached_owner(self, thing_id: str) -> str | None:

@@ -13,7 +13,8 @@ from bridge.core.errors import Invalid
 async def json_object(
     request: web.Request, fields: dict[str, type], *, empty_ok: bool = True
 ) -> dict[str, Any]:
-    """A JSON object whose keys are all in `fields`, each of the declared type (None = absent)."""
+    """A JSON object whose keys are all in `fields`, each of the declared type; null means absent
+    (such keys are dropped, so callers can use `.get(key, default)`)."""
     raw = await request.read()
     if not raw.strip():
         if empty_ok:
@@ -32,7 +33,7 @@ async def json_object(
         value = data.get(name)
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise Invalid(f"field {name!r} must be a {_type_name(kind)}")
-    return data
+    return {k: v for k, v in data.items() if v is not None}
 
 
 def _type_name(kind: type) -> str:

@@ -14,6 +14,7 @@ from bridge.core.errors import (
     Invalid,
     NotFound,
     QuotaExceeded,
+    TooLarge,
     Unauthorized,
 )
 
@@ -35,6 +36,7 @@ ERROR_STATUS: list[tuple[type[DomainError], int]] = [
     (Forbidden, 403),
     (NotFound, 404),
     (Conflict, 409),
+    (TooLarge, 413),
 ]
 
 
@@ -69,5 +71,6 @@ def render_error(status: int, message: str, exc: Exception | None) -> web.Respon
         from bridge.http.things_gateway import render_policy
 
         return envelope(render_policy(exc.policy), message, status)
-    headers = {"WWW-Authenticate": 'Bearer realm="thingbridge"'} if status == 401 else None
+    challenge = getattr(exc, "challenge", 'Bearer realm="thingbridge"')
+    headers = {"WWW-Authenticate": challenge} if status == 401 else None
     return envelope(None, message, status, headers)

@@ -9,12 +9,22 @@ from aiohttp import web
 from bridge.core import ids
 from bridge.core.accounts import Subscription, SubscriptionPolicy, User
 from bridge.core.bundle import thing_files, zip_bytes
+from bridge.core.errors import Forbidden, Invalid, Unauthorized
+from bridge.core.messages import EGRESS, Message, Query
 from bridge.core.things import NewThing, Thing
-from bridge.http.auth import CORE, basic_credentials, bearer, require_user
+from bridge.http.auth import (
+    CORE,
+    basic_credentials,
+    bearer,
+    presents_thing_credential,
+    require_thing,
+    require_user,
+)
 from bridge.http.body import json_object
 from bridge.http.envelope import envelope, json_response
 
 routes = web.RouteTableDef()
+BASIC_CHALLENGE = 'Basic realm="thingbridge", charset="UTF-8"'
 
 
 # ---- rendering: core records -> the document's field names ---------------------------------------
@@ -81,12 +91,29 @@ def render_thing(thing: Thing) -> dict[str, Any]:
     }
 
 
+def render_message(message: Message) -> dict[str, Any]:
+    return {
+        "flmessagespk": message.id,
+        "fltimestamp": int(message.ts),
+        "datecreated": ids.iso(message.ts),
+        "flthingspk": message.thing_id,
+        "fluserspk": message.owner_id,
+        "messagetype": message.type,
+        "message": message.value,
+        "encoding": message.encoding,
+    }
+
+
 # ---- auth and users -------------------------------------------------------------------------------
 @routes.get("/token")
 async def get_token(request: web.Request) -> web.Response:
     core = request.app[CORE]
-    username, password = basic_credentials(request)
-    user = await core.accounts.login(username, password)
+    try:
+        username, password = basic_credentials(request)
+        user = await core.accounts.login(username, password)
+    except Unauthorized as exc:
+        exc.challenge = BASIC_CHALLENGE
+        raise
     return json_response({"accessToken": await core.accounts.issue_token(user)})
 
 
@@ -149,8 +176,8 @@ async def create_thing(request: web.Request) -> web.Response:
     req = NewThing(
         id=body.get("flthingspk"),
         name=body.get("thingName"),
-        type=body.get("thingType") or "generic",
-        dist=body.get("thingDist") or "mosquitto",
+        type=body.get("thingType", "generic"),
+        dist=body.get("thingDist", "mosquitto"),
         key_type=body.get("keyType"),
         csr=body.get("csr"),
     )
@@ -194,6 +221,110 @@ async def thing_dist(request: web.Request) -> web.Response:
         body=data,
         content_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="thing-{thing.id}.zip"'},
+    )
+
+
+# ---- messages ---------------------------------------------------------------------------------------
+def _int_param(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise Invalid(f"{name} must be an integer (epoch seconds for startts/endts)") from None
+
+
+def _query(request: web.Request) -> Query:
+    return Query(
+        start=_int_param(request, "startts"),
+        end=_int_param(request, "endts"),
+        type=request.query.get("messagetype") or None,
+        after=request.query.get("after") or None,
+        limit=_int_param(request, "limit"),
+    ).check()
+
+
+def _wait(request: web.Request) -> float | None:
+    raw = request.query.get("wait")
+    if raw is None or raw == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise Invalid("wait must be a number of seconds") from None
+
+
+async def _body(request: web.Request) -> tuple[bytes, bool]:
+    payload = await request.read()
+    if not payload:
+        raise Invalid("the message body is empty")
+    return payload, request.content_type == "application/json"
+
+
+@routes.post("/things/{thing_id}/collect")
+async def collect(request: web.Request) -> web.Response:
+    thing_id = request.match_info["thing_id"]
+    device = await require_thing(request, thing_id)
+    payload, declared_json = await _body(request)
+    message = await request.app[CORE].messages.collect(
+        thing_id, device.owner_id, payload, transport="http", declared_json=declared_json
+    )
+    return envelope({"message": "Message Collected", "flthingspk": thing_id, "flmessagespk": message.id})
+
+
+@routes.post("/things/{thing_id}/publish")
+async def publish(request: web.Request) -> web.Response:
+    user = await require_user(request)
+    payload, declared_json = await _body(request)
+    message = await request.app[CORE].messages.publish(
+        request.match_info["thing_id"], user.id, payload, transport="http", declared_json=declared_json
+    )
+    return envelope({"flmessagespk": message.id, "flthingspk": message.thing_id}, "Message Published")
+
+
+@routes.get("/things/{thing_id}/messages")
+async def list_messages(request: web.Request) -> web.Response:
+    """The owner reads the history; the thing itself (certificate or its JWT) reads its egress
+    messages, optionally long-polling (`after=<flmessagespk>&wait=<s>`): how HTTP devices receive."""
+    core = request.app[CORE]
+    thing_id = request.match_info["thing_id"]
+    query, wait = _query(request), _wait(request)
+    if presents_thing_credential(request):
+        await require_thing(request, thing_id)
+        if query.type not in (None, EGRESS):
+            raise Forbidden("a thing may read only its egress messages")
+        messages = await core.messages.wait_egress(thing_id, query, wait or 0)
+    else:
+        user = await require_user(request)
+        if wait is None:
+            messages = await core.messages.query(thing_id, user.id, query)
+        elif query.type != EGRESS:
+            raise Invalid("wait is only for messagetype=egress")
+        else:
+            await core.messages.query(thing_id, user.id, Query(limit=1))  # ownership check
+            messages = await core.messages.wait_egress(thing_id, query, wait)
+    return envelope([render_message(m) for m in messages])
+
+
+@routes.delete("/things/{thing_id}/messages")
+async def delete_messages(request: web.Request) -> web.Response:
+    user = await require_user(request)
+    deleted = await request.app[CORE].messages.delete(
+        request.match_info["thing_id"], user.id, _query(request)
+    )
+    return envelope({"deleted": deleted}, "Successful delete")
+
+
+@routes.get("/things/{thing_id}/archive")
+async def archive(request: web.Request) -> web.Response:
+    user = await require_user(request)
+    thing_id = request.match_info["thing_id"]
+    data = await request.app[CORE].messages.archive(thing_id, user.id, _query(request), render_message)
+    return web.Response(
+        body=data,
+        content_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{thing_id}-messages.zip"'},
     )
 
 

@@ -45,20 +45,12 @@ class Counters:
     refused_connects: int = 0
     denied_publishes: int = 0
     denied_subscribes: int = 0
+    dropped_messages: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
     def refuse(self, reason: str) -> None:
         self.refused_connects += 1
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
-
-
-def _common_name(ssl_object: Any) -> str | None:
-    cert = ssl_object.getpeercert()  # populated only for a certificate that verified against our CA
-    for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return value
-    return None
 
 
 class IdentityPlugin(BaseAuthPlugin):
@@ -86,7 +78,7 @@ class IdentityPlugin(BaseAuthPlugin):
         core = self.config.core
         if session.ssl_object is not None:
             der = session.ssl_object.getpeercert(binary_form=True)
-            cn = _common_name(session.ssl_object)
+            cn = pki.peer_common_name(session.ssl_object.getpeercert())
             if not der or not cn:
                 return None, "no verified client certificate"
             presented = pki.der_cert_id(der)

@@ -18,6 +18,7 @@ from bridge.config import Config
 from bridge.core.service import Core
 from bridge.mqtt.auth import Counters
 from bridge.mqtt.hardened import CappedReader, HardenedBroker, close_client
+from bridge.mqtt.router import Router
 
 log = logging.getLogger(__name__)
 TLS, PLAIN = "tls", "default"  # amqtt requires a listener named "default"
@@ -54,13 +55,19 @@ class MqttBroker:
             "plugins": {
                 "bridge.mqtt.auth.IdentityPlugin": dict(plugin_cfg),
                 "bridge.mqtt.auth.AclPlugin": dict(plugin_cfg),
+                "bridge.mqtt.router.PresencePlugin": {"core": self.core},
             },
             "session_expiry_interval": self.cfg.mqtt.session_expiry,
         }
 
     async def start(self) -> None:
         self.broker = self.broker_cls(self._amqtt_config())
+        if isinstance(self.broker, HardenedBroker):
+            self.broker.ingest = Router(self.core, self.counters).ingest
         await self.broker.start()
+
+    async def listen(self) -> None:
+        """Open the listeners (after start(), once the core is attached to this broker)."""
         listeners = [(PLAIN, self.cfg.mqtt.plain, None)]
         if self.cfg.mqtt.tls.enabled:
             ca = self.core.ca
@@ -99,7 +106,7 @@ class MqttBroker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
 
-    async def disconnect_thing(self, thing_id: str) -> int:
+    async def disconnect_thing(self, thing_id: str, *, forget: bool) -> int:
         if self.broker is None:
             return 0
         owned = [
@@ -107,5 +114,16 @@ class MqttBroker:
         ]
         closed = 0
         for client_id in owned:
-            closed += await close_client(self.broker, client_id)
+            closed += await close_client(self.broker, client_id, forget=forget)
+        if forget:
+            prefix = f"things/{thing_id}/"
+            for topic in [t for t in self.broker.retained_messages if t.startswith(prefix)]:
+                await self.broker.retain_message(None, topic, b"")
         return closed
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        assert self.broker is not None
+        if retain:
+            await self.broker.retain_message(None, topic, payload)
+        if payload or not retain:
+            await self.broker.internal_message_broadcast(topic, payload)

@@ -7,11 +7,20 @@ Defects fixed (letters as in the amqtt lab report, shared/amqtt-lab/REPORT.md §
      another device's certificate                                  -> _initialize_client_session
   B  a CONNECT deleted the existing session of its client id before it was authenticated
   C  a rejected CONNECT still took over / registered a session     -> both: authenticate first
-  D  keepalive was never enforced (handle_read_timeout is `pass`)  -> KeepAliveHandler
+  D  keepalive was never enforced (handle_read_timeout is `pass`)  -> BridgeHandler.handle_read_timeout
   E  on CONNECT, retained messages matching *any* session's filters were pushed, with no ACL
                                                                    -> _publish_retained_messages_for_subscription
   F  PUBLISHes already PUBACKed were dropped when the client disconnected -> _handle_disconnect
   G  an invalid PUBLISH stopped the client loop but left the socket open  -> _handle_message_delivery
+  I  an outgoing QoS 1 message not PUBACKed before the connection dropped was forgotten; it is
+     now kept in the session and re-sent (DUP) when the session resumes  -> BridgeHandler,
+     _publish_session_retained_messages (which also stops marking queued messages RETAIN)
+  Durability: amqtt PUBACKs an incoming QoS 1 message as soon as it is queued, before anything
+     could store it. BridgeHandler.handle_publish first hands the message to the bridge's `ingest`
+     hook (which commits it to SQLite for the flows the bridge owns), and only then runs the stock
+     acknowledgement flow.
+  H  (not changed) a message is delivered at the subscription's QoS, so a QoS 0 publish reaches a
+     QoS 1 subscriber as QoS 1: an upgrade, never a loss.
 TLS: amqtt hard-codes CERT_OPTIONAL; we never let amqtt build a TLS context (our listeners are
 `external`, see bridge/mqtt/broker.py), and amqtt has no packet size limit: CappedReader.
 """
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from amqtt.adapters import StreamReaderAdapter
@@ -28,8 +38,10 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +50,54 @@ log = logging.getLogger(__name__)
 PREAUTHENTICATED = "thingbridge.preauthenticated"
 
 
-class KeepAliveHandler(BrokerProtocolHandler):
-    """Drop a peer silent for 1.5 x its keepalive [MQTT-3.1.2-24]: its will fires, it goes offline."""
+# (session, topic, payload) -> True when the bridge took the message over (stored and routed it).
+Ingest = Callable[[Session, str, bytes], Awaitable[bool]]
+
+
+class ConsumedMessage(IncomingApplicationMessage):
+    """An incoming message the bridge has already stored and routed: acknowledged as usual, never
+    routed a second time by the broker."""
+
+    __slots__ = ()
+
+
+class BridgeHandler(BrokerProtocolHandler):
+    ingest: Ingest | None = None
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        topic, data, session = publish_packet.topic_name, publish_packet.data, self.session
+        if topic is None or data is None or session is None or self.ingest is None:
+            await super().handle_publish(publish_packet)
+            return
+        try:
+            consumed = await self.ingest(session, topic, bytes(data))
+        except Exception:
+            # Not stored, so not acknowledged: the client re-sends after it reconnects.
+            log.exception("could not store a message from %s; closing its connection", session.client_id)
+            await self.handle_connection_closed()
+            return
+        if not consumed:
+            await super().handle_publish(publish_packet)
+            return
+        packet_id = publish_packet.variable_header.packet_id if publish_packet.variable_header else None
+        message = ConsumedMessage(packet_id, topic, publish_packet.qos, data, publish_packet.retain_flag)
+        message.publish_packet = publish_packet
+        await self._handle_message_flow(message)
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        session = self.session
+        try:
+            await super()._handle_qos1_message_flow(app_message)
+        except BaseException:
+            # I: stock pops the message from inflight_out on timeout or disconnect; keep it.
+            if (
+                session is not None
+                and isinstance(app_message, OutgoingApplicationMessage)
+                and app_message.puback_packet is None
+                and app_message.packet_id is not None
+            ):
+                session.inflight_out[app_message.packet_id] = app_message
+            raise
 
     def handle_read_timeout(self) -> None:
         # the reader loop calls this synchronously; keep a reference so the task is not collected
@@ -62,6 +120,8 @@ class CappedReader(StreamReaderAdapter):
 class HardenedBroker(Broker):
     connect_timeout: float = 10.0
 
+    ingest: Ingest | None = None
+
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         if session.attributes.pop(PREAUTHENTICATED, False):
             return True
@@ -75,7 +135,7 @@ class HardenedBroker(Broker):
         object and address (A). A CONNECT must arrive within connect_timeout (slow-loris)."""
         try:
             handler, incoming = await asyncio.wait_for(
-                KeepAliveHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout
+                BridgeHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout
             )
         except (TimeoutError, ConnectionError, NoDataError, AMQTTError, MQTTError) as exc:
             with contextlib.suppress(Exception):
@@ -88,6 +148,7 @@ class HardenedBroker(Broker):
                 await writer.close()
             raise AMQTTError(f"CONNECT refused for client id {incoming.client_id!r} from {remote_address}")
         incoming.attributes[PREAUTHENTICATED] = True
+        handler.ingest = self.ingest
 
         session = incoming
         if session.clean_session:
@@ -132,11 +193,30 @@ class HardenedBroker(Broker):
     async def _handle_message_delivery(
         self, client_session: Session, handler: Any, wait_deliver: Any
     ) -> bool:
+        if isinstance(wait_deliver.result(), ConsumedMessage):
+            return True  # already stored and routed by the bridge
         if await super()._handle_message_delivery(client_session, handler, wait_deliver):
             return True
         # G: a protocol violation ends the connection through the normal path (will, offline event).
         await handler.handle_connection_closed()
         return True
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """On (re)connect: re-send in-flight QoS 1 messages with DUP (I), then what was queued while
+        the session was offline, with RETAIN off (stock sets it, broker.py:1125). Not awaited: the
+        acknowledgements arrive on the client loop this call would otherwise delay."""
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = [
+            handler._handle_message_flow(message)
+            for message in list(session.inflight_out.values())
+            if isinstance(message, OutgoingApplicationMessage) and message.qos == QOS_1
+        ]
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            sends.append(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False))
+        self._tasks_queue.extend(asyncio.ensure_future(send) for send in sends)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -157,13 +237,14 @@ class HardenedBroker(Broker):
         await asyncio.gather(*sends, return_exceptions=True)
 
 
-async def close_client(broker: Broker, client_id: str) -> bool:
+async def close_client(broker: Broker, client_id: str, *, forget: bool) -> bool:
     """End a client's live connection (as an abnormal disconnect, so its will fires and it goes
-    offline) and forget its session, queued messages included."""
+    offline); with `forget`, drop its session too, queued messages included."""
     session, handler = broker.sessions.get(client_id, (None, None))
     closed = False
     if session is not None and handler is not None and session.transitions.is_connected():
         await handler.handle_connection_closed()
         closed = True
-    await broker._delete_session(client_id)
+    if forget:
+        await broker._delete_session(client_id)
     return closed

@@ -99,4 +99,28 @@ def create(conn: sqlite3.Connection) -> None:
         pk="cert_id",
         if_not_exists=True,
     )
+    # AUTOINCREMENT: seq never goes back after deletes, so `after=<id>` cursors stay monotonic.
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS messages (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            thing_id TEXT NOT NULL,
+            owner_id TEXT NOT NULL,
+            type TEXT NOT NULL,
+            ts REAL NOT NULL,
+            encoding TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            transport TEXT NOT NULL
+        )"""
+    )
+    # History windows: WHERE thing_id = ? AND ts BETWEEN ? AND ? (ORDER BY seq follows ts).
+    conn.execute("CREATE INDEX IF NOT EXISTS messages_thing_ts ON messages (thing_id, ts)")
+    # Delivery cursors: WHERE thing_id = ? AND type = ? AND seq > ?
+    conn.execute("CREATE INDEX IF NOT EXISTS messages_thing_type_seq ON messages (thing_id, type, seq)")
+
+    db["presence"].create(
+        {"thing_id": str, "state": str, "ts": float, "transport": str},
+        pk="thing_id",
+        if_not_exists=True,
+    )
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -1,0 +1,243 @@
+"""Messages, whichever transport they use: collect (device -> cloud, `ingress`) and publish
+(cloud -> device, `egress`) store once and then reach every subscriber; history, delete and
+archive; and the long-poll that lets an HTTP-only device receive what is published to it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import sqlite3
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bridge.core import ids
+from bridge.core.errors import Invalid, NotFound, TooLarge
+from bridge.core.ports import DeviceLink, NoLink
+from bridge.store import Store
+
+INGRESS, EGRESS = "ingress", "egress"
+MESSAGE_TYPES = (INGRESS, EGRESS)
+MAX_WAIT = 60
+
+
+@dataclass(frozen=True)
+class Message:
+    seq: int
+    id: str
+    thing_id: str
+    owner_id: str
+    type: str
+    ts: float
+    encoding: str  # json | text | base64
+    payload: bytes
+    transport: str
+
+    @property
+    def value(self) -> Any:
+        """The payload as the API shows it: a JSON value, a string, or base64 text for binary."""
+        if self.encoding == "json":
+            return orjson.loads(self.payload)
+        if self.encoding == "text":
+            return self.payload.decode()
+        return base64.b64encode(self.payload).decode()
+
+
+@dataclass(frozen=True)
+class Query:
+    start: int | None = None
+    end: int | None = None
+    type: str | None = None
+    after: str | None = None
+    limit: int | None = None
+
+    def check(self) -> Query:
+        if self.start is not None and self.end is not None and self.start > self.end:
+            raise Invalid("startts must not be after endts")
+        if self.type is not None and self.type not in MESSAGE_TYPES:
+            raise Invalid(f"messagetype must be one of {', '.join(MESSAGE_TYPES)}")
+        if self.limit is not None and self.limit < 1:
+            raise Invalid("limit must be a positive integer")
+        return self
+
+
+def classify(payload: bytes, declared_json: bool) -> str:
+    """json when it parses as JSON (required when the sender declared JSON), else text or base64."""
+    try:
+        orjson.loads(payload)
+        return "json"
+    except orjson.JSONDecodeError as exc:
+        if declared_json:
+            raise Invalid(f"body is declared JSON but is not valid JSON: {exc}") from exc
+    try:
+        payload.decode()
+        return "text"
+    except UnicodeDecodeError:
+        return "base64"
+
+
+def _message(row: sqlite3.Row) -> Message:
+    return Message(
+        row["seq"],
+        row["id"],
+        row["thing_id"],
+        row["owner_id"],
+        row["type"],
+        row["ts"],
+        row["encoding"],
+        bytes(row["payload"]),
+        row["transport"],
+    )
+
+
+def _where(thing_id: str, q: Query, after_seq: int | None) -> tuple[str, list[Any]]:
+    clauses, args = ["thing_id = ?"], [thing_id]
+    if q.start is not None:
+        clauses.append("ts >= ?")
+        args.append(q.start)
+    if q.end is not None:
+        clauses.append("ts < ?")  # inclusive of the whole end second
+        args.append(q.end + 1)
+    if q.type is not None:
+        clauses.append("type = ?")
+        args.append(q.type)
+    if after_seq is not None:
+        clauses.append("seq > ?")
+        args.append(after_seq)
+    return " AND ".join(clauses), args
+
+
+class Messages:
+    def __init__(self, store: Store, *, max_payload: int, page_limit: int) -> None:
+        self.store = store
+        self.max_payload = max_payload
+        self.page_limit = page_limit
+        self.link: DeviceLink = NoLink()
+        self._egress_waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
+
+    async def _store(
+        self, thing_id: str, owner_id: str, kind: str, payload: bytes, encoding: str, transport: str
+    ) -> Message:
+        msg_id, ts = ids.new_id(), ids.now()
+
+        def insert(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO messages (id, thing_id, owner_id, type, ts, encoding, payload, transport)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport),
+            )
+            return cur.lastrowid or 0
+
+        seq = await self.store.write(insert)
+        return Message(seq, msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport)
+
+    def _check_size(self, payload: bytes) -> None:
+        if len(payload) > self.max_payload:
+            raise TooLarge(f"message of {len(payload)} bytes exceeds the limit of {self.max_payload} bytes")
+
+    async def collect(
+        self, thing_id: str, owner_id: str, payload: bytes, *, transport: str, declared_json: bool = False
+    ) -> Message:
+        """A message from an authenticated thing: committed, then routed to `things/{id}/collect`."""
+        self._check_size(payload)
+        encoding = classify(payload, declared_json)
+        message = await self._store(thing_id, owner_id, INGRESS, payload, encoding, transport)
+        await self.link.publish(f"things/{thing_id}/collect", payload)
+        return message
+
+    async def publish(
+        self,
+        thing_id: str,
+        owner_id: str | None,
+        payload: bytes,
+        *,
+        transport: str,
+        declared_json: bool = False,
+    ) -> Message:
+        """A message for a thing from its owner (owner_id None: a fleet-wide principal): committed,
+        then routed to `things/{id}/publish` (queued for an offline persistent MQTT session) and
+        handed to HTTP long-polls."""
+        self._check_size(payload)
+        encoding = classify(payload, declared_json)
+        owner = await self._owner(thing_id, owner_id)
+        message = await self._store(thing_id, owner, EGRESS, payload, encoding, transport)
+        await self.link.publish(f"things/{thing_id}/publish", payload)
+        for waiter in self._egress_waiters.get(thing_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        return message
+
+    async def _owner(self, thing_id: str, owner_id: str | None) -> str:
+        row = await self.store.read(
+            lambda c: c.execute("SELECT owner_id FROM things WHERE id = ?", (thing_id,)).fetchone()
+        )
+        if row is None or (owner_id is not None and row["owner_id"] != owner_id):
+            raise NotFound(f"thing {thing_id!r} not found")
+        return row["owner_id"]
+
+    async def _after_seq(self, thing_id: str, after: str | None) -> int | None:
+        if after is None:
+            return None
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT seq FROM messages WHERE id = ? AND thing_id = ?", (after, thing_id)
+            ).fetchone()
+        )
+        if row is None:
+            raise Invalid(f"after: no message {after!r} of this thing (it may have been deleted)")
+        return row["seq"]
+
+    async def query(self, thing_id: str, owner_id: str | None, q: Query) -> list[Message]:
+        await self._owner(thing_id, owner_id)
+        return await self._select(thing_id, q.check())
+
+    async def _select(self, thing_id: str, q: Query) -> list[Message]:
+        where, args = _where(thing_id, q, await self._after_seq(thing_id, q.after))
+        limit = min(q.limit or self.page_limit, self.page_limit)
+        rows = await self.store.read(
+            lambda c: c.execute(
+                f"SELECT * FROM messages WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)
+            ).fetchall()
+        )
+        return [_message(r) for r in rows]
+
+    async def wait_egress(self, thing_id: str, q: Query, wait: float) -> list[Message]:
+        """Egress messages after the cursor; if none yet, wait up to `wait` s for the next one."""
+        if not 0 <= wait <= MAX_WAIT:
+            raise Invalid(f"wait must be between 0 and {MAX_WAIT} seconds")
+        q = Query(q.start, q.end, EGRESS, q.after, q.limit).check()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._egress_waiters[thing_id]
+        waiters.add(waiter)  # registered before the query, so nothing committed in between is missed
+        try:
+            found = await self._select(thing_id, q)
+            if found or wait == 0:
+                return found
+            try:
+                await asyncio.wait_for(waiter, wait)
+            except TimeoutError:
+                return []
+            return await self._select(thing_id, q)
+        finally:
+            waiters.discard(waiter)
+            if not waiters:
+                self._egress_waiters.pop(thing_id, None)
+
+    async def delete(self, thing_id: str, owner_id: str, q: Query) -> int:
+        await self._owner(thing_id, owner_id)
+        where, args = _where(thing_id, q.check(), None)
+        return await self.store.write(
+            lambda c: c.execute(f"DELETE FROM messages WHERE {where}", args).rowcount
+        )
+
+    async def archive(self, thing_id: str, owner_id: str, q: Query, render: Any) -> bytes:
+        """A zip holding one JSON file of the selected messages, rendered as the history shows them."""
+        records = [render(m) for m in await self.query(thing_id, owner_id, q)]
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(f"{thing_id}-messages.json", orjson.dumps(records, option=orjson.OPT_INDENT_2))
+        return buf.getvalue()
