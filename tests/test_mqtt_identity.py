@@ -23,8 +23,7 @@ def thing_client(bridge: Bridge, thing, client_id: str | None = None, **kw) -> a
         bridge.ports["mqtt_tls"],
         identifier=client_id or thing.id,
         tls_context=bridge.client_tls(thing.cert, thing.key),
-        timeout=5,
-        **kw,
+        **{"timeout": 5, **kw},
     )
 
 
