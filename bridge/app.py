@@ -62,6 +62,8 @@ async def serve(cfg: Config) -> int:
     await mqtt.start()
     core.attach(mqtt)
     await core.presence.restore()
+    await core.status.republish_all()
+    core.outbox.start()
     await mqtt.listen()
 
     runner = web.AppRunner(make_app(core), access_log=None, shutdown_timeout=5)
@@ -88,6 +90,7 @@ async def serve(cfg: Config) -> int:
     log.info("stopping: closing listeners, flushing writes")
     await runner.cleanup()
     await mqtt.stop()
+    await core.outbox.stop()
     await asyncio.to_thread(store.close)
     log.info("stopped")
     return 0

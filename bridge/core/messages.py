@@ -20,8 +20,8 @@ from bridge.core.errors import Invalid, NotFound, TooLarge
 from bridge.core.ports import DeviceLink, NoLink
 from bridge.store import Store
 
-INGRESS, EGRESS = "ingress", "egress"
-MESSAGE_TYPES = (INGRESS, EGRESS)
+INGRESS, EGRESS, STATUS = "ingress", "egress", "status"
+MESSAGE_TYPES = (INGRESS, EGRESS, STATUS)
 MAX_WAIT = 60
 
 
@@ -94,6 +94,26 @@ def _message(row: sqlite3.Row) -> Message:
     )
 
 
+def insert_message(
+    conn: sqlite3.Connection,
+    thing_id: str,
+    owner_id: str,
+    kind: str,
+    payload: bytes,
+    encoding: str,
+    transport: str,
+) -> Message:
+    """Append one message; called inside a write transaction (also by flows that store a message
+    together with other state)."""
+    msg_id, ts = ids.new_id(), ids.now()
+    cur = conn.execute(
+        "INSERT INTO messages (id, thing_id, owner_id, type, ts, encoding, payload, transport)"
+        " VALUES (?,?,?,?,?,?,?,?)",
+        (msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport),
+    )
+    return Message(cur.lastrowid or 0, msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport)
+
+
 def _where(thing_id: str, q: Query, after_seq: int | None) -> tuple[str, list[Any]]:
     clauses, args = ["thing_id = ?"], [thing_id]
     if q.start is not None:
@@ -122,18 +142,7 @@ class Messages:
     async def _store(
         self, thing_id: str, owner_id: str, kind: str, payload: bytes, encoding: str, transport: str
     ) -> Message:
-        msg_id, ts = ids.new_id(), ids.now()
-
-        def insert(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO messages (id, thing_id, owner_id, type, ts, encoding, payload, transport)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport),
-            )
-            return cur.lastrowid or 0
-
-        seq = await self.store.write(insert)
-        return Message(seq, msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport)
+        return await self.store.write(insert_message, thing_id, owner_id, kind, payload, encoding, transport)
 
     def _check_size(self, payload: bytes) -> None:
         if len(payload) > self.max_payload:

@@ -7,8 +7,10 @@ from bridge.config import Config
 from bridge.core.accounts import Accounts, App
 from bridge.core.bundle import Endpoints
 from bridge.core.messages import Messages
+from bridge.core.outbox import Outbox
 from bridge.core.ports import DeviceLink
 from bridge.core.presence import Presence
+from bridge.core.status import Status
 from bridge.core.things import Things
 from bridge.keyring import Keyring
 from bridge.store import Store
@@ -23,6 +25,7 @@ class Core:
         self.accounts = Accounts(
             store, self.keyring.token_key, cfg.accounts.token_ttl, cfg.accounts.free_plan_things
         )
+        self.outbox = Outbox(store)
         self.things = Things(
             store,
             self.ca,
@@ -30,11 +33,13 @@ class Core:
             cert_days=cfg.pki.thing_cert_days,
             default_key_type=cfg.pki.default_key_type,
             free_plan_things=cfg.accounts.free_plan_things,
+            outbox=self.outbox,
         )
         self.messages = Messages(
             store, max_payload=cfg.messages.max_payload, page_limit=cfg.messages.page_limit
         )
         self.presence = Presence(store)
+        self.status = Status(store, self.outbox)
         # Where devices reach us; the running process replaces the configured ports with bound ones.
         self.endpoints = Endpoints(
             cfg.http.public_host,
@@ -45,7 +50,8 @@ class Core:
 
     def attach(self, link: DeviceLink) -> None:
         """Connect the flows to a running device transport."""
-        self.things.link = self.messages.link = self.presence.link = link
+        for flow in (self.things, self.messages, self.presence, self.outbox, self.status):
+            flow.link = link
 
     async def issue_app_certificate(self, app: App) -> dict[str, bytes]:
         """A client certificate (CN `app:<name>`) so the application can use the TLS listener too.

@@ -13,7 +13,9 @@ from bridge import pki
 from bridge.core import ids
 from bridge.core.accounts import User, active_policy
 from bridge.core.errors import Conflict, Invalid, NotFound, QuotaExceeded, Unauthorized
+from bridge.core.outbox import Outbox
 from bridge.core.ports import DeviceLink, NoLink
+from bridge.core.status import DeviceRef, publish_config
 from bridge.keyring import Keyring
 from bridge.store import Store
 
@@ -66,6 +68,7 @@ class Things:
         cert_days: int,
         default_key_type: str,
         free_plan_things: int,
+        outbox: Outbox,
     ) -> None:
         self.store = store
         self.ca = ca
@@ -73,6 +76,7 @@ class Things:
         self.cert_days = cert_days
         self.default_key_type = default_key_type
         self.free_plan_things = free_plan_things
+        self.outbox = outbox
         self.link: DeviceLink = NoLink()
         # thing id -> owner id, for per-delivery tenancy checks; filled lazily, dropped on delete
         self._owners: dict[str, str] = {}
@@ -167,8 +171,10 @@ class Things:
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"thing {thing_id!r} already exists") from exc
+            publish_config(conn, DeviceRef(thing.id, thing.owner_id, thing.type))
 
         await self.store.write(insert)
+        self.outbox.kick()
         return thing
 
     async def list(self, owner: User) -> list[Thing]:
@@ -198,6 +204,7 @@ class Things:
                 return None
             conn.execute("DELETE FROM messages WHERE thing_id = ?", (thing_id,))
             conn.execute("DELETE FROM presence WHERE thing_id = ?", (thing_id,))
+            conn.execute("DELETE FROM thing_state WHERE thing_id = ?", (thing_id,))
             conn.execute("DELETE FROM things WHERE id = ?", (thing_id,))
             conn.execute(
                 "INSERT OR REPLACE INTO revoked_certs (cert_id, thing_id, revoked_at, reason) VALUES (?,?,?,?)",
@@ -281,6 +288,14 @@ class Things:
         if not isinstance(start, int | float) or verified["exp"] - min(start, ids.now()) > MAX_TOKEN_LIFETIME:
             raise Unauthorized("thing token lifetime exceeds 24 hours")
         return DeviceIdentity(thing_id, row["owner_id"])
+
+    async def type_of(self, thing_id: str) -> str:
+        row = await self.store.read(
+            lambda c: c.execute("SELECT type FROM things WHERE id = ?", (thing_id,)).fetchone()
+        )
+        if row is None:
+            raise NotFound(f"thing {thing_id!r} not found")
+        return row["type"]
 
     def cached_owner(self, thing_id: str) -> str | None:
         return self._owners.get(thing_id)

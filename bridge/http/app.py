@@ -11,7 +11,7 @@ from aiohttp import web
 
 from bridge.core.errors import DomainError
 from bridge.core.service import Core
-from bridge.http import envelope, things_gateway
+from bridge.http import envelope, operator, portal, things_gateway
 from bridge.http.auth import CORE
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,18 @@ def error_middleware(dialects: list[tuple[str, Renderer]], max_body: int) -> obj
 
 def make_app(core: Core) -> web.Application:
     max_body = core.cfg.http.max_body
-    dialects: list[tuple[str, Renderer]] = [("/dev/v1", envelope.render_error)]
+    dialects: list[tuple[str, Renderer]] = [
+        ("/dev/v1", envelope.render_error),
+        *((path, portal.render_error) for path in portal.PATHS),
+    ]
     app = web.Application(middlewares=[error_middleware(dialects, max_body)], client_max_size=max_body)
     app[CORE] = core
-    gateway = things_gateway.make_app()
+    gateway = web.Application()
     gateway[CORE] = core
+    gateway.add_routes(things_gateway.routes)
+    gateway.add_routes(operator.routes)
     app.add_subapp("/dev/v1", gateway)
+    app.add_routes(portal.routes)
     return app
 
 

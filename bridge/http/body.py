@@ -10,11 +10,8 @@ from aiohttp import web
 from bridge.core.errors import Invalid
 
 
-async def json_object(
-    request: web.Request, fields: dict[str, type], *, empty_ok: bool = True
-) -> dict[str, Any]:
-    """A JSON object whose keys are all in `fields`, each of the declared type; null means absent
-    (such keys are dropped, so callers can use `.get(key, default)`)."""
+async def any_json_object(request: web.Request, *, empty_ok: bool = True) -> dict[str, Any]:
+    """The body as a JSON object (nulls kept); an empty body is {} when `empty_ok`."""
     raw = await request.read()
     if not raw.strip():
         if empty_ok:
@@ -26,6 +23,15 @@ async def json_object(
         raise Invalid(f"body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise Invalid("body must be a JSON object")
+    return data
+
+
+async def json_object(
+    request: web.Request, fields: dict[str, type], *, empty_ok: bool = True
+) -> dict[str, Any]:
+    """A JSON object whose keys are all in `fields`, each of the declared type; null means absent
+    (such keys are dropped, so callers can use `.get(key, default)`)."""
+    data = await any_json_object(request, empty_ok=empty_ok)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise Invalid(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(fields)}")

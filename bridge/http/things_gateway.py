@@ -326,9 +326,3 @@ async def archive(request: web.Request) -> web.Response:
         content_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{thing_id}-messages.zip"'},
     )
-
-
-def make_app() -> web.Application:
-    app = web.Application()
-    app.add_routes(routes)
-    return app

@@ -63,7 +63,7 @@ class MqttBroker:
     async def start(self) -> None:
         self.broker = self.broker_cls(self._amqtt_config())
         if isinstance(self.broker, HardenedBroker):
-            self.broker.ingest = Router(self.core, self.counters).ingest
+            self.broker.ingest = Router(self.core, self.counters, self.publish).ingest
         await self.broker.start()
 
     async def listen(self) -> None:

@@ -5,24 +5,29 @@ HTTP one take the same path to subscribers. Anything else is left to the broker'
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from amqtt.plugins.base import BasePlugin
 from amqtt.session import Session
 
-from bridge.core.errors import DomainError, NotFound
+from bridge.core.errors import DomainError, Invalid, NotFound
 from bridge.core.service import Core
+from bridge.core.status import DeviceRef
 from bridge.mqtt import topics
 from bridge.mqtt.auth import PRINCIPAL, Counters, Principal
 
 log = logging.getLogger(__name__)
+Publish = Callable[[str, bytes], Awaitable[None]]
 
 
 class Router:
-    def __init__(self, core: Core, counters: Counters) -> None:
+    def __init__(self, core: Core, counters: Counters, publish: Publish) -> None:
         self.core = core
         self.counters = counters
+        self.publish = publish
 
     async def ingest(self, session: Session, topic: str, payload: bytes) -> bool:
         principal: Principal | None = session.attributes.get(PRINCIPAL)
@@ -30,12 +35,7 @@ class Router:
             return False
         try:
             if principal.kind == "thing":
-                if topic != f"{topics.PREFIX}/{principal.name}/collect":
-                    return False
-                await self.core.messages.collect(
-                    principal.name, principal.owner_id, payload, transport="mqtt"
-                )
-                return True
+                return await self._from_thing(principal, topic, payload)
             target = topics.publish_target(topic)
             if target is None:
                 return False
@@ -51,6 +51,44 @@ class Router:
             self.counters.dropped_messages += 1
             log.info("message from %s %s on %r dropped: %s", principal.kind, principal.name, topic, exc)
         return True
+
+    async def _from_thing(self, thing: Principal, topic: str, payload: bytes) -> bool:
+        base = f"{topics.PREFIX}/{thing.name}/"
+        if not topic.startswith(base):
+            return False
+        flow = topic[len(base) :]
+        core = self.core
+        if flow == "collect":
+            await core.messages.collect(thing.name, thing.owner_id, payload, transport="mqtt")
+        elif flow == "status":
+            ref = DeviceRef(thing.name, thing.owner_id, await core.things.type_of(thing.name))
+            try:
+                report = _json_object(payload)
+                answer = await core.status.set_status(ref, report.get("status"), report.get("info"), "mqtt")
+            except Invalid as exc:
+                await self._reply(f"{base}status/rejected", {"errorCode": 400, "errorMessage": str(exc)})
+            else:
+                await self._reply(f"{base}status/accepted", {"config": answer})
+        elif flow == "config/get":
+            await core.status.resend_config(
+                DeviceRef(thing.name, thing.owner_id, await core.things.type_of(thing.name))
+            )
+        else:
+            return False
+        return True
+
+    async def _reply(self, topic: str, body: dict[str, Any]) -> None:
+        await self.publish(topic, orjson.dumps(body))
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise Invalid(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise Invalid("payload must be a JSON object")
+    return value
 
 
 class PresencePlugin(BasePlugin):

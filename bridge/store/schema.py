@@ -123,4 +123,51 @@ def create(conn: sqlite3.Connection) -> None:
         pk="thing_id",
         if_not_exists=True,
     )
+    # Device twin: what the operator wants (NULL: inherit the fleet default), what the device
+    # reported, and what it has already fetched.
+    db["thing_state"].create(
+        {
+            "thing_id": str,
+            "reg_id": str,
+            "update_rate": int,
+            "app_param": str,
+            "data": str,
+            "package_url": str,
+            "package_version": int,
+            "reported_status": str,
+            "reported_info": str,
+            "reported_ts": float,
+            "reported_transport": str,
+            "running_version": int,
+            "fetched_config": str,
+        },
+        pk="thing_id",
+        foreign_keys=[("thing_id", "things", "id")],
+        if_not_exists=True,
+    )
+    db["thing_state"].create_index(["reg_id"], unique=True, if_not_exists=True)
+    db["fleet_defaults"].create(
+        {
+            "owner_id": str,
+            "thing_type": str,
+            "update_rate": int,
+            "app_param": str,
+            "data": str,
+            "package_url": str,
+            "package_version": int,
+        },
+        pk=("owner_id", "thing_type"),
+        foreign_keys=[("owner_id", "users", "id")],
+        if_not_exists=True,
+    )
+    # Messages to publish on the broker, written in the same transaction as the change that
+    # causes them; the running server drains it (also when another process, the CLI, wrote it).
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            topic TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            retain INTEGER NOT NULL
+        )"""
+    )
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

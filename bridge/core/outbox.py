@@ -1,0 +1,67 @@
+"""Broker publications that must follow a committed change, even one made by another process.
+
+A flow writes `enqueue(conn, ...)` rows in its own transaction; the serving process drains them in
+order to the DeviceLink, at once when the change was its own (`kick`) and within `poll` seconds
+when the command line wrote them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+
+from bridge.core.ports import DeviceLink, NoLink
+from bridge.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def enqueue(conn: sqlite3.Connection, topic: str, payload: bytes, *, retain: bool) -> None:
+    conn.execute("INSERT INTO outbox (topic, payload, retain) VALUES (?,?,?)", (topic, payload, int(retain)))
+
+
+class Outbox:
+    def __init__(self, store: Store, poll: float = 1.0) -> None:
+        self.store = store
+        self.poll = poll
+        self.link: DeviceLink = NoLink()
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def drain(self) -> int:
+        rows = await self.store.read(
+            lambda c: c.execute(
+                "SELECT seq, topic, payload, retain FROM outbox ORDER BY seq LIMIT 1000"
+            ).fetchall()
+        )
+        for row in rows:
+            await self.link.publish(row["topic"], bytes(row["payload"]), retain=bool(row["retain"]))
+        if rows:
+            last = rows[-1]["seq"]
+            await self.store.write(lambda c: c.execute("DELETE FROM outbox WHERE seq <= ?", (last,)))
+        return len(rows)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.poll)
+            self._kick.clear()
+            try:
+                while await self.drain() == 1000:
+                    pass
+            except Exception:  # keep draining later; a broken row must not stop the pump
+                log.exception("outbox drain failed")
