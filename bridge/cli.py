@@ -9,11 +9,15 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from bridge import config
+from bridge.core import ids
 from bridge.core.accounts import generate_password
 from bridge.core.bundle import thing_files
-from bridge.core.errors import DomainError
+from bridge.core.errors import DomainError, Invalid
 from bridge.core.service import Core
 from bridge.core.things import NewThing
 
@@ -68,6 +72,35 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--type", default="generic", help="thingType")
     create.add_argument("--key-type", choices=["RSA", "EC"])
 
+    conf = sub.add_parser("config", help="desired configuration (device twin)").add_subparsers(
+        dest="action", required=True
+    )
+    cset = conf.add_parser("set", help="set a thing's desired configuration and package")
+    cset.add_argument("thing", help="thing id")
+    cdef = conf.add_parser("defaults", help="set fleet defaults for a thingType")
+    cdef.add_argument("thing_type")
+    for p in (cset, cdef):
+        _common(p)
+        p.add_argument("--owner", required=True)
+        p.add_argument("--update-rate", type=int, help="UpdateRate: hours between SetStatus calls")
+        p.add_argument("--app-param", help="AppParam: a JSON object")
+        p.add_argument("--data", help="data (GetURL extras): a JSON object")
+        p.add_argument("--package-url", help="packageUrl")
+        p.add_argument("--version", type=int, help="package version (integer)")
+        p.add_argument(
+            "--clear",
+            action="append",
+            default=[],
+            metavar="FIELD",
+            help="inherit FIELD again (UpdateRate, AppParam, data, packageUrl, version)",
+        )
+    cset.add_argument("--reg-id", help="regId alias of the thing")
+
+    status = sub.add_parser("status", help="things with desired state, last status and presence")
+    _common(status)
+    status.add_argument("--owner", required=True)
+    status.add_argument("--type", help="only this thingType")
+
     plan = sub.add_parser("plan", help="subscription plans").add_subparsers(dest="action", required=True)
     pset = plan.add_parser("set", help="give a user a plan with a thing quota")
     _common(pset)
@@ -119,7 +152,59 @@ async def _plan_set(core: Core, a: argparse.Namespace) -> None:
     print(f"{a.user}: plan {sub.plan_name}, {sub.thing_quota} things")
 
 
-COMMANDS: dict[tuple[str, str], Callable[[Core, argparse.Namespace], Awaitable[None]]] = {
+def _config_changes(a: argparse.Namespace) -> dict[str, Any]:
+    changes: dict[str, Any] = {name: None for name in a.clear}
+    for name, option, value in (
+        ("UpdateRate", "--update-rate", a.update_rate),
+        ("AppParam", "--app-param", a.app_param),
+        ("data", "--data", a.data),
+        ("packageUrl", "--package-url", a.package_url),
+        ("version", "--version", a.version),
+    ):
+        if value is None:
+            continue
+        if name in ("AppParam", "data"):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise Invalid(f"{option}: not valid JSON: {exc}") from exc
+        changes[name] = value
+    if getattr(a, "reg_id", None) is not None:
+        changes["regId"] = a.reg_id
+    if not changes:
+        raise Invalid("nothing to change: give at least one option")
+    return changes
+
+
+async def _config_set(core: Core, a: argparse.Namespace) -> None:
+    owner = await core.accounts.user_by_name(a.owner)
+    state = await core.status.set_desired(owner.id, a.thing, _config_changes(a))
+    print(orjson.dumps(state["effective"]).decode())
+
+
+async def _config_defaults(core: Core, a: argparse.Namespace) -> None:
+    owner = await core.accounts.user_by_name(a.owner)
+    result = await core.status.set_fleet_defaults(owner.id, a.thing_type, _config_changes(a))
+    print(orjson.dumps(result).decode())
+
+
+async def _status(core: Core, a: argparse.Namespace) -> None:
+    owner = await core.accounts.user_by_name(a.owner)
+    rows = await core.status.fleet(owner.id, a.type)
+    print(f"{'thing':38} {'type':12} {'presence':8} {'config':7} {'last status':24} reported at")
+    for row in rows:
+        reported = row["reported"]
+        ts = ids.iso(reported["ts"]) if reported["ts"] else "-"
+        print(
+            f"{row['flthingspk']:38} {row['thingType']:12} {row['presence']['state']:8} "
+            f"{row['configState']:7} {(reported['status'] or '-'):24} {ts}"
+        )
+
+
+COMMANDS: dict[tuple[str, str | None], Callable[[Core, argparse.Namespace], Awaitable[None]]] = {
+    ("config", "set"): _config_set,
+    ("config", "defaults"): _config_defaults,
+    ("status", None): _status,
     ("user", "add"): _user_add,
     ("app", "add"): _app_add,
     ("thing", "create"): _thing_create,
@@ -146,7 +231,7 @@ async def _run_command(cfg: config.Config, a: argparse.Namespace) -> None:
 
     store = open_store(cfg)
     try:
-        await COMMANDS[(a.command, a.action)](Core(cfg, store), a)
+        await COMMANDS[(a.command, getattr(a, "action", None))](Core(cfg, store), a)
     finally:
         await asyncio.to_thread(store.close)
 
