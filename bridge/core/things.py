@@ -148,6 +148,8 @@ class Things:
                     f"{policy.statements[0].actual} exist",
                     policy,
                 )
+            if conn.execute("SELECT 1 FROM thing_state WHERE reg_id = ?", (thing.id,)).fetchone():
+                raise Conflict(f"thing id {thing.id!r} is already in use as a regId")
             try:
                 conn.execute(
                     "INSERT INTO things (id, owner_id, name, type, dist, key_type, cert_pem, cert_id,"

@@ -71,6 +71,15 @@ class IdentityPlugin(BaseAuthPlugin):
                 reason,
             )
             return False
+        if session.will_flag and not await permitted(
+            self.config.core, principal, Action.PUBLISH, session.will_topic
+        ):
+            # amqtt broadcasts a will without any ACL check: refuse the CONNECT instead
+            self.config.counters.refuse("will topic not permitted")
+            log.warning(
+                "CONNECT refused for %s: will topic %r not permitted", principal.name, session.will_topic
+            )
+            return False
         session.attributes[PRINCIPAL] = principal
         return True
 
@@ -99,6 +108,28 @@ class IdentityPlugin(BaseAuthPlugin):
         return Principal("app", app.name, app.owner_id, app.fleet_wide), None
 
 
+async def permitted(core: Any, principal: Principal, action: Action, topic: str | None) -> bool:
+    """The ACL: a thing uses only its own topics (and may not publish the cloud's); an application
+    subscribes under things/ and reaches only its owner's things, unless it is fleet-wide."""
+    if topic is None:
+        return False
+    if principal.kind == "thing":
+        if action == Action.PUBLISH:
+            return topics.thing_may_publish(principal.name, topic)
+        if action == Action.SUBSCRIBE:
+            return topics.thing_may_subscribe(principal.name, topic)
+        return topics.thing_of(topic) == principal.name
+    if action == Action.SUBSCRIBE:
+        return topics.app_may_subscribe(topic)
+    thing_id = topics.publish_target(topic) if action == Action.PUBLISH else topics.thing_of(topic)
+    if thing_id is None:
+        return False
+    if principal.fleet_wide:
+        return True
+    owner = core.things.cached_owner(thing_id) or await core.things.owner_of(thing_id)
+    return owner == principal.owner_id
+
+
 class AclPlugin(BaseTopicPlugin):
     @dataclass
     class Config:
@@ -109,21 +140,9 @@ class AclPlugin(BaseTopicPlugin):
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
     ) -> bool | None:
         principal: Principal | None = session.attributes.get(PRINCIPAL) if session else None
-        if principal is None or topic is None:
+        if principal is None or action is None:
             return False
-        if principal.kind == "thing":
-            if action == Action.PUBLISH:
-                allowed = topics.thing_may_publish(principal.name, topic)
-            elif action == Action.SUBSCRIBE:
-                allowed = topics.thing_may_subscribe(principal.name, topic)
-            else:
-                allowed = topics.thing_of(topic) == principal.name
-        elif action == Action.SUBSCRIBE:
-            allowed = topics.app_may_subscribe(topic)
-        elif action == Action.PUBLISH:
-            allowed = await self._owns(principal, topics.publish_target(topic))
-        else:
-            allowed = await self._owns(principal, topics.thing_of(topic))
+        allowed = await permitted(self.config.core, principal, action, topic)
         if not allowed:
             if action == Action.PUBLISH:
                 self.config.counters.denied_publishes += 1
@@ -131,13 +150,3 @@ class AclPlugin(BaseTopicPlugin):
             elif action == Action.SUBSCRIBE:
                 self.config.counters.denied_subscribes += 1
         return allowed
-
-    async def _owns(self, principal: Principal, thing_id: str | None) -> bool:
-        """Tenancy: an application reaches only its owner's things, unless it is fleet-wide."""
-        if thing_id is None:
-            return False
-        if principal.fleet_wide:
-            return True
-        things = self.config.core.things
-        owner = things.cached_owner(thing_id) or await things.owner_of(thing_id)
-        return owner == principal.owner_id

@@ -19,6 +19,9 @@ Defects fixed (letters as in the amqtt lab report, shared/amqtt-lab/REPORT.md §
      could store it. BridgeHandler.handle_publish first hands the message to the bridge's `ingest`
      hook (which commits it to SQLite for the flows the bridge owns), and only then runs the stock
      acknowledgement flow.
+  G' a PUBLISH whose topic holds a wildcard fails to parse; stock logs "Message discarded" and
+     reads on from the middle of that packet (its payload is parsed as the next packet)
+                                                                   -> strict packet parsing below
   H  (not changed) a message is delivered at the subscription's QoS, so a QoS 0 publish reaches a
      QoS 1 subscriber as QoS 1: an upgrade, never a loss.
 TLS: amqtt hard-codes CERT_OPTIONAL; we never let amqtt build a TLS context (our listeners are
@@ -37,6 +40,7 @@ from amqtt.adapters import StreamReaderAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt import packet_dict
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -49,6 +53,25 @@ log = logging.getLogger(__name__)
 # stock flow does not authenticate twice (and cannot be satisfied by an older connection's flag).
 PREAUTHENTICATED = "thingbridge.preauthenticated"
 
+
+class MalformedPacket(ConnectionError):
+    """Raised for a packet that did not parse; the reader loop then ends the connection."""
+
+
+def _strict(cls: type[Any]) -> type[Any]:
+    async def from_stream(strict_cls: type[Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super(strict, strict_cls).from_stream(*args, **kwargs)
+        except MQTTError as exc:
+            raise MalformedPacket(f"malformed {cls.__name__}: {exc}") from exc
+
+    strict = type(f"Strict{cls.__name__}", (cls,), {"from_stream": classmethod(from_stream)})
+    return strict
+
+
+# G': amqtt looks packet classes up in this table as it reads each packet (mqtt/__init__.py); the
+# broker is the only amqtt user in this process, so making parsing strict here is contained.
+packet_dict.update({packet_type: _strict(cls) for packet_type, cls in packet_dict.items()})
 
 # (session, topic, payload) -> True when the bridge took the message over (stored and routed it).
 Ingest = Callable[[Session, str, bytes], Awaitable[bool]]
@@ -149,6 +172,11 @@ class HardenedBroker(Broker):
             raise AMQTTError(f"CONNECT refused for client id {incoming.client_id!r} from {remote_address}")
         incoming.attributes[PREAUTHENTICATED] = True
         handler.ingest = self.ingest
+        current = self._sessions.get(incoming.client_id)
+        if current is not None and current[0].transitions.is_connected():
+            # Take-over [MQTT-3.1.4-2]: close the live connection first. Stock does this only for
+            # a resumed session; a clean one was dropped from the table, its connection left running.
+            await current[1].handle_connection_closed()
 
         session = incoming
         if session.clean_session:
