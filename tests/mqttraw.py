@@ -3,6 +3,7 @@ invalid topic). Adapted from shared/amqtt-lab/mqttraw.py."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 PINGREQ, PINGRESP = b"\xc0\x00", b"\xd0\x00"
@@ -22,9 +23,11 @@ def _str(value: str | bytes) -> bytes:
     return struct.pack("!H", len(raw)) + raw
 
 
-def connect(client_id: str, keepalive: int = 60, will: tuple[str, bytes] | None = None) -> bytes:
-    """CONNECT with clean session; `will` = (topic, payload) at QoS 0."""
-    flags, payload = 0x02, _str(client_id)
+def connect(
+    client_id: str, keepalive: int = 60, will: tuple[str, bytes] | None = None, clean: bool = True
+) -> bytes:
+    """CONNECT; `will` = (topic, payload) at QoS 0."""
+    flags, payload = (0x02 if clean else 0x00), _str(client_id)
     if will is not None:
         flags |= 0x04
         payload += _str(will[0]) + _str(will[1])
@@ -35,3 +38,32 @@ def connect(client_id: str, keepalive: int = 60, will: tuple[str, bytes] | None 
 def publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 1) -> bytes:
     body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
     return bytes([0x30 | (qos << 1)]) + _remaining_length(len(body)) + body
+
+
+def subscribe(topic: str, qos: int = 1, packet_id: int = 1) -> bytes:
+    body = struct.pack("!H", packet_id) + _str(topic) + bytes([qos])
+    return b"\x82" + _remaining_length(len(body)) + body
+
+
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    """(packet type, flags, body) of the next packet."""
+    first = (await reader.readexactly(1))[0]
+    length, multiplier = 0, 1
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length += (byte & 0x7F) * multiplier
+        multiplier *= 128
+        if not byte & 0x80:
+            break
+    return first >> 4, first & 0x0F, await reader.readexactly(length)
+
+
+def parse_publish(flags: int, body: bytes) -> tuple[str, int | None, bytes, bool]:
+    """(topic, packet id, payload, dup) of a PUBLISH body."""
+    (topic_len,) = struct.unpack("!H", body[:2])
+    topic, rest = body[2 : 2 + topic_len].decode(), body[2 + topic_len :]
+    packet_id = None
+    if flags & 0x06:
+        (packet_id,) = struct.unpack("!H", rest[:2])
+        rest = rest[2:]
+    return topic, packet_id, rest, bool(flags & 0x08)

@@ -81,12 +81,13 @@ class Target:
         )
 
     async def raw(
-        self, dev: Device, keepalive: int = 60, will: tuple[str, bytes] | None = None
+        self, dev: Device, keepalive: int = 60, will: tuple[str, bytes] | None = None, clean: bool = True
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A TLS connection with the thing's certificate, CONNECTed and accepted."""
         reader, writer = await asyncio.open_connection(HOST, self.tls_port, ssl=self.tls(dev))
-        writer.write(mqttraw.connect(dev.id, keepalive, will))
-        assert await asyncio.wait_for(reader.readexactly(4), 5) == CONNACK_ACCEPTED
+        writer.write(mqttraw.connect(dev.id, keepalive, will, clean))
+        connack = await asyncio.wait_for(reader.readexactly(4), 5)
+        assert connack[:2] == CONNACK_ACCEPTED[:2] and connack[3] == 0, connack
         return reader, writer
 
 
@@ -401,6 +402,37 @@ async def test_will_topic_is_subject_to_the_publish_acl(target: Target) -> None:
         got = await wait_message(app, forged, timeout=2)
     assert connack == b"\x20\x02\x00\x05"  # CONNACK: not authorised
     assert got is None
+
+
+async def test_i_unacknowledged_qos1_is_redelivered_on_resume(target: Target) -> None:
+    """I: a thing with a persistent session gets a QoS 1 message, does not PUBACK it, and its
+    connection drops. [MQTT-4.4.0-1]: on resume the server must re-send it (DUP set).
+    stock: amqtt forgets an in-flight message when its PUBACK wait ends, so nothing comes back.
+    If this starts failing, amqtt fixed it upstream."""
+    a = await target.new_thing()
+    topic = f"things/{a.id}/publish"
+    reader, writer = await target.raw(a, clean=False)
+    writer.write(mqttraw.subscribe(topic, qos=1))
+    assert (await asyncio.wait_for(mqttraw.read_packet(reader), 5))[0] == 9  # SUBACK
+    async with target.app_client() as app:
+        await app.publish(topic, b"must-arrive", qos=1)
+    kind, flags, body = await asyncio.wait_for(mqttraw.read_packet(reader), 5)
+    assert kind == 3 and mqttraw.parse_publish(flags, body)[2] == b"must-arrive"
+    writer.transport.abort()  # no PUBACK: the message is in flight when the connection drops
+
+    reader, writer = await target.raw(a, clean=False)
+    try:
+        packet = await asyncio.wait_for(mqttraw.read_packet(reader), 3)
+    except TimeoutError:
+        packet = None
+    finally:
+        writer.close()
+    if target.stock:
+        assert packet is None
+    else:
+        assert packet is not None and packet[0] == 3
+        _topic, _packet_id, payload, dup = mqttraw.parse_publish(packet[1], packet[2])
+        assert (payload, dup) == (b"must-arrive", True)
 
 
 # ---- TLS ----------------------------------------------------------------------------------------------

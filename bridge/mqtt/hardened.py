@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 # Set on a session by the pre-authentication of *this* connection; consumed by _authenticate so the
 # stock flow does not authenticate twice (and cannot be satisfied by an older connection's flag).
 PREAUTHENTICATED = "thingbridge.preauthenticated"
+# An asyncio.Event a take-over waits on until the old connection's disconnect has been handled.
+DISCONNECTED = "thingbridge.disconnected"
 
 
 class MalformedPacket(ConnectionError):
@@ -176,7 +178,12 @@ class HardenedBroker(Broker):
         if current is not None and current[0].transitions.is_connected():
             # Take-over [MQTT-3.1.4-2]: close the live connection first. Stock does this only for
             # a resumed session; a clean one was dropped from the table, its connection left running.
+            # The old client loop ends that connection on its own task (will, offline event). Let it
+            # finish, or it would mark a session we are about to resume as disconnected.
+            ended = current[0].attributes[DISCONNECTED] = asyncio.Event()
             await current[1].handle_connection_closed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), 5)
 
         session = incoming
         if session.clean_session:
@@ -217,6 +224,9 @@ class HardenedBroker(Broker):
             fut.set_result(queue.get_nowait())
             await self._handle_message_delivery(client_session, handler, fut)
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        ended = client_session.attributes.pop(DISCONNECTED, None)
+        if ended is not None:
+            ended.set()
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: Any, wait_deliver: Any
