@@ -669,3 +669,36 @@ async def test_mqtt_drops_an_oversized_publish_from_an_app(
         got = await next_message(dev)
     assert got.payload == b"small command"
     assert [r["message"] for r in await history(bridge, alice.token, thing.id)] == ["small command"]
+
+
+async def test_the_declared_content_type_decides_how_a_payload_is_kept(
+    bridge: Bridge, alice: Account, fresh_thing: ThingFiles
+) -> None:
+    """text/plain stays text even when it parses as JSON; undeclared bytes that are not UTF-8 are
+    kept as base64; a text/plain body that is not UTF-8 is refused."""
+    text = {"headers": {"Content-Type": "text/plain"}}
+    await collect_http(bridge, fresh_thing, data=b"42", **text)
+    await collect_http(
+        bridge, fresh_thing, data=b"\xff\x00\x01", headers={"Content-Type": "application/octet-stream"}
+    )
+    error(
+        await call(
+            "POST", url(bridge, fresh_thing.id, "collect"), thing_jwt(fresh_thing), data=b"\xff", **text
+        ),
+        400,
+    )
+    records = await history(bridge, alice.token, fresh_thing.id)
+    assert [(r["message"], r["encoding"]) for r in records] == [
+        ("42", "text"),
+        (base64.b64encode(b"\xff\x00\x01").decode(), "base64"),
+    ]
+
+
+async def test_delete_refuses_cursor_and_limit(
+    bridge: Bridge, alice: Account, fresh_thing: ThingFiles
+) -> None:
+    """DELETE selects by time and type only: a cursor or a limit would silently widen it."""
+    await collect_http(bridge, fresh_thing, json={"n": 1})
+    for params in ({"limit": "1"}, {"after": "x"}, {"wait": "1"}):
+        error(await call("DELETE", url(bridge, fresh_thing.id, "messages"), alice.token, params=params), 400)
+    assert len(await history(bridge, alice.token, fresh_thing.id)) == 1

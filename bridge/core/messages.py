@@ -65,18 +65,23 @@ class Query:
         return self
 
 
-def classify(payload: bytes, declared_json: bool) -> str:
-    """json when it parses as JSON (required when the sender declared JSON), else text or base64."""
-    try:
-        orjson.loads(payload)
-        return "json"
-    except orjson.JSONDecodeError as exc:
-        if declared_json:
-            raise Invalid(f"body is declared JSON but is not valid JSON: {exc}") from exc
+def classify(payload: bytes, declared: str | None) -> str:
+    """How to store and show a payload. `declared` is what the sender said it is ("json" or
+    "text", from an HTTP Content-Type); a declared type must hold. Undeclared (MQTT, other media
+    types): json when it parses as JSON, else text when it is UTF-8, else base64."""
+    if declared != "text":
+        try:
+            orjson.loads(payload)
+            return "json"
+        except orjson.JSONDecodeError as exc:
+            if declared == "json":
+                raise Invalid(f"body is declared JSON but is not valid JSON: {exc}") from exc
     try:
         payload.decode()
         return "text"
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
+        if declared == "text":
+            raise Invalid("body is declared text but is not valid UTF-8") from exc
         return "base64"
 
 
@@ -149,11 +154,11 @@ class Messages:
             raise TooLarge(f"message of {len(payload)} bytes exceeds the limit of {self.max_payload} bytes")
 
     async def collect(
-        self, thing_id: str, owner_id: str, payload: bytes, *, transport: str, declared_json: bool = False
+        self, thing_id: str, owner_id: str, payload: bytes, *, transport: str, declared: str | None = None
     ) -> Message:
         """A message from an authenticated thing: committed, then routed to `things/{id}/collect`."""
         self._check_size(payload)
-        encoding = classify(payload, declared_json)
+        encoding = classify(payload, declared)
         message = await self._store(thing_id, owner_id, INGRESS, payload, encoding, transport)
         await self.link.publish(f"things/{thing_id}/collect", payload)
         return message
@@ -165,13 +170,13 @@ class Messages:
         payload: bytes,
         *,
         transport: str,
-        declared_json: bool = False,
+        declared: str | None = None,
     ) -> Message:
         """A message for a thing from its owner (owner_id None: a fleet-wide principal): committed,
         then routed to `things/{id}/publish` (queued for an offline persistent MQTT session) and
         handed to HTTP long-polls."""
         self._check_size(payload)
-        encoding = classify(payload, declared_json)
+        encoding = classify(payload, declared)
         owner = await self._owner(thing_id, owner_id)
         message = await self._store(thing_id, owner, EGRESS, payload, encoding, transport)
         await self.link.publish(f"things/{thing_id}/publish", payload)

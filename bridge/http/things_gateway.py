@@ -255,20 +255,23 @@ def _wait(request: web.Request) -> float | None:
         raise Invalid("wait must be a number of seconds") from None
 
 
-async def _body(request: web.Request) -> tuple[bytes, bool]:
+async def _body(request: web.Request) -> tuple[bytes, str | None]:
+    """The raw message and what its Content-Type declares it to be (json, text or unknown)."""
     payload = await request.read()
     if not payload:
         raise Invalid("the message body is empty")
-    return payload, request.content_type == "application/json"
+    kind = request.content_type
+    declared = "json" if kind == "application/json" else "text" if kind.startswith("text/") else None
+    return payload, declared
 
 
 @routes.post("/things/{thing_id}/collect")
 async def collect(request: web.Request) -> web.Response:
     thing_id = request.match_info["thing_id"]
     device = await require_thing(request, thing_id)
-    payload, declared_json = await _body(request)
+    payload, declared = await _body(request)
     message = await request.app[CORE].messages.collect(
-        thing_id, device.owner_id, payload, transport="http", declared_json=declared_json
+        thing_id, device.owner_id, payload, transport="http", declared=declared
     )
     return envelope({"message": "Message Collected", "flthingspk": thing_id, "flmessagespk": message.id})
 
@@ -276,9 +279,9 @@ async def collect(request: web.Request) -> web.Response:
 @routes.post("/things/{thing_id}/publish")
 async def publish(request: web.Request) -> web.Response:
     user = await require_user(request)
-    payload, declared_json = await _body(request)
+    payload, declared = await _body(request)
     message = await request.app[CORE].messages.publish(
-        request.match_info["thing_id"], user.id, payload, transport="http", declared_json=declared_json
+        request.match_info["thing_id"], user.id, payload, transport="http", declared=declared
     )
     return envelope({"flmessagespk": message.id, "flthingspk": message.thing_id}, "Message Published")
 
@@ -310,6 +313,9 @@ async def list_messages(request: web.Request) -> web.Response:
 @routes.delete("/things/{thing_id}/messages")
 async def delete_messages(request: web.Request) -> web.Response:
     user = await require_user(request)
+    extra = sorted({"after", "limit", "wait"} & set(request.query))
+    if extra:
+        raise Invalid(f"{', '.join(extra)}: not accepted by DELETE (select with startts, endts, messagetype)")
     deleted = await request.app[CORE].messages.delete(
         request.match_info["thing_id"], user.id, _query(request)
     )
