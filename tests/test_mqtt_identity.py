@@ -301,3 +301,59 @@ async def test_mosquitto_clients_with_the_dist_bundle(bridge: Bridge, owner, app
         stderr=subprocess.PIPE,
     )
     assert await asyncio.wait_for(bad.wait(), 15) != 0
+
+
+async def test_app_certificate_on_the_tls_listener(bridge: Bridge, tmp_path: Path) -> None:
+    """`app add --out` writes a client certificate (CN app:<name>); it opens the TLS listener with
+    the app's client id and nothing else."""
+    owner = new_user(bridge)
+    name = unique("tlsapp")
+    bridge.cli("app", "add", name, "--owner", owner[0], "--out", str(tmp_path / "app"))
+    ctx = bridge.client_tls(tmp_path / "app" / "certificate.pem", tmp_path / "app" / "private.key")
+    thing = await create_thing(bridge, await token(bridge, *owner), tmp_path)
+
+    def client(client_id: str) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1", bridge.ports["mqtt_tls"], identifier=client_id, tls_context=ctx, timeout=5
+        )
+
+    async with client(f"app:{name}") as app, thing_client(bridge, thing) as dev:
+        await app.subscribe(f"things/{thing.id}/collect", qos=1)
+        await dev.publish(f"things/{thing.id}/collect", b"over-tls", qos=1)
+        assert (await next_message(app)).payload == b"over-tls"
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with client(thing.id):  # the app's certificate cannot name a thing's session
+            pass
+
+
+async def test_broker_stats_count_refusals_and_denials(bridge: Bridge, tmp_path: Path) -> None:
+    admin = await token(bridge)
+    owner = new_user(bridge)
+
+    async def stats() -> dict:
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": admin}) as s,
+            s.get(f"{bridge.api}/broker/stats") as r,
+        ):
+            assert r.status == 200
+            return (await r.json())["result"]
+
+    user_tok = await token(bridge, *owner)
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": user_tok}) as s,
+        s.get(f"{bridge.api}/broker/stats") as r,
+    ):
+        assert r.status == 403
+    before = await stats()
+    a = await create_thing(bridge, user_tok, tmp_path)
+    b = await create_thing(bridge, user_tok, tmp_path)
+    async with thing_client(bridge, a) as dev:
+        await dev.publish(f"things/{b.id}/collect", b"denied", qos=1)
+        during = await stats()
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with thing_client(bridge, a, client_id=b.id):
+            pass
+    after = await stats()
+    assert during["connections"] >= 1
+    assert during["deniedPublishes"] == before["deniedPublishes"] + 1
+    assert after["refusedConnects"] == before["refusedConnects"] + 1

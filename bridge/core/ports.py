@@ -17,6 +17,10 @@ class DeviceLink(Protocol):
         `retain` also keeps it as the topic's retained message (an empty payload clears it)."""
         ...
 
+    def stats(self) -> dict[str, int]:
+        """Counters for operators: connections, refusals, denied and dropped messages."""
+        ...
+
 
 class NoLink:
     """For command-line use, where no broker runs in this process."""
@@ -26,3 +30,6 @@ class NoLink:
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         return None
+
+    def stats(self) -> dict[str, int]:
+        return {}

@@ -8,7 +8,7 @@ from bridge.core.accounts import Accounts, App
 from bridge.core.bundle import Endpoints
 from bridge.core.messages import Messages
 from bridge.core.outbox import Outbox
-from bridge.core.ports import DeviceLink
+from bridge.core.ports import DeviceLink, NoLink
 from bridge.core.presence import Presence
 from bridge.core.status import Status
 from bridge.core.things import Things
@@ -40,6 +40,7 @@ class Core:
         )
         self.presence = Presence(store)
         self.status = Status(store, self.outbox)
+        self.link: DeviceLink = NoLink()
         # Where devices reach us; the running process replaces the configured ports with bound ones.
         self.endpoints = Endpoints(
             cfg.http.public_host,
@@ -50,6 +51,7 @@ class Core:
 
     def attach(self, link: DeviceLink) -> None:
         """Connect the flows to a running device transport."""
+        self.link = link
         for flow in (self.things, self.messages, self.presence, self.outbox, self.status):
             flow.link = link
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bridge.core.errors import Invalid
+from bridge.core.errors import Forbidden, Invalid
 from bridge.http.auth import CORE, require_user
 from bridge.http.body import any_json_object
 from bridge.http.envelope import envelope
@@ -55,3 +55,12 @@ async def set_defaults(request: web.Request) -> web.Response:
         user.id, request.match_info["thing_type"], changes
     )
     return envelope(result, "Fleet defaults updated")
+
+
+@routes.get("/broker/stats")
+async def broker_stats(request: web.Request) -> web.Response:
+    """Admin only: live connections and what the broker refused, denied or dropped."""
+    user = await require_user(request)
+    if not user.is_admin:
+        raise Forbidden("broker statistics are for admins")
+    return envelope(request.app[CORE].link.stats())

@@ -127,3 +127,15 @@ class MqttBroker:
             await self.broker.retain_message(None, topic, payload)
         if payload or not retain:
             await self.broker.internal_message_broadcast(topic, payload)
+
+    def stats(self) -> dict[str, int]:
+        sessions = list(self.broker.sessions.values()) if self.broker is not None else []
+        return {
+            "connections": sum(1 for session, _ in sessions if session.transitions.is_connected()),
+            "sessions": len(sessions),
+            "retainedMessages": len(self.broker.retained_messages) if self.broker is not None else 0,
+            "refusedConnects": self.counters.refused_connects,
+            "deniedPublishes": self.counters.denied_publishes,
+            "deniedSubscribes": self.counters.denied_subscribes,
+            "droppedMessages": self.counters.dropped_messages,
+        }
