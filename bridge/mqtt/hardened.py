@@ -42,8 +42,9 @@ from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt import packet_dict
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.constants import QOS_0, QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
@@ -105,9 +106,15 @@ class BridgeHandler(BrokerProtocolHandler):
             await super().handle_publish(publish_packet)
             return
         packet_id = publish_packet.variable_header.packet_id if publish_packet.variable_header else None
+        if publish_packet.qos == QOS_0:
+            return  # stored and routed; nothing to acknowledge
+        if publish_packet.qos == QOS_1:
+            # Acknowledge directly: the broker's delivery queue (a task per message) has nothing to do.
+            await self._send_packet(PubackPacket.build(packet_id))
+            return
         message = ConsumedMessage(packet_id, topic, publish_packet.qos, data, publish_packet.retain_flag)
         message.publish_packet = publish_packet
-        await self._handle_message_flow(message)
+        await self._handle_message_flow(message)  # QoS 2: the stock PUBREC/PUBREL/PUBCOMP exchange
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         session = self.session
@@ -237,6 +244,15 @@ class HardenedBroker(Broker):
             return True
         # G: a protocol violation ends the connection through the normal path (will, offline event).
         await handler.handle_connection_closed()
+        return True
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """Stock runs every topic plugin as a task and gathers them (plugins/manager.py
+        _map_plugin_method), once per subscriber per message: the hottest path of routing. Call
+        them in turn instead; the same rule, every plugin must say True."""
+        for plugin in self.plugins_manager._topic_plugins:
+            if not await plugin.topic_filtering(session=session, topic=topic, action=action):
+                return False
         return True
 
     async def _publish_session_retained_messages(self, session: Session) -> None:

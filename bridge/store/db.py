@@ -128,14 +128,19 @@ class Store:
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK")
             outcomes = [(False, exc)] * len(group)
+        # One wake-up per event loop for the whole group, not one per write.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_fn, _args, loop, fut), (ok, value) in zip(group, outcomes, strict=True):
-            loop.call_soon_threadsafe(_resolve, fut, ok, value)
+            by_loop.setdefault(loop, []).append((fut, ok, value))
+        for loop, results in by_loop.items():
+            loop.call_soon_threadsafe(_resolve, results)
 
 
-def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if fut.done():
-        return
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)
+def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
