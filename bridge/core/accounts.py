@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import sqlite3
 from dataclasses import dataclass
@@ -104,24 +105,29 @@ async def verify_password(stored_hash: str | None, password: str) -> bool:
     return await asyncio.to_thread(check)
 
 
-def _insert_free_subscription(conn: sqlite3.Connection, user_id: str, quota: int) -> None:
+def new_subscription(user_id: str, quota: int, plan_name: str = "Free") -> Subscription:
+    """An active subscription starting now (the free plan unless named)."""
     ts = ids.now()
+    return Subscription(
+        ids.new_id(),
+        user_id,
+        plan_name.upper(),
+        f"plan_{plan_name.lower()}",
+        plan_name,
+        "thingbridge",
+        "active",
+        quota,
+        int(ts),
+        None,
+        ts,
+    )
+
+
+def _insert_subscription(conn: sqlite3.Connection, sub: Subscription) -> None:
+    columns = [f.name for f in dataclasses.fields(Subscription)]
     conn.execute(
-        "INSERT INTO subscriptions (id, user_id, common_name, plan_id, plan_name, product_id, status,"
-        " thing_quota, startts, endts, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            ids.new_id(),
-            user_id,
-            "FREE",
-            "plan_free",
-            "Free",
-            "thingbridge",
-            "active",
-            quota,
-            int(ts),
-            None,
-            ts,
-        ),
+        f"INSERT INTO subscriptions ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        dataclasses.astuple(sub),
     )
 
 
@@ -149,7 +155,7 @@ class Accounts:
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"user {username!r} already exists") from exc
-            _insert_free_subscription(conn, user.id, self.free_plan_things)
+            _insert_subscription(conn, new_subscription(user.id, self.free_plan_things))
 
         await self.store.write(insert)
         return user
@@ -262,41 +268,12 @@ class Accounts:
         user = await self.user_by_name(username)
 
         def switch(conn: sqlite3.Connection) -> Subscription:
-            ts = ids.now()
+            sub = new_subscription(user.id, things, plan_name)
             conn.execute(
                 "UPDATE subscriptions SET status = 'ended', endts = ? WHERE user_id = ? AND status = 'active'",
-                (int(ts), user.id),
+                (sub.startts, user.id),
             )
-            sub = Subscription(
-                ids.new_id(),
-                user.id,
-                plan_name.upper(),
-                f"plan_{plan_name.lower()}",
-                plan_name,
-                "thingbridge",
-                "active",
-                things,
-                int(ts),
-                None,
-                ts,
-            )
-            conn.execute(
-                "INSERT INTO subscriptions (id, user_id, common_name, plan_id, plan_name, product_id, status,"
-                " thing_quota, startts, endts, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    sub.id,
-                    sub.user_id,
-                    sub.common_name,
-                    sub.plan_id,
-                    sub.plan_name,
-                    sub.product_id,
-                    sub.status,
-                    sub.thing_quota,
-                    sub.startts,
-                    sub.endts,
-                    sub.created,
-                ),
-            )
+            _insert_subscription(conn, sub)
             return sub
 
         return await self.store.write(switch)
@@ -350,23 +327,7 @@ def active_policy(conn: sqlite3.Connection, user_id: str, free_quota: int) -> Su
         "SELECT * FROM subscriptions WHERE user_id = ? AND status = 'active' ORDER BY created DESC LIMIT 1",
         (user_id,),
     ).fetchone()
-    if row is None:
-        ts = ids.now()
-        sub = Subscription(
-            ids.new_id(),
-            user_id,
-            "FREE",
-            "plan_free",
-            "Free",
-            "thingbridge",
-            "active",
-            free_quota,
-            int(ts),
-            None,
-            ts,
-        )
-    else:
-        sub = _subscription(row)
+    sub = new_subscription(user_id, free_quota) if row is None else _subscription(row)
     actual = conn.execute("SELECT count(*) FROM things WHERE owner_id = ?", (user_id,)).fetchone()[0]
     effect = "Allow" if actual < sub.thing_quota else "Deny"
     statement = PolicyStatement(CREATE_THING_ACTION, effect, f"{user_id}:thing:*", sub.thing_quota, actual)

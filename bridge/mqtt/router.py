@@ -99,19 +99,16 @@ class PresencePlugin(BasePlugin):
         core: Any = None
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
-        principal = client_session.attributes.get(PRINCIPAL)
-        if (
-            principal is not None
-            and principal.kind == "thing"
-            and self.config.core.presence.connected(principal.name)
-        ):
-            await self.config.core.presence.record(principal.name, "online")
+        thing = _thing_of(client_session)
+        if thing is not None and self.config.core.presence.connected(thing):
+            await self.config.core.presence.record(thing, "online")
 
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
-        principal = client_session.attributes.get(PRINCIPAL)
-        if (
-            principal is not None
-            and principal.kind == "thing"
-            and self.config.core.presence.disconnected(principal.name)
-        ):
-            await self.config.core.presence.record(principal.name, "offline")
+        thing = _thing_of(client_session)
+        if thing is not None and self.config.core.presence.disconnected(thing):
+            await self.config.core.presence.record(thing, "offline")
+
+
+def _thing_of(session: Session) -> str | None:
+    principal: Principal | None = session.attributes.get(PRINCIPAL)
+    return principal.name if principal is not None and principal.kind == "thing" else None
