@@ -3,6 +3,8 @@ creates users, plans and things that the running bridge serves."""
 
 from __future__ import annotations
 
+import signal
+import sqlite3
 import stat
 import uuid
 from pathlib import Path
@@ -146,3 +148,14 @@ def test_cli_errors(bridge: Bridge, tmp_path: Path) -> None:
     thing = bridge.cli("thing", "create", "x", "--owner", missing, "--out", str(tmp_path / "o"), check=False)
     assert thing.returncode != 0 and "not found" in thing.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_sigint_stops_cleanly_and_keeps_the_database(fresh_bridge: Bridge) -> None:
+    """Ctrl-C is the same graceful path as SIGTERM: exit 0, the database closed and consistent."""
+    assert fresh_bridge.proc is not None
+    fresh_bridge.proc.send_signal(signal.SIGINT)
+    assert fresh_bridge.proc.wait(15) == 0
+    fresh_bridge.proc = None
+    with sqlite3.connect(fresh_bridge.db_path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT count(*) FROM users WHERE username = 'admin'").fetchone()[0] == 1
