@@ -66,7 +66,9 @@ async def serve(cfg: Config) -> int:
     core.outbox.start()
     await mqtt.listen()
 
-    runner = web.AppRunner(make_app(core), access_log=None, shutdown_timeout=5)
+    # keepalive_timeout also bounds a request head that never completes (slow-loris); aiohttp's
+    # default is an hour. A running handler (a long-poll) is not cut by it.
+    runner = web.AppRunner(make_app(core), access_log=None, shutdown_timeout=5, keepalive_timeout=10)
     await runner.setup()
     ports = {"mqtt_tls": mqtt.ports.get(TLS), "mqtt_plain": mqtt.ports.get(PLAIN)}
     if cfg.http.http.enabled:

@@ -36,6 +36,8 @@ class MqttConfig:
     plain: Listener = field(default_factory=lambda: Listener("127.0.0.1", 1883))
     # A packet larger than this cuts the connection before it is buffered (amqtt has no limit of its own).
     max_packet_size: int = 1024 * 1024
+    # A connection whose unsent output exceeds this (bytes) is closed: a client that does not read.
+    max_unsent: int = 8 * 1024 * 1024
     # Disconnected persistent sessions are dropped after this many seconds (amqtt keeps them forever).
     session_expiry: int = 7 * 24 * 3600
 

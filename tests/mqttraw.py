@@ -67,3 +67,32 @@ def parse_publish(flags: int, body: bytes) -> tuple[str, int | None, bytes, bool
         (packet_id,) = struct.unpack("!H", rest[:2])
         rest = rest[2:]
     return topic, packet_id, rest, bool(flags & 0x08)
+
+
+def connect_login(client_id: str, username: str, password: str, keepalive: int = 60) -> bytes:
+    """CONNECT with a username and password (clean session): how an application logs in on the
+    plain listener."""
+    flags = 0x02 | 0x80 | 0x40
+    payload = _str(client_id) + _str(username) + _str(password)
+    body = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload
+    return b"\x10" + _remaining_length(len(body)) + body
+
+
+def publish_raw_topic(topic: bytes, payload: bytes, qos: int = 0, packet_id: int = 1) -> bytes:
+    """PUBLISH whose topic is given as raw bytes (for example invalid UTF-8)."""
+    body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return bytes([0x30 | (qos << 1)]) + _remaining_length(len(body)) + body
+
+
+def subscribe_raw_topic(topic_filter: bytes, qos: int = 1, packet_id: int = 1) -> bytes:
+    """SUBSCRIBE whose filter is given as raw bytes (for example invalid UTF-8)."""
+    body = struct.pack("!H", packet_id) + _str(topic_filter) + bytes([qos])
+    return b"\x82" + _remaining_length(len(body)) + body
+
+
+def publish_header(topic: str, remaining_length: int, qos: int = 0, packet_id: int = 1) -> bytes:
+    """The start of a PUBLISH that claims `remaining_length` bytes (up to 268435455, the MQTT
+    maximum) but carries only its topic (and packet id): what a client announcing a huge packet
+    sends before the payload."""
+    head = _str(topic) + (struct.pack("!H", packet_id) if qos else b"")
+    return bytes([0x30 | (qos << 1)]) + _remaining_length(remaining_length) + head

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from bridge.core import ids
+from bridge.core import ids, jsonvalue
 from bridge.core.errors import Invalid, NotFound, TooLarge
 from bridge.core.ports import DeviceLink, NoLink
 from bridge.store import Store
@@ -71,11 +71,11 @@ def classify(payload: bytes, declared: str | None) -> str:
     types): json when it parses as JSON, else text when it is UTF-8, else base64."""
     if declared != "text":
         try:
-            orjson.loads(payload)
+            jsonvalue.loads(payload)
             return "json"
-        except orjson.JSONDecodeError as exc:
+        except Invalid:
             if declared == "json":
-                raise Invalid(f"body is declared JSON but is not valid JSON: {exc}") from exc
+                raise
     try:
         payload.decode()
         return "text"

@@ -29,6 +29,7 @@ DESIRED_FIELDS: dict[str, tuple[str, type]] = {
     "version": ("package_version", int),
 }
 JSON_COLUMNS = {"app_param", "data"}
+MAX_VERSION = 2**63 - 1  # SQLite's INTEGER
 REPORTED_VERSION_KEYS = ("version", "packageVersion", "appVersion")
 
 
@@ -123,8 +124,8 @@ def parse_changes(body: dict[str, Any], allowed: dict[str, tuple[str, type]]) ->
             raise Invalid(f"{name} must be {'an' if kind in (int, dict) else 'a'} {_kind(kind)} or null")
         if name == "UpdateRate" and value is not None and not 1 <= value <= 24 * 365:
             raise Invalid("UpdateRate must be between 1 and 8760 hours")
-        if name == "version" and value is not None and value < 0:
-            raise Invalid("version must not be negative")
+        if name == "version" and value is not None and not 0 <= value <= MAX_VERSION:
+            raise Invalid(f"version must be between 0 and {MAX_VERSION}")
         changes[column] = (
             orjson.dumps(value).decode() if column in JSON_COLUMNS and value is not None else value
         )
@@ -336,10 +337,10 @@ def _reported_version(info: Any) -> int | None:
     if isinstance(info, dict):
         for key in REPORTED_VERSION_KEYS:
             value = info.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
+            if isinstance(value, str) and value.isascii() and value.isdigit():
+                value = int(value)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_VERSION:
                 return value
-            if isinstance(value, str) and value.isdigit():
-                return int(value)
     return None
 
 

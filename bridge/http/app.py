@@ -11,7 +11,7 @@ from aiohttp import web
 
 from bridge.core.errors import DomainError
 from bridge.core.service import Core
-from bridge.http import envelope, operator, portal, things_gateway
+from bridge.http import envelope, openapi, operator, portal, things_gateway
 from bridge.http.auth import CORE
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def make_app(core: Core) -> web.Application:
     gateway.add_routes(operator.routes)
     app.add_subapp("/dev/v1", gateway)
     app.add_routes(portal.routes)
+    app.add_routes(openapi.routes)  # GET /openapi.json and /docs (errors: the plain renderer)
     return app
 
 

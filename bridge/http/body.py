@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
+from bridge.core import jsonvalue
 from bridge.core.errors import Invalid
 
 
@@ -17,10 +17,7 @@ async def any_json_object(request: web.Request, *, empty_ok: bool = True) -> dic
         if empty_ok:
             return {}
         raise Invalid("a JSON body is required")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise Invalid(f"body is not valid JSON: {exc}") from exc
+    data = jsonvalue.loads(raw)
     if not isinstance(data, dict):
         raise Invalid("body must be a JSON object")
     return data

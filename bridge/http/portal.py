@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
+from bridge.core import jsonvalue
 from bridge.core.errors import DomainError, Invalid
 from bridge.core.status import API_VERSION
 from bridge.http.auth import CORE
@@ -28,10 +28,7 @@ async def _params(request: web.Request) -> dict[str, Any]:
     ignored: device firmware may send more than we read."""
     if request.method == "GET":
         return dict(request.query)
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise Invalid(f"body is not valid JSON: {exc}") from exc
+    body = jsonvalue.loads(await request.read())
     if not isinstance(body, dict):
         raise Invalid("body must be a JSON object")
     return body

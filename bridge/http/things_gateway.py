@@ -24,6 +24,7 @@ from bridge.http.body import json_object
 from bridge.http.envelope import envelope, json_response
 
 routes = web.RouteTableDef()
+MAX_QUERY_INT = 2**53  # beyond this SQLite's integers (and any real timestamp) are left behind
 BASIC_CHALLENGE = 'Basic realm="thingbridge", charset="UTF-8"'
 
 
@@ -230,9 +231,12 @@ def _int_param(request: web.Request, name: str) -> int | None:
     if raw is None or raw == "":
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise Invalid(f"{name} must be an integer (epoch seconds for startts/endts)") from None
+    if abs(value) > MAX_QUERY_INT:
+        raise Invalid(f"{name} is out of range")
+    return value
 
 
 def _query(request: web.Request) -> Query:

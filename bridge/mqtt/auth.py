@@ -65,7 +65,7 @@ class IdentityPlugin(BaseAuthPlugin):
             reason = reason or "client id does not belong to the certificate's identity"
             self.config.counters.refuse(reason)
             log.warning(
-                "CONNECT refused from %s (client id %r): %s",
+                "CONNECT refused from %s (client id %.100r): %s",
                 session.remote_address,
                 session.client_id,
                 reason,
@@ -77,7 +77,7 @@ class IdentityPlugin(BaseAuthPlugin):
             # amqtt broadcasts a will without any ACL check: refuse the CONNECT instead
             self.config.counters.refuse("will topic not permitted")
             log.warning(
-                "CONNECT refused for %s: will topic %r not permitted", principal.name, session.will_topic
+                "CONNECT refused for %s: will topic %.200r not permitted", principal.name, session.will_topic
             )
             return False
         session.attributes[PRINCIPAL] = principal
@@ -146,7 +146,7 @@ class AclPlugin(BaseTopicPlugin):
         if not allowed:
             if action == Action.PUBLISH:
                 self.config.counters.denied_publishes += 1
-                log.info("publish by %s %s to %r denied", principal.kind, principal.name, topic)
+                log.info("publish by %s %s to %.200r denied", principal.kind, principal.name, topic)
             elif action == Action.SUBSCRIBE:
                 self.config.counters.denied_subscribes += 1
         return allowed

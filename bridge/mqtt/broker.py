@@ -11,13 +11,12 @@ import logging
 import ssl
 from typing import Any
 
-from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker
 
 from bridge.config import Config
 from bridge.core.service import Core
 from bridge.mqtt.auth import Counters
-from bridge.mqtt.hardened import CappedReader, HardenedBroker, close_client
+from bridge.mqtt.hardened import BridgeWriter, CappedReader, HardenedBroker, close_client
 from bridge.mqtt.router import Router
 
 log = logging.getLogger(__name__)
@@ -64,6 +63,7 @@ class MqttBroker:
         self.broker = self.broker_cls(self._amqtt_config())
         if isinstance(self.broker, HardenedBroker):
             self.broker.ingest = Router(self.core, self.counters, self.publish).ingest
+            self.broker.max_pending = self.cfg.mqtt.max_unsent
         await self.broker.start()
 
     async def listen(self) -> None:
@@ -90,7 +90,9 @@ class MqttBroker:
         assert self.broker is not None
         try:
             await self.broker.external_connected(
-                CappedReader(reader, self.cfg.mqtt.max_packet_size), StreamWriterAdapter(writer), listener
+                CappedReader(reader, self.cfg.mqtt.max_packet_size),
+                BridgeWriter(writer),
+                listener,
             )
         except Exception as exc:  # one bad connection must never reach the server loop
             log.info("MQTT connection ended: %r", exc)

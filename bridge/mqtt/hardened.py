@@ -36,13 +36,19 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from amqtt.adapters import StreamReaderAdapter
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
+from amqtt.codecs_amqtt import read_or_raise
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt import packet_dict
+from amqtt.mqtt import publish as publish_module
+from amqtt.mqtt import subscribe as subscribe_module
+from amqtt.mqtt import unsubscribe as unsubscribe_module
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1
+from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.protocol import handler as protocol_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
@@ -72,9 +78,27 @@ def _strict(cls: type[Any]) -> type[Any]:
     return strict
 
 
-# G': amqtt looks packet classes up in this table as it reads each packet (mqtt/__init__.py); the
-# broker is the only amqtt user in this process, so making parsing strict here is contained.
+async def _strict_string(reader: Any) -> str:
+    """[MQTT-1.5.3-1/2]: an MQTT string is UTF-8 without U+0000. Stock decode_string turns invalid
+    bytes into the text "b'...'" and lets NUL through (codecs_amqtt.py:70)."""
+    length = int.from_bytes(await read_or_raise(reader, 2), "big")
+    raw = await read_or_raise(reader, length) if length else b""
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket("a string field is not valid UTF-8") from exc
+    if "\x00" in text:
+        raise MalformedPacket("a string field contains U+0000")
+    return text
+
+
+# Parsing made strict: a packet that does not parse ends the connection (stock logs "Message
+# discarded" and reads on from the middle of it). amqtt looks these names up in its own modules as
+# it parses; the broker is the only amqtt user in this process, so patching them here is contained.
 packet_dict.update({packet_type: _strict(cls) for packet_type, cls in packet_dict.items()})
+protocol_handler.MQTTFixedHeader = _strict(MQTTFixedHeader)  # a 5-byte remaining length, etc.
+for _module in (publish_module, subscribe_module, unsubscribe_module):
+    _module.decode_string = _strict_string  # type: ignore[attr-defined]
 
 # (session, topic, payload) -> True when the bridge took the message over (stored and routed it).
 Ingest = Callable[[Session, str, bytes], Awaitable[bool]]
@@ -89,6 +113,31 @@ class ConsumedMessage(IncomingApplicationMessage):
 
 class BridgeHandler(BrokerProtocolHandler):
     ingest: Ingest | None = None
+    # Bytes of deliveries not yet written and acknowledged; amqtt starts a task per delivery, each
+    # holding its payload, so a subscriber that does not read would grow memory without bound.
+    max_pending: int = 8 * 1024 * 1024
+    _pending: int = 0
+
+    async def mqtt_publish(
+        self,
+        topic: str,
+        data: bytes | bytearray,
+        qos: int | None,
+        retain: bool,
+        ack_timeout: int | None = None,
+    ) -> OutgoingApplicationMessage:
+        size = len(data)
+        if self._pending + size > self.max_pending:
+            if isinstance(self.writer, BridgeWriter):
+                client = self.session.client_id if self.session else "?"
+                log.warning("closing %s: %d bytes of deliveries it has not taken", client, self._pending)
+                self.writer.abort()
+            raise ConnectionResetError("the subscriber does not read")
+        self._pending += size
+        try:
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        finally:
+            self._pending -= size
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         topic, data, session = publish_packet.topic_name, publish_packet.data, self.session
@@ -137,22 +186,53 @@ class BridgeHandler(BrokerProtocolHandler):
 
 
 class CappedReader(StreamReaderAdapter):
-    """amqtt reads a packet body with one readexactly(n), n up to 256 MiB. Refuse large n up front."""
+    """amqtt reads a packet body with one readexactly(n), n up to 256 MiB, and with no time limit
+    (its keepalive covers only the fixed header). Refuse a large n up front, and a body that does
+    not arrive within `body_timeout` (1.5 x keepalive once the session is known, else 60 s)."""
 
-    def __init__(self, reader: asyncio.StreamReader, max_read: int) -> None:
+    def __init__(self, reader: asyncio.StreamReader, max_read: int, body_timeout: float = 60) -> None:
         super().__init__(reader)
         self.max_read = max_read
+        self.body_timeout = body_timeout
 
     async def read(self, n: int = -1) -> bytes:
         if n > self.max_read:
-            raise ConnectionResetError(f"MQTT packet of {n} bytes exceeds the limit of {self.max_read}")
-        return await super().read(n)
+            # Not ConnectionResetError: amqtt turns that into NoDataError and reads on.
+            raise MalformedPacket(f"MQTT packet of {n} bytes exceeds the limit of {self.max_read}")
+        if n <= 1:  # the fixed header, read byte by byte: the reader loop's keepalive bounds it
+            return await super().read(n)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await super().read(n)
+        except TimeoutError:
+            raise MalformedPacket(f"no complete packet within {self.body_timeout:.0f} s") from None
+
+
+class BridgeWriter(StreamWriterAdapter):
+    """A writer that can be cut: stock close() waits in drain(), forever for a peer that does not
+    read, and so do the writes queued behind it."""
+
+    def abort(self) -> None:
+        self._writer.transport.abort()
+
+    async def drain(self) -> None:
+        if self._writer.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        await super().drain()
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(5):
+                await super().close()
+        except (TimeoutError, ConnectionError):
+            self._writer.transport.abort()
 
 
 class HardenedBroker(Broker):
     connect_timeout: float = 10.0
 
     ingest: Ingest | None = None
+    max_pending: int = BridgeHandler.max_pending
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         if session.attributes.pop(PREAUTHENTICATED, False):
@@ -181,6 +261,7 @@ class HardenedBroker(Broker):
             raise AMQTTError(f"CONNECT refused for client id {incoming.client_id!r} from {remote_address}")
         incoming.attributes[PREAUTHENTICATED] = True
         handler.ingest = self.ingest
+        handler.max_pending = self.max_pending
         current = self._sessions.get(incoming.client_id)
         if current is not None and current[0].transitions.is_connected():
             # Take-over [MQTT-3.1.4-2]: close the live connection first. Stock does this only for
@@ -220,6 +301,8 @@ class HardenedBroker(Broker):
 
         if session.keep_alive > 0:
             session.keep_alive = int(session.keep_alive * 1.5 + 0.5)
+            if isinstance(reader, CappedReader):
+                reader.body_timeout = session.keep_alive
         return handler, session
 
     async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:

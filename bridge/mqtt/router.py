@@ -13,6 +13,7 @@ import orjson
 from amqtt.plugins.base import BasePlugin
 from amqtt.session import Session
 
+from bridge.core import jsonvalue
 from bridge.core.errors import DomainError, Invalid, NotFound
 from bridge.core.service import Core
 from bridge.core.status import DeviceRef
@@ -45,11 +46,14 @@ class Router:
         except NotFound:
             self.counters.denied_publishes += 1
             log.info(
-                "publish by %s %s to %r denied: not its owner's thing", principal.kind, principal.name, topic
+                "publish by %s %s to %.200r denied: not its owner's thing",
+                principal.kind,
+                principal.name,
+                topic,
             )
         except DomainError as exc:  # too large, and so on: MQTT 3.1.1 has no negative PUBACK
             self.counters.dropped_messages += 1
-            log.info("message from %s %s on %r dropped: %s", principal.kind, principal.name, topic, exc)
+            log.info("message from %s %s on %.200r dropped: %s", principal.kind, principal.name, topic, exc)
         return True
 
     async def _from_thing(self, thing: Principal, topic: str, payload: bytes) -> bool:
@@ -82,10 +86,7 @@ class Router:
 
 
 def _json_object(payload: bytes) -> dict[str, Any]:
-    try:
-        value = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise Invalid(f"payload is not valid JSON: {exc}") from exc
+    value = jsonvalue.loads(payload, "payload")
     if not isinstance(value, dict):
         raise Invalid("payload must be a JSON object")
     return value
