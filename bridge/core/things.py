@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 
 from bridge import pki
 from bridge.core import ids
@@ -80,6 +82,7 @@ class Things:
         self.link: DeviceLink = NoLink()
         # thing id -> owner id, for per-delivery tenancy checks; filled lazily, dropped on delete
         self._owners: dict[str, str] = {}
+        self._verifiers: dict[str, tuple[str, str, Any]] = {}
 
     def _row(self, row: sqlite3.Row) -> Thing:
         sealed = row["private_key_sealed"]
@@ -217,6 +220,7 @@ class Things:
         if await self.store.write(remove) is None:
             raise NotFound(f"thing {thing_id!r} not found")
         self._owners.pop(thing_id, None)
+        self._verifiers.pop(thing_id, None)
         await self.link.disconnect_thing(thing_id, forget=True)
 
     async def set_enabled(self, owner: User, thing_id: str, enabled: bool) -> Thing:
@@ -228,6 +232,7 @@ class Things:
 
         if not await self.store.write(update):
             raise NotFound(f"thing {thing_id!r} not found")
+        self._verifiers.pop(thing_id, None)
         if not enabled:
             await self.link.disconnect_thing(thing_id, forget=False)
         return await self.get(owner, thing_id)
@@ -268,6 +273,26 @@ class Things:
         (thing_id,) = named
         if thing_id != path_thing_id:
             raise Unauthorized("thing token is for another thing")
+        owner_id, algorithm, public_key = await self._verifier(thing_id)
+        try:
+            verified = jwt.decode(
+                token, public_key, algorithms=[algorithm], options={"require": ["exp"]}, leeway=30
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthorized("thing token expired") from exc
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(f"thing token rejected: {exc}") from exc
+        start = verified.get("nbf", verified.get("iat", ids.now()))
+        if not isinstance(start, int | float) or verified["exp"] - min(start, ids.now()) > MAX_TOKEN_LIFETIME:
+            raise Unauthorized("thing token lifetime exceeds 24 hours")
+        return DeviceIdentity(thing_id, owner_id)
+
+    async def _verifier(self, thing_id: str) -> tuple[str, str, Any]:
+        """(owner, JWT algorithm, loaded public key) of an enabled thing, kept in memory: parsing
+        the key and reading the row cost more than the signature check. Dropped on delete/disable."""
+        cached = self._verifiers.get(thing_id)
+        if cached is not None:
+            return cached
         row = await self.store.read(
             lambda c: c.execute(
                 "SELECT owner_id, key_type, public_key_pem, enabled FROM things WHERE id = ?", (thing_id,)
@@ -278,18 +303,13 @@ class Things:
         if not row["enabled"]:
             raise Unauthorized("thing is disabled")
         algorithm = "ES256" if row["key_type"] == "EC" else "RS256"
-        try:
-            verified = jwt.decode(
-                token, row["public_key_pem"], algorithms=[algorithm], options={"require": ["exp"]}, leeway=30
-            )
-        except jwt.ExpiredSignatureError as exc:
-            raise Unauthorized("thing token expired") from exc
-        except jwt.InvalidTokenError as exc:
-            raise Unauthorized(f"thing token rejected: {exc}") from exc
-        start = verified.get("nbf", verified.get("iat", ids.now()))
-        if not isinstance(start, int | float) or verified["exp"] - min(start, ids.now()) > MAX_TOKEN_LIFETIME:
-            raise Unauthorized("thing token lifetime exceeds 24 hours")
-        return DeviceIdentity(thing_id, row["owner_id"])
+        cached = (
+            row["owner_id"],
+            algorithm,
+            serialization.load_pem_public_key(row["public_key_pem"].encode()),
+        )
+        self._verifiers[thing_id] = cached
+        return cached
 
     async def type_of(self, thing_id: str) -> str:
         row = await self.store.read(

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from asyncio import sslproto
 from typing import Any
 
 from amqtt.broker import Broker
@@ -20,7 +21,8 @@ from bridge.mqtt.hardened import BridgeWriter, CappedReader, HardenedBroker, clo
 from bridge.mqtt.router import Router
 
 log = logging.getLogger(__name__)
-TLS, PLAIN = "tls", "default"  # amqtt requires a listener named "default"
+TLS, PLAIN = "tls", "default"
+TLS_READ_BUFFER = 16 * 1024  # amqtt requires a listener named "default"
 
 
 def device_tls_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -68,6 +70,9 @@ class MqttBroker:
 
     async def listen(self) -> None:
         """Open the listeners (after start(), once the core is attached to this broker)."""
+        # asyncio gives every TLS connection a 256 KiB read buffer (SSLProtocol.max_size): 2.5 GiB
+        # for 10,000 idle things. MQTT packets are small; 16 KiB is what one TLS record holds.
+        sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         listeners = [(PLAIN, self.cfg.mqtt.plain, None)]
         if self.cfg.mqtt.tls.enabled:
             ca = self.core.ca
