@@ -1,0 +1,660 @@
+"""MQTT ingest: thingbridge (persisted) against bare amqtt 0.12.1 and mosquitto, side by side.
+
+    python scripts/bench_mqtt.py [--things 20] [--count 20000] [--qos 0 1] [--rounds 1]
+                                 [--targets bridge amqtt amqtt-min mosquitto] [--profile] [--json [FILE]]
+
+Load (identical for every target): `--things` things, each its own TLS connection with its own
+client certificate (issued by the bridge's CA, verified by every broker), publish `--size`-byte
+JSON messages (send time inside) to things/{id}/collect at QoS 0 and QoS 1 (QoS 1: at most
+`--inflight` unacknowledged per connection); one application subscribes to things/+/collect over
+plain MQTT (the bridge: app principal `benchapp` with its password) at the same QoS. Publishers run
+in `--procs` processes, the subscriber in its own; the server is another process, sampled with
+psutil (CPU user+sys and RSS of its pid).
+
+Targets (one at a time, each in its own process, 127.0.0.1 only):
+  bridge     thingbridge serve: hardened amqtt, identity + ACL plugins, every message committed to
+             SQLite (synchronous=FULL) before its PUBACK and before it is routed
+  amqtt      bare amqtt 0.12.1, default settings (its default plugin set), no persistence, TLS
+             listener with the bridge's server certificate (amqtt's CERT_OPTIONAL verifies the
+             client certificate it is shown)
+  amqtt-min  the same with only the anonymous-auth plugin (what an embedder would configure)
+  mosquitto  Debian's mosquitto, require_certificate true, persistence false
+
+Per run: delivered msg/s at the subscriber (distinct messages / (last receive - start)), persisted
+msg/s (bridge: rows of the run in the messages table / (last commit - start)), latency p50/p99
+(send -> subscriber), server CPU and RSS. Target: bridge persisted QoS 1 >= 1.0x bare amqtt's
+delivered QoS 1. `--profile` adds one more bridge QoS 1 run under py-spy (not in the table) and
+prints the hotspots. Every run is bounded by `--timeout`, the whole bench by `--max-seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sqlite3
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bench_common as bc
+import orjson
+
+TARGETS = {
+    "bridge": "thingbridge (persisted)",
+    "amqtt": "bare amqtt, default plugins",
+    "amqtt-min": "bare amqtt, minimal plugins",
+    "mosquitto": "mosquitto",
+}
+COLLECT = "things/+/collect"
+
+
+# ----------------------------------------------------------------------------------------------------
+# load generators (separate processes)
+# ----------------------------------------------------------------------------------------------------
+def publisher_main(spec: dict[str, Any], ready_q: Any, start_evt: Any, stop_evt: Any, result_q: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        asyncio.run(_publisher(spec, ready_q, start_evt, stop_evt, result_q))
+    except Exception as exc:
+        ready_q.put(("error", os.getpid(), repr(exc)))
+        result_q.put({"role": "pub", "error": repr(exc)})
+
+
+async def _publisher(
+    spec: dict[str, Any], ready_q: Any, start_evt: Any, stop_evt: Any, result_q: Any
+) -> None:
+    conns: list[tuple[int, str, bc.Mqtt]] = []
+    for idx, thing_id, pem in spec["things"]:
+        tls = bc.client_tls(Path(pem), Path(spec["ca"]))
+        conn = await bc.Mqtt.connect(spec["port"], thing_id, tls=tls, keepalive=60)
+        conn.start_pinger(30)
+        conns.append((idx, thing_id, conn))
+    ready_q.put(("pub", os.getpid(), len(conns)))
+    if not await asyncio.to_thread(start_evt.wait, 120):
+        raise TimeoutError("no start signal")
+    qos, n, inflight, size, run = spec["qos"], spec["per_conn"], spec["inflight"], spec["size"], spec["run"]
+    interval = spec["interval"]
+    t_start = time.time()
+    deadline = time.monotonic() + spec["timeout"]
+    counts = {idx: [0, 0] for idx, _t, _c in conns}  # sent, acked
+
+    async def pump(idx: int, thing_id: str, conn: bc.Mqtt) -> None:
+        topic = f"things/{thing_id}/collect".encode()
+        tally = counts[idx]
+        window = asyncio.Semaphore(inflight)
+        all_acked = asyncio.Event()
+
+        async def acks() -> None:
+            while True:
+                packets = await conn.read_packets(1)
+                if not packets:
+                    break
+                for ptype, _flags, _body in packets:
+                    if ptype == bc.PUBACK:
+                        tally[1] += 1
+                        window.release()
+                if tally[1] >= n:
+                    break
+            all_acked.set()
+
+        reader = asyncio.ensure_future(acks()) if qos else None
+        next_send = time.monotonic()
+        for i in range(n):
+            if time.monotonic() > deadline or (reader is not None and reader.done()):
+                break
+            if qos:
+                await window.acquire()
+            if interval:
+                next_send += interval
+                delay = next_send - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            conn.writer.write(bc.publish_packet(topic, bc.payload_for(run, idx, i, size), qos, i % 65535 + 1))
+            tally[0] += 1
+            if i % 16 == 15:
+                await conn.writer.drain()
+        await conn.writer.drain()
+        if reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_acked.wait(), max(0.1, deadline - time.monotonic()))
+            reader.cancel()
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(pump(i, t, c) for i, t, c in conns)), spec["timeout"] + 5)
+    t_end = time.time()
+    result_q.put(
+        {
+            "role": "pub",
+            "sent": sum(c[0] for c in counts.values()),
+            "acked": sum(c[1] for c in counts.values()),
+            "t_start": t_start,
+            "t_end": t_end,
+        }
+    )
+    # Stay connected until the subscriber is done: amqtt 0.12.1 drops PUBACKed messages still queued
+    # when their publisher disconnects (defect F in the lab report); the bridge does not.
+    await asyncio.to_thread(stop_evt.wait, spec["timeout"] + 60)
+    await asyncio.gather(*(c.close() for _i, _t, c in conns))
+
+
+def subscriber_main(spec: dict[str, Any], ready_q: Any, result_q: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        asyncio.run(_subscriber(spec, ready_q, result_q))
+    except Exception as exc:
+        ready_q.put(("error", os.getpid(), repr(exc)))
+        result_q.put({"role": "sub", "error": repr(exc)})
+
+
+async def _subscriber(spec: dict[str, Any], ready_q: Any, result_q: Any) -> None:
+    conn = await bc.Mqtt.connect(
+        spec["port"], spec["client_id"], username=spec.get("username"), password=spec.get("password")
+    )
+    conn.start_pinger(30)
+    granted = await conn.subscribe(COLLECT, spec["qos"])
+    ready_q.put(("sub", os.getpid(), granted))
+    run, expected = spec["run"], spec["count"]
+    seen: set[tuple[int, int]] = set()
+    latencies: list[float] = []
+    first = last = None
+    duplicates = foreign = 0
+    deadline = time.monotonic() + spec["timeout"]
+    while len(seen) < expected:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            packets = await asyncio.wait_for(conn.read_packets(1), remaining)
+        except TimeoutError:
+            break
+        if not packets:
+            break
+        now = time.time()
+        acks = []
+        for ptype, flags, body in packets:
+            if ptype != bc.PUBLISH:
+                continue
+            _topic, packet_id, payload = bc.parse_publish(flags, body)
+            if packet_id:
+                acks.append(bc.puback_packet(packet_id))
+            try:
+                doc = orjson.loads(payload)
+                key = (doc["c"], doc["i"])
+                ok = doc["r"] == run
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                foreign += 1
+                continue
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            latencies.append(now - doc["t"])
+            if first is None:
+                first = now
+            last = now
+        if acks:
+            conn.writer.write(b"".join(acks))
+    result_q.put(
+        {
+            "role": "sub",
+            "received": len(seen),
+            "duplicates": duplicates,
+            "foreign": foreign,
+            "first_rx": first,
+            "last_rx": last,
+            "lat_p50_ms": bc.rnd(_ms(bc.percentile(latencies, 50))),
+            "lat_p99_ms": bc.rnd(_ms(bc.percentile(latencies, 99))),
+            "lat_max_ms": bc.rnd(_ms(max(latencies) if latencies else None)),
+            "granted_qos": granted,
+        }
+    )
+    await conn.close()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+# ----------------------------------------------------------------------------------------------------
+# bare amqtt, in its own process (this file with `serve-amqtt`)
+# ----------------------------------------------------------------------------------------------------
+def serve_amqtt(a: argparse.Namespace) -> None:
+    import logging
+
+    from amqtt.broker import Broker
+
+    logging.basicConfig(level=logging.WARNING)
+    certs = Path(a.certs)
+    cfg: dict[str, Any] = {
+        "listeners": {
+            "default": {"type": "tcp", "bind": f"{bc.HOST}:{a.plain_port}"},
+            "tls": {
+                "type": "tcp",
+                "bind": f"{bc.HOST}:{a.tls_port}",
+                "ssl": True,
+                "cafile": str(certs / "ca.pem"),
+                "certfile": str(certs / "server.pem"),
+                "keyfile": str(certs / "server.key"),
+            },
+        }
+    }
+    if a.plugins == "minimal":
+        cfg["plugins"] = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+    # default: no "plugins" key, so amqtt loads its default set (event and packet loggers,
+    # anonymous auth, $SYS), as `amqtt` with no config file does.
+
+    async def main() -> None:
+        broker = Broker(cfg)
+        await broker.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"amqtt ready pid={os.getpid()} plugins={a.plugins}", flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), a.seconds)
+        await broker.shutdown()
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------------------------------
+# targets
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    name: str
+    server: bc.Server
+    tls_port: int
+    plain_port: int
+    sub: dict[str, Any]
+    db: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+
+def start_target(name: str, fleet: bc.Fleet, work: Path) -> Target:
+    if name == "bridge":
+        server, ports = bc.start_bridge(fleet)
+        bc.wait_outbox_empty(fleet.db_path)
+        sub = {"client_id": f"app:{bc.APP}", "username": bc.APP, "password": bc.APP_PASSWORD}
+        return Target(name, server, ports["mqtt_tls"], ports["mqtt_plain"], sub, fleet.db_path)
+    tls_port, plain_port = bc.free_port(), bc.free_port()
+    if name in ("amqtt", "amqtt-min"):
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "serve-amqtt",
+            "--tls-port",
+            str(tls_port),
+            "--plain-port",
+            str(plain_port),
+            "--certs",
+            str(fleet.certs),
+            "--plugins",
+            "minimal" if name == "amqtt-min" else "default",
+        ]
+        server = bc.Server(name, argv, "amqtt ready").start(60)
+    elif name == "mosquitto":
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        conf = work / "mosquitto.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    "per_listener_settings false",
+                    "allow_anonymous true",
+                    "persistence false",
+                    "user root",  # keep reading the 0600 server key when started as root
+                    # a slow subscriber must not lose QoS 1 messages to the default queue cap (1000)
+                    "max_queued_messages 1000000",
+                    "log_dest stdout",
+                    "log_type error",
+                    f"listener {plain_port} {bc.HOST}",
+                    f"listener {tls_port} {bc.HOST}",
+                    f"cafile {fleet.ca_file}",
+                    f"certfile {fleet.server_cert}",
+                    f"keyfile {fleet.server_key}",
+                    "require_certificate true",
+                    "",
+                ]
+            )
+        )
+        server = bc.Server(name, [exe, "-c", str(conf)], None, ports=(tls_port, plain_port)).start(30)
+    else:
+        raise ValueError(name)
+    return Target(name, server, tls_port, plain_port, {"client_id": f"bench-sub-{name}"})
+
+
+def persisted(db: Path, run: int, t0: float) -> tuple[int, float | None]:
+    """Rows this run committed, and the time of the last commit."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows, last = conn.execute(
+            "SELECT count(*), max(ts) FROM messages WHERE type = 'ingress' AND ts >= ?"
+            " AND CAST(payload AS TEXT) LIKE ?",
+            (t0 - 1, f'{{"r":{run},%'),
+        ).fetchone()
+    finally:
+        conn.close()
+    return rows, last
+
+
+def one_run(
+    a: argparse.Namespace,
+    target: Target,
+    fleet: bc.Fleet,
+    qos: int,
+    run: int,
+    count: int,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    per_conn = max(1, count // a.things)
+    total = per_conn * a.things
+    ready_q, result_q = bc.MP.Queue(), bc.MP.Queue()
+    start_evt, stop_evt = bc.MP.Event(), bc.MP.Event()
+    procs = []
+    spy = None
+    try:
+        sub_spec = {
+            "port": target.plain_port,
+            "qos": qos,
+            "run": run,
+            "count": total,
+            "timeout": a.timeout + 10,
+        }
+        sub_spec.update(target.sub)
+        procs.append(bc.spawn(subscriber_main, sub_spec, ready_q, result_q, name="mqtt-sub"))
+        kind, _pid, info = bc.get_q(ready_q, 60, "the subscriber's SUBACK")
+        if kind != "sub":
+            raise RuntimeError(f"subscriber failed: {info}")
+        if info != qos:
+            raise RuntimeError(f"subscriber was granted QoS {info}, asked {qos}")
+        things = [(i, tid, str(pem)) for i, (tid, pem) in enumerate(fleet.things[: a.things])]
+        n_procs = max(1, min(a.procs, a.things))
+        interval = a.things / a.rate if a.rate else 0.0
+        for p in range(n_procs):
+            spec = {
+                "port": target.tls_port,
+                "ca": str(fleet.ca_file),
+                "things": things[p::n_procs],
+                "qos": qos,
+                "per_conn": per_conn,
+                "inflight": a.inflight,
+                "size": a.size,
+                "run": run,
+                "interval": interval,
+                "timeout": a.timeout,
+            }
+            procs.append(
+                bc.spawn(publisher_main, spec, ready_q, start_evt, stop_evt, result_q, name="mqtt-pub")
+            )
+        for _ in range(n_procs):
+            kind, _pid, info = bc.get_q(ready_q, 120, "publishers to connect")
+            if kind != "pub":
+                raise RuntimeError(f"publisher failed: {info}")
+        if profile is not None:
+            spy = bc.start_pyspy(target.pid, a.profile_seconds, profile)
+        time.sleep(0.5)
+        mon = bc.Monitor(target.pid).start()
+        t0 = time.time()
+        start_evt.set()
+        sub = None
+        pubs = []
+        server: dict[str, float] = {}
+        while sub is None or len(pubs) < n_procs:
+            res = bc.get_q(result_q, a.timeout + 60, "run results")
+            if res.get("error"):
+                raise RuntimeError(f"{res['role']} failed: {res['error']}")
+            if res["role"] == "sub":
+                sub = res
+                server = mon.stop()
+            else:
+                pubs.append(res)
+        stop_evt.set()
+    finally:
+        stop_evt.set()
+        bc.reap(procs)
+        if spy is not None:
+            bc.finish_pyspy(spy, a.profile_seconds)
+    received = sub["received"]
+    last_rx = sub["last_rx"]
+    elapsed = (last_rx - t0) if last_rx else None
+    row: dict[str, Any] = {
+        "target": target.name,
+        "qos": qos,
+        "sent": sum(p["sent"] for p in pubs),
+        "acked": sum(p["acked"] for p in pubs) if qos else None,
+        "received": received,
+        "lost": total - received,
+        "duplicates": sub["duplicates"],
+        "elapsed_s": bc.rnd(elapsed, 3),
+        "delivered_per_s": bc.rnd(received / elapsed, 1) if elapsed else None,
+        "lat_p50_ms": sub["lat_p50_ms"],
+        "lat_p99_ms": sub["lat_p99_ms"],
+        "lat_max_ms": sub["lat_max_ms"],
+        **server,
+        "server_cpu_us_per_msg": bc.rnd(1e6 * server["server_cpu_s"] / received, 1) if received else None,
+        "loadavg": round(os.getloadavg()[0], 2),
+    }
+    if target.db is not None:
+        rows, last_commit = persisted(target.db, run, t0)
+        row["persisted"] = rows
+        row["persisted_per_s"] = bc.rnd(rows / (last_commit - t0), 1) if rows and last_commit else None
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+COLUMNS = [
+    ("target", "target"),
+    ("qos", "QoS"),
+    ("received", "recv"),
+    ("lost", "lost"),
+    ("delivered_per_s", "delivered/s"),
+    ("persisted_per_s", "persisted/s"),
+    ("lat_p50_ms", "p50 ms"),
+    ("lat_p99_ms", "p99 ms"),
+    ("server_cpu_pct_of_one_core", "srv CPU %"),
+    ("server_cpu_us_per_msg", "CPU us/msg"),
+    ("server_rss_peak_mib", "RSS MiB"),
+]
+NUMERIC = [k for k, _h in COLUMNS if k not in ("target", "qos")] + [
+    "sent",
+    "acked",
+    "duplicates",
+    "lat_max_ms",
+]
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median over rounds of every number, per (target, QoS)."""
+    out = []
+    keys = sorted({(r["target"], r["qos"]) for r in rows}, key=lambda k: (k[1], list(TARGETS).index(k[0])))
+    for target, qos in keys:
+        group = [r for r in rows if r["target"] == target and r["qos"] == qos]
+        agg: dict[str, Any] = {"target": target, "qos": qos, "rounds": len(group)}
+        for key in NUMERIC:
+            values = [r.get(key) for r in group]
+            if any(v is not None for v in values):
+                agg[key] = bc.rnd(bc.median(values), 1)
+        out.append(agg)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd")
+    srv = sub.add_parser("serve-amqtt", help=argparse.SUPPRESS)
+    srv.add_argument("--tls-port", type=int, required=True)
+    srv.add_argument("--plain-port", type=int, required=True)
+    srv.add_argument("--certs", required=True)
+    srv.add_argument("--plugins", choices=["default", "minimal"], default="default")
+    srv.add_argument("--seconds", type=float, default=3600, help="stop by itself after this long")
+    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument("--things", type=int, default=20, help="publishing things (TLS connections)")
+    ap.add_argument("--count", type=int, default=20000, help="messages per run (all things together)")
+    ap.add_argument("--size", type=int, default=100, help="payload bytes")
+    ap.add_argument("--warmup", type=int, default=1000, help="unmeasured QoS 1 messages after each start")
+    ap.add_argument("--qos", type=int, nargs="+", choices=[0, 1], default=[0, 1])
+    ap.add_argument("--inflight", type=int, default=10, help="QoS 1 window per connection")
+    ap.add_argument("--rate", type=float, default=0, help="total msg/s to offer (0: as fast as acks allow)")
+    ap.add_argument("--procs", type=int, default=2, help="publisher processes")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat all targets; the table shows medians")
+    ap.add_argument("--timeout", type=float, default=60, help="bound of one run, seconds")
+    ap.add_argument("--max-seconds", type=float, default=1800, help="hard bound of the whole bench")
+    ap.add_argument("--profile", action="store_true", help="one more bridge QoS 1 run under py-spy")
+    ap.add_argument("--profile-seconds", type=float, default=10)
+    bc.add_output_args(ap)
+    a = ap.parse_args()
+    if a.cmd == "serve-amqtt":
+        serve_amqtt(a)
+        return 0
+    bc.install_watchdog(a.max_seconds)
+    if "mosquitto" in a.targets and not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        print("mosquitto not installed (apt-get install -y mosquitto): skipping that target")
+        a.targets = [t for t in a.targets if t != "mosquitto"]
+    work = a.keep or Path(tempfile.mkdtemp(prefix="bench-mqtt-"))
+    doc: dict[str, Any] = {
+        "bench": "mqtt",
+        "machine": bc.machine(),
+        "args": {k: v for k, v in vars(a).items() if k not in ("cmd", "keep")},
+    }
+    rows: list[dict[str, Any]] = []
+    run = int(time.time()) % 100000
+    try:
+        t = time.time()
+        fleet = bc.provision(work / "bridge", a.things)
+        print(f"provisioned {a.things} things (EC P-256, bridge CA) in {time.time() - t:.1f} s under {work}")
+        for rnd_i in range(a.rounds):
+            for name in a.targets:
+                target = start_target(name, fleet, work)
+                try:
+                    if a.warmup:  # connections, caches, the first commits: not measured
+                        run += 1
+                        one_run(a, target, fleet, 1, run, a.warmup)
+                    for qos in a.qos:
+                        bc.wait_cpu_quiet(target.pid)
+                        run += 1
+                        row = one_run(a, target, fleet, qos, run, a.count)
+                        row["round"] = rnd_i + 1
+                        rows.append(row)
+                        print(
+                            f"  round {rnd_i + 1} {name:10} QoS{qos}: {row['received']}/{row['sent']} in"
+                            f" {row['elapsed_s']} s, {bc.fmt(row['delivered_per_s'])} delivered/s"
+                            + (
+                                f", {bc.fmt(row.get('persisted_per_s'))} persisted/s"
+                                if "persisted" in row
+                                else ""
+                            )
+                            + f", p99 {bc.fmt(row['lat_p99_ms'])} ms, server CPU {row['server_cpu_pct_of_one_core']}%",
+                            flush=True,
+                        )
+                    if a.profile and name == "bridge" and rnd_i == a.rounds - 1:
+                        doc["profile"] = profile_bridge(a, target, fleet, work, rows, run + 1000)
+                finally:
+                    target.server.stop()
+        summary = aggregate(rows)
+        print(
+            f"\nMQTT ingest: {a.things} TLS things x {a.size} B -> 1 subscriber, {a.count} msgs/run, "
+            f"medians of {a.rounds} round(s); machine: {os.cpu_count()} cores, shared"
+        )
+        print(bc.table(summary, COLUMNS))
+        doc["runs"], doc["summary"] = rows, summary
+        doc["ratios"], doc["verdicts"] = ratios(summary)
+        print("\nratios (bridge / other, same run):")
+        for r in doc["ratios"]:
+            print(f"  QoS{r['qos']} bridge {r['metric']} / {r['vs']} delivered: {bc.fmt(r['ratio'])}x")
+        print("targets:")
+        bc.print_verdicts(doc["verdicts"])
+        if "profile" in doc:
+            bc.print_profile(doc["profile"], "MQTT QoS 1 load")
+        bc.emit_json(a, doc)
+    finally:
+        bc.end_all()
+        if a.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def profile_bridge(
+    a: argparse.Namespace, target: Target, fleet: bc.Fleet, work: Path, rows: list[dict[str, Any]], run: int
+) -> dict[str, Any]:
+    measured = [r for r in rows if r["target"] == "bridge" and r["qos"] == 1 and r.get("delivered_per_s")]
+    rate = measured[-1]["delivered_per_s"] if measured else 2000
+    count = max(a.count, int(rate * (a.profile_seconds + 2)))
+    out = work / "bridge-qos1.pyspy.raw"
+    print(
+        f"  profiling the bridge (pid {target.pid}) with py-spy for {a.profile_seconds:.0f} s under QoS 1 ({count} msgs)..."
+    )
+    saved_timeout = a.timeout
+    a.timeout = max(a.timeout, a.profile_seconds * 3)
+    try:
+        row = one_run(a, target, fleet, 1, run, count, profile=out)
+    finally:
+        a.timeout = saved_timeout
+    if not out.exists():
+        return {"samples": 0, "error": "py-spy wrote no output"}
+    prof = bc.analyse_profile(out)
+    prof["run_under_profiler"] = {k: row.get(k) for k in ("received", "delivered_per_s", "persisted_per_s")}
+    if a.keep is not None:
+        prof["raw_file"] = str(out)
+    return prof
+
+
+def ratios(summary: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    out, verdicts = [], []
+    by = {(r["target"], r["qos"]): r for r in summary}
+    for qos in (0, 1):
+        bridge = by.get(("bridge", qos))
+        if bridge is None:
+            continue
+        for other in ("amqtt", "amqtt-min", "mosquitto"):
+            ref = by.get((other, qos))
+            if ref is None:
+                continue
+            for metric in ("persisted_per_s", "delivered_per_s"):
+                out.append(
+                    {
+                        "qos": qos,
+                        "metric": metric.replace("_per_s", "/s"),
+                        "vs": TARGETS[other],
+                        "ratio": bc.ratio(bridge.get(metric), ref.get("delivered_per_s")),
+                    }
+                )
+    bridge, amqtt = by.get(("bridge", 1)), by.get(("amqtt", 1))
+    verdicts.append(
+        bc.verdict(
+            "bridge persisted QoS 1 msg/s / bare amqtt (default settings) delivered QoS 1 msg/s",
+            bc.ratio(bridge.get("persisted_per_s"), amqtt.get("delivered_per_s"))
+            if bridge and amqtt
+            else None,
+            1.0,
+        )
+    )
+    amqtt_min = by.get(("amqtt-min", 1))
+    if bridge and amqtt_min:
+        verdicts.append(
+            bc.verdict(
+                "(also) bridge persisted QoS 1 / bare amqtt minimal plugins delivered QoS 1",
+                bc.ratio(bridge.get("persisted_per_s"), amqtt_min.get("delivered_per_s")),
+                1.0,
+            )
+        )
+    return out, verdicts
+
+
+if __name__ == "__main__":
+    sys.exit(main())
