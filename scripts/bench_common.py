@@ -980,3 +980,14 @@ def print_profile(prof: dict[str, Any], what: str) -> None:
                 f"    {r['pct']:5.1f}%  {r['function']}"
                 + ("" if key != "top_self_overall" else f"  [{r['category']}]")
             )
+
+
+async def serve_until_stopped(ready_line: str, seconds: float) -> None:
+    """For a bare comparison server: announce readiness, then run until SIGTERM/SIGINT or `seconds`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(ready_line, flush=True)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -255,13 +255,7 @@ def serve_amqtt(a: argparse.Namespace) -> None:
     async def main() -> None:
         broker = Broker(cfg)
         await broker.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"amqtt ready pid={os.getpid()} plugins={a.plugins}", flush=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), a.seconds)
+        await bc.serve_until_stopped(f"amqtt ready pid={os.getpid()} plugins={a.plugins}", a.seconds)
         await broker.shutdown()
 
     asyncio.run(main())

@@ -702,3 +702,20 @@ async def test_delete_refuses_cursor_and_limit(
     for params in ({"limit": "1"}, {"after": "x"}, {"wait": "1"}):
         error(await call("DELETE", url(bridge, fresh_thing.id, "messages"), alice.token, params=params), 400)
     assert len(await history(bridge, alice.token, fresh_thing.id)) == 1
+
+
+async def test_a_verified_token_stops_working_when_its_thing_is_disabled(
+    bridge: Bridge, alice: Account, fresh_thing: ThingFiles
+) -> None:
+    """The bridge remembers a verified thing token (the signature check runs once); disabling the
+    thing (deleting it takes the same path) must forget it at once."""
+    token = thing_jwt(fresh_thing)
+    collect = url(bridge, fresh_thing.id, "collect")
+    thing_url = f"{bridge.api}/things/{fresh_thing.id}"
+    ok(await call("POST", collect, token, json={"n": 1}))
+    ok(await call("PATCH", thing_url, alice.token, json={"enabled": False}))
+    error(await call("POST", collect, token, json={"n": 2}), 401)
+    ok(await call("PATCH", thing_url, alice.token, json={"enabled": True}))
+    ok(await call("POST", collect, token, json={"n": 3}))
+    # the same token on another thing's path is refused even though it is remembered
+    error(await call("POST", url(bridge, "some-other-thing", "collect"), token, json={"n": 4}), 401)

@@ -23,6 +23,8 @@ from bridge.store import Store
 
 TOKEN_ISSUER_PREFIX = "urn:thing:"
 MAX_TOKEN_LIFETIME = 24 * 3600
+TOKEN_LEEWAY = 30  # seconds of clock skew allowed on exp/nbf
+MAX_REMEMBERED_TOKENS = 100_000
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Things:
         # thing id -> owner id, for per-delivery tenancy checks; filled lazily, dropped on delete
         self._owners: dict[str, str] = {}
         self._verifiers: dict[str, tuple[str, str, Any]] = {}
+        self._verified_tokens: dict[str, tuple[DeviceIdentity, float]] = {}
 
     def _row(self, row: sqlite3.Row) -> Thing:
         sealed = row["private_key_sealed"]
@@ -220,7 +223,7 @@ class Things:
         if await self.store.write(remove) is None:
             raise NotFound(f"thing {thing_id!r} not found")
         self._owners.pop(thing_id, None)
-        self._verifiers.pop(thing_id, None)
+        self._forget_credentials(thing_id)
         await self.link.disconnect_thing(thing_id, forget=True)
 
     async def set_enabled(self, owner: User, thing_id: str, enabled: bool) -> Thing:
@@ -232,7 +235,7 @@ class Things:
 
         if not await self.store.write(update):
             raise NotFound(f"thing {thing_id!r} not found")
-        self._verifiers.pop(thing_id, None)
+        self._forget_credentials(thing_id)
         if not enabled:
             await self.link.disconnect_thing(thing_id, forget=False)
         return await self.get(owner, thing_id)
@@ -255,7 +258,25 @@ class Things:
     async def verify_token(self, token: str, path_thing_id: str) -> DeviceIdentity:
         """A JWT signed with the thing's own private key (RS256 for RSA, ES256 for EC keys): header
         `kid` = thing id and/or claim `iss` = `urn:thing:<id>`; `exp` required, `nbf` honoured,
-        lifetime at most 24 h; the thing it names must be the one in the path."""
+        lifetime at most 24 h; the thing it names must be the one in the path.
+
+        A device sends the same token until it expires: a token verified once is remembered (until
+        its exp, or until its thing is deleted or disabled), so the signature check runs once."""
+        remembered = self._verified_tokens.get(token)
+        if remembered is not None:
+            identity, expires = remembered
+            if ids.now() <= expires + TOKEN_LEEWAY:
+                if identity.thing_id != path_thing_id:
+                    raise Unauthorized("thing token is for another thing")
+                return identity
+            del self._verified_tokens[token]
+        identity, expires = await self._verify_token(token, path_thing_id)
+        if len(self._verified_tokens) >= MAX_REMEMBERED_TOKENS:
+            self._verified_tokens.pop(next(iter(self._verified_tokens)))  # the oldest
+        self._verified_tokens[token] = (identity, expires)
+        return identity
+
+    async def _verify_token(self, token: str, path_thing_id: str) -> tuple[DeviceIdentity, float]:
         try:
             header = jwt.get_unverified_header(token)
             claims = jwt.decode(token, options={"verify_signature": False})
@@ -276,7 +297,7 @@ class Things:
         owner_id, algorithm, public_key = await self._verifier(thing_id)
         try:
             verified = jwt.decode(
-                token, public_key, algorithms=[algorithm], options={"require": ["exp"]}, leeway=30
+                token, public_key, algorithms=[algorithm], options={"require": ["exp"]}, leeway=TOKEN_LEEWAY
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized("thing token expired") from exc
@@ -285,7 +306,13 @@ class Things:
         start = verified.get("nbf", verified.get("iat", ids.now()))
         if not isinstance(start, int | float) or verified["exp"] - min(start, ids.now()) > MAX_TOKEN_LIFETIME:
             raise Unauthorized("thing token lifetime exceeds 24 hours")
-        return DeviceIdentity(thing_id, owner_id)
+        return DeviceIdentity(thing_id, owner_id), verified["exp"]
+
+    def _forget_credentials(self, thing_id: str) -> None:
+        self._verifiers.pop(thing_id, None)
+        self._verified_tokens = {
+            token: entry for token, entry in self._verified_tokens.items() if entry[0].thing_id != thing_id
+        }
 
     async def _verifier(self, thing_id: str) -> tuple[str, str, Any]:
         """(owner, JWT algorithm, loaded public key) of an enabled thing, kept in memory: parsing
