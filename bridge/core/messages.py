@@ -210,14 +210,20 @@ class Messages:
         return await self._select(thing_id, q.check())
 
     async def _select(self, thing_id: str, q: Query) -> list[Message]:
-        where, args = _where(thing_id, q, await self._after_seq(thing_id, q.after))
+        after = await self._after_seq(thing_id, q.after)
+        where, args = _where(thing_id, q, after)
+        # Time windows walk the (thing_id, ts) index, whose entries are in ts then rowid order, so
+        # "ts, seq" needs no sort; a cursor walks (thing_id, type, seq). Both are arrival order.
+        order = "seq" if after is not None else "ts, seq"
         limit = min(q.limit or self.page_limit, self.page_limit)
-        rows = await self.store.read(
-            lambda c: c.execute(
-                f"SELECT * FROM messages WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)
-            ).fetchall()
-        )
-        return [_message(r) for r in rows]
+
+        def select(conn: sqlite3.Connection) -> list[Message]:
+            rows = conn.execute(
+                f"SELECT * FROM messages WHERE {where} ORDER BY {order} LIMIT ?", (*args, limit)
+            )
+            return [_message(r) for r in rows]
+
+        return await self.store.read(select)
 
     async def wait_egress(self, thing_id: str, q: Query, wait: float) -> list[Message]:
         """Egress messages after the cursor; if none yet, wait up to `wait` s for the next one."""
@@ -250,8 +256,13 @@ class Messages:
 
     async def archive(self, thing_id: str, owner_id: str, q: Query, render: Any) -> bytes:
         """A zip holding one JSON file of the selected messages, rendered as the history shows them."""
-        records = [render(m) for m in await self.query(thing_id, owner_id, q)]
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(f"{thing_id}-messages.json", orjson.dumps(records, option=orjson.OPT_INDENT_2))
-        return buf.getvalue()
+        messages = await self.query(thing_id, owner_id, q)
+
+        def pack() -> bytes:  # in a thread: rendering and deflating thousands of records
+            records = orjson.dumps([render(m) for m in messages], option=orjson.OPT_INDENT_2)
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+                zf.writestr(f"{thing_id}-messages.json", records)
+            return buf.getvalue()
+
+        return await asyncio.to_thread(pack)

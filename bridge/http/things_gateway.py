@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from bridge.core import ids
@@ -100,7 +101,8 @@ def render_message(message: Message) -> dict[str, Any]:
         "flthingspk": message.thing_id,
         "fluserspk": message.owner_id,
         "messagetype": message.type,
-        "message": message.value,
+        # stored JSON was validated on the way in: embed it as is instead of parsing it again
+        "message": orjson.Fragment(message.payload) if message.encoding == "json" else message.value,
         "encoding": message.encoding,
     }
 

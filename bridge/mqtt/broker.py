@@ -21,8 +21,8 @@ from bridge.mqtt.hardened import BridgeWriter, CappedReader, HardenedBroker, clo
 from bridge.mqtt.router import Router
 
 log = logging.getLogger(__name__)
-TLS, PLAIN = "tls", "default"
-TLS_READ_BUFFER = 16 * 1024  # amqtt requires a listener named "default"
+TLS, PLAIN = "tls", "default"  # amqtt requires a listener named "default"
+TLS_READ_BUFFER = 4 * 1024
 
 
 def device_tls_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -71,7 +71,7 @@ class MqttBroker:
     async def listen(self) -> None:
         """Open the listeners (after start(), once the core is attached to this broker)."""
         # asyncio gives every TLS connection a 256 KiB read buffer (SSLProtocol.max_size): 2.5 GiB
-        # for 10,000 idle things. MQTT packets are small; 16 KiB is what one TLS record holds.
+        # for 10,000 idle things. MQTT packets are small; a larger one is read in several chunks.
         sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         listeners = [(PLAIN, self.cfg.mqtt.plain, None)]
         if self.cfg.mqtt.tls.enabled:
