@@ -199,7 +199,9 @@ class CappedReader(StreamReaderAdapter):
         if n > self.max_read:
             # Not ConnectionResetError: amqtt turns that into NoDataError and reads on.
             raise MalformedPacket(f"MQTT packet of {n} bytes exceeds the limit of {self.max_read}")
-        if n <= 1:  # the fixed header, read byte by byte: the reader loop's keepalive bounds it
+        # n <= 1: the fixed header, read byte by byte, is bounded by the reader loop's keepalive.
+        # Data already buffered needs no timer (the common case: a TLS record holds whole packets).
+        if n <= 1 or len(self._reader._buffer) >= n:
             return await super().read(n)
         try:
             async with asyncio.timeout(self.body_timeout):
