@@ -991,3 +991,10 @@ async def serve_until_stopped(ready_line: str, seconds: float) -> None:
     print(ready_line, flush=True)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+def finish(work: Path, keep: Path | None) -> None:
+    """End every process this bench started and remove its data unless `--keep` was given."""
+    end_all()
+    if keep is None:
+        shutil.rmtree(work, ignore_errors=True)

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -453,9 +452,7 @@ def main() -> int:
         bc.reap(procs, grace=15)
         if server is not None:
             server.stop()
-        bc.end_all()
-        if a.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+        bc.finish(work, a.keep)
     return 0
 
 

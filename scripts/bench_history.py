@@ -262,9 +262,7 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
-        bc.end_all()
-        if a.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+        bc.finish(work, a.keep)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import sqlite3
 import sys
@@ -393,9 +392,7 @@ def main() -> int:
             bc.print_profile(doc["profile"], "HTTP collect load")
         bc.emit_json(a, doc)
     finally:
-        bc.end_all()
-        if a.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+        bc.finish(work, a.keep)
     return 0
 
 

@@ -577,9 +577,7 @@ def main() -> int:
             bc.print_profile(doc["profile"], "MQTT QoS 1 load")
         bc.emit_json(a, doc)
     finally:
-        bc.end_all()
-        if a.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+        bc.finish(work, a.keep)
     return 0
 
 

@@ -168,11 +168,6 @@ class Accounts:
             raise NotFound(f"user {username!r} not found")
         return _user(row)
 
-    async def has_users(self) -> bool:
-        return await self.store.read(
-            lambda c: c.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
-        )
-
     async def login(self, username: str, password: str) -> User:
         row = await self.store.read(
             lambda c: c.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
