@@ -854,7 +854,8 @@ def _category(path: str) -> str:
 
 
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "/lib/python3.11/", "/work/main/"):
+    repo = str(Path(__file__).resolve().parent.parent) + "/"  # this checkout, wherever it is
+    for marker in ("site-packages/", "/lib/python3.11/", repo):
         if marker in path:
             return path.split(marker, 1)[1]
     return path

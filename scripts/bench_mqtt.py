@@ -139,7 +139,7 @@ async def _publisher(
         }
     )
     # Stay connected until the subscriber is done: amqtt 0.12.1 drops PUBACKed messages still queued
-    # when their publisher disconnects (defect F in the lab report); the bridge does not.
+    # when their publisher disconnects (defect F, docs/amqtt-defects.md); the bridge does not.
     await asyncio.to_thread(stop_evt.wait, spec["timeout"] + 60)
     await asyncio.gather(*(c.close() for _i, _t, c in conns))
 

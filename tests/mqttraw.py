@@ -1,5 +1,5 @@
 """Raw MQTT 3.1.1 packets, for what a well-behaved client library will not send (a silent peer, an
-invalid topic). Adapted from shared/amqtt-lab/mqttraw.py."""
+invalid topic)."""
 
 from __future__ import annotations
 

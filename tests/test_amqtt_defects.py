@@ -1,5 +1,5 @@
-"""Stock amqtt 0.12.1 next to our HardenedBroker: one scenario per defect of the amqtt lab report
-(shared/amqtt-lab/REPORT.md §4.2, letters A-G), each run twice by the `target` fixture:
+"""Stock amqtt 0.12.1 next to our HardenedBroker: one scenario per lettered amqtt defect (A-I but H,
+described in docs/amqtt-defects.md), each run twice by the `target` fixture:
 
   hardened  the real `thingbridge serve` process; the test asserts the correct behaviour.
   stock     MqttBroker(cfg, core, broker_cls=amqtt.broker.Broker) in this process, with our listeners,
@@ -387,8 +387,8 @@ async def test_g_publish_to_a_wildcard_topic_ends_the_session(target: Target) ->
 
 @pytest.mark.parametrize("target", ["hardened"], indirect=True)
 async def test_will_topic_is_subject_to_the_publish_acl(target: Target) -> None:
-    """Will (not in the lab report): thing A connects with a will on things/B/collect, which A may
-    not publish to, then drops the connection. amqtt broadcasts a will without the topic ACL
+    """Will (unlettered, docs/amqtt-defects.md): thing A connects with a will on things/B/collect,
+    which A may not publish to, then drops the connection. amqtt broadcasts a will without the topic ACL
     (broker.py _handle_disconnect); our IdentityPlugin refuses such a CONNECT, so this runs against
     the bridge only (the plugin protects a stock broker as well)."""
     a, b = await target.new_thing(), await target.new_thing()

@@ -1,4 +1,4 @@
-"""The partner-portal dialect (shared/specs/portal-status-config.txt, catalog section 000):
+"""The partner-portal dialect (docs/dialects.md):
 GetURL, SetStatus and GetConfig, each as GET with a query string and as POST with a JSON body.
 The device is identified by its regId alone (the document has no auth); every failure is 400."""
 

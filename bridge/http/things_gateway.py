@@ -1,4 +1,4 @@
-"""The things-gateway dialect (shared/specs/things-gateway.txt, catalog section 003), under /dev/v1."""
+"""The things-gateway dialect (docs/dialects.md), under /dev/v1."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 pyproject.toml because these methods are private; tests/test_amqtt_defects.py shows, for each
 fix, the stock behaviour next to ours, so an upgrade tells at once which overrides it still needs.
 
-Defects fixed (letters as in the amqtt lab report, shared/amqtt-lab/REPORT.md §4.2):
+Defects fixed (letters as in docs/amqtt-defects.md, which describes each one and its test):
   A  a resumed session kept the previous connection's TLS object, so the auth plugin validated
      another device's certificate                                  -> _initialize_client_session
   B  a CONNECT deleted the existing session of its client id before it was authenticated
