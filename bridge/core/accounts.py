@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import secrets
 import sqlite3
 from dataclasses import dataclass
 
 import jwt
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
 from bridge.core import ids
+from bridge.core.credentials import Passwords
 from bridge.core.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from bridge.store import Store
 
-_hasher = PasswordHasher()
-# Verifying against this keeps an unknown username as slow as a wrong password.
-_DUMMY_HASH = _hasher.hash("thingbridge-dummy-password")
 TOKEN_ISSUER = "thingbridge"
 APP_CN_PREFIX = "app:"  # an application's certificate CN and client-id prefix
 CREATE_THING_ACTION = "flashex:createThing"  # sic: the document's spelling, which clients match on
@@ -91,20 +86,6 @@ def generate_password() -> str:
     return secrets.token_urlsafe(18)
 
 
-async def hash_password(password: str) -> str:
-    return await asyncio.to_thread(_hasher.hash, password)
-
-
-async def verify_password(stored_hash: str | None, password: str) -> bool:
-    def check() -> bool:
-        try:
-            return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
-        except (VerifyMismatchError, InvalidHashError):
-            return False
-
-    return await asyncio.to_thread(check)
-
-
 def new_subscription(user_id: str, quota: int, plan_name: str = "Free") -> Subscription:
     """An active subscription starting now (the free plan unless named)."""
     ts = ids.now()
@@ -137,13 +118,14 @@ class Accounts:
         self._token_key = token_key
         self.token_ttl = token_ttl
         self.free_plan_things = free_plan_things
+        self.passwords = Passwords()
 
     # ---- users -------------------------------------------------------------------------------
     async def create_user(self, username: str, password: str, role: str = "user") -> User:
         ids.check_username(username)
         if len(password) < 8:
             raise Invalid("password must be at least 8 characters")
-        pw_hash = await hash_password(password)
+        pw_hash = await self.passwords.hash(password)
         user = User(ids.new_id(), username, role, False, ids.now())
 
         def insert(conn: sqlite3.Connection) -> None:
@@ -168,13 +150,29 @@ class Accounts:
             raise NotFound(f"user {username!r} not found")
         return _user(row)
 
-    async def login(self, username: str, password: str) -> User:
+    async def login(self, username: str, password: str, *, source: str) -> User:
+        """`source`: the client's address, for the failure limiter (TooManyRequests)."""
         row = await self.store.read(
             lambda c: c.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
         )
-        if not await verify_password(row["password_hash"] if row else None, password) or row is None:
+        if not await self._check("users", "username", row, username, password, source) or row is None:
             raise Unauthorized("bad username or password")
         return _user(row)
+
+    async def _check(
+        self, table: str, column: str, row: sqlite3.Row | None, name: str, password: str, source: str
+    ) -> bool:
+        stored = row["password_hash"] if row else None
+        verdict = await self.passwords.verify(table, name, password, stored, source)
+        if verdict.new_hash is not None:
+            # compare-and-set: a password changed meanwhile (command line) is not overwritten
+            await self.store.write(
+                lambda c: c.execute(
+                    f"UPDATE {table} SET password_hash = ? WHERE {column} = ? AND password_hash = ?",
+                    (verdict.new_hash, name, stored),
+                )
+            )
+        return verdict.matched
 
     async def get_user(self, caller: User, sub: str) -> User:
         if sub != caller.id:
@@ -281,7 +279,7 @@ class Accounts:
         user = await self.user_by_name(owner)
         if fleet_wide and not user.is_admin:
             raise Forbidden("only an admin may own a fleet-wide application")
-        pw_hash = await hash_password(password)
+        pw_hash = await self.passwords.hash(password)
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
@@ -306,11 +304,12 @@ class Accounts:
             lambda c: c.execute("UPDATE apps SET cert_id = ? WHERE name = ?", (cert_id, name))
         )
 
-    async def app_login(self, name: str, password: str) -> App | None:
+    async def app_login(self, name: str, password: str, *, source: str) -> App | None:
+        """`source`: the client's address, for the failure limiter (TooManyRequests)."""
         row = await self.store.read(
             lambda c: c.execute("SELECT * FROM apps WHERE name = ?", (name,)).fetchone()
         )
-        if not await verify_password(row["password_hash"] if row else None, password) or row is None:
+        if not await self._check("apps", "name", row, name, password, source) or row is None:
             return None
         return _app(row)
 

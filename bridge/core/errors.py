@@ -37,3 +37,12 @@ class QuotaExceeded(Forbidden):
     def __init__(self, message: str, policy: Any) -> None:
         super().__init__(message)
         self.policy = policy
+
+
+class TooManyRequests(DomainError):
+    """Refused before any work was done (too many failed logins, or too many checks in progress);
+    `retry_after` is how long to wait, in seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from bridge.core.errors import (
     NotFound,
     QuotaExceeded,
     TooLarge,
+    TooManyRequests,
     Unauthorized,
 )
 
@@ -28,6 +30,7 @@ STATUS_TEXT = {
     409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "TOO_MANY_REQUESTS",
     500: "ERROR",
 }
 ERROR_STATUS: list[tuple[type[DomainError], int]] = [
@@ -37,6 +40,7 @@ ERROR_STATUS: list[tuple[type[DomainError], int]] = [
     (NotFound, 404),
     (Conflict, 409),
     (TooLarge, 413),
+    (TooManyRequests, 429),
 ]
 
 
@@ -73,4 +77,11 @@ def render_error(status: int, message: str, exc: Exception | None) -> web.Respon
         return envelope(render_policy(exc.policy), message, status)
     challenge = getattr(exc, "challenge", 'Bearer realm="thingbridge"')
     headers = {"WWW-Authenticate": challenge} if status == 401 else None
+    if isinstance(exc, TooManyRequests):
+        headers = {"Retry-After": str(retry_after_header(exc.retry_after))}
     return envelope(None, message, status, headers)
+
+
+def retry_after_header(seconds: float) -> int:
+    """Retry-After takes whole seconds: round up, so a client that obeys it is not refused again."""
+    return max(1, math.ceil(seconds))

@@ -26,7 +26,7 @@ OPENAPI_VERSION = "3.0.3"
 # Thing ids, thingType, thingDist and regId share one rule (bridge/core/ids.py); JSON Schema
 # patterns search, so anchor it.
 NAME_PATTERN = f"^{ids._ID.pattern}$"
-ERROR_STATUSES = (400, 401, 403, 404, 405, 409, 413)
+ERROR_STATUSES = (400, 401, 403, 404, 405, 409, 413, 429)
 
 
 def ref(name: str) -> Schema:
@@ -337,6 +337,20 @@ SCHEMAS: dict[str, Schema] = {
                 "deniedSubscribes",
                 "droppedMessages",
             )
+        }
+        | {
+            "refusedByReason": {
+                "type": "object",
+                "additionalProperties": {"type": "integer", "minimum": 0},
+                "description": "refused CONNECTs by reason: bad_password, rate_limited, client_id_mismatch,"
+                " unknown_certificate, no_certificate, no_credentials, will_not_permitted",
+            },
+            "passwordChecks": {
+                "type": "object",
+                "additionalProperties": {"type": "integer", "minimum": 0},
+                "description": "password checks of GET /dev/v1/token and the plain MQTT listener: verified,"
+                " rejected, cacheHits, rateLimited, busy, trackedKeys, evictedKeys",
+            },
         },
         required=[],
         description="Counters of the embedded MQTT broker.",
@@ -467,6 +481,8 @@ ERROR_TEXT = {
     405: "Method not allowed on this path (any path under /dev/v1).",
     409: "Conflict with an existing resource.",
     413: "The request body is larger than http.max_body, or the message larger than messages.max_payload.",
+    429: "Too many failed logins from this address or for this name (exponential back-off), or too many"
+    " password checks in progress.",
 }
 RESPONSES: dict[str, Schema] = {
     f"Error{status}": _json(
@@ -483,6 +499,9 @@ RESPONSES: dict[str, Schema] = {
         else None,
     )
     for status in ERROR_STATUSES
+}
+RESPONSES["Error429"]["headers"] = {
+    "Retry-After": _header("whole seconds to wait", {"type": "string", "pattern": "^[1-9][0-9]*$"})
 }
 RESPONSES["PortalFailed"] = _json(
     ref("PortalError"),
@@ -663,7 +682,7 @@ PATHS: dict[str, dict[str, Schema]] = {
             "getToken",
             "auth",
             "Log in: an access token for Basic credentials",
-            {"200": _json(ref("FlashLexLogin"), "The access token."), **_errors(401)},
+            {"200": _json(ref("FlashLexLogin"), "The access token."), **_errors(401, 429)},
             security=[{"basicAuth": []}],
             description="The token is a JWT valid for accounts.token_ttl seconds unless revoked.",
         ),

@@ -113,7 +113,7 @@ async def get_token(request: web.Request) -> web.Response:
     core = request.app[CORE]
     try:
         username, password = basic_credentials(request)
-        user = await core.accounts.login(username, password)
+        user = await core.accounts.login(username, password, source=request.remote or "")
     except Unauthorized as exc:
         exc.challenge = BASIC_CHALLENGE
         raise

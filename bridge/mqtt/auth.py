@@ -16,6 +16,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from bridge import pki
+from bridge.core.errors import TooManyRequests
 from bridge.mqtt import topics
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,19 @@ class Counters:
     denied_publishes: int = 0
     denied_subscribes: int = 0
     dropped_messages: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)  # refused CONNECTs by Refused.reason
 
     def refuse(self, reason: str) -> None:
         self.refused_connects += 1
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+class Refused(Exception):
+    """A refused CONNECT: `reason` is a short stable key for the statistics, the message says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class IdentityPlugin(BaseAuthPlugin):
@@ -60,52 +69,64 @@ class IdentityPlugin(BaseAuthPlugin):
         counters: Any = None
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        principal, reason = await self._identify(session)
-        if principal is None or not principal.owns_client_id(session.client_id):
-            reason = reason or "client id does not belong to the certificate's identity"
-            self.config.counters.refuse(reason)
+        try:
+            principal = await self._identify(session)
+            if not principal.owns_client_id(session.client_id):
+                raise Refused("client_id_mismatch", _client_id_rule(principal))
+            if session.will_flag and not await permitted(
+                self.config.core, principal, Action.PUBLISH, session.will_topic
+            ):
+                # amqtt broadcasts a will without any ACL check: refuse the CONNECT instead
+                raise Refused("will_not_permitted", f"will topic {session.will_topic!r:.200} not permitted")
+        except Refused as refused:
+            self.config.counters.refuse(refused.reason)
             log.warning(
-                "CONNECT refused from %s (client id %.100r): %s",
+                "CONNECT refused from %s (client id %.100r, username %.100r): %s",
                 session.remote_address,
                 session.client_id,
-                reason,
-            )
-            return False
-        if session.will_flag and not await permitted(
-            self.config.core, principal, Action.PUBLISH, session.will_topic
-        ):
-            # amqtt broadcasts a will without any ACL check: refuse the CONNECT instead
-            self.config.counters.refuse("will topic not permitted")
-            log.warning(
-                "CONNECT refused for %s: will topic %.200r not permitted", principal.name, session.will_topic
+                session.username,
+                refused,
             )
             return False
         session.attributes[PRINCIPAL] = principal
         return True
 
-    async def _identify(self, session: Session) -> tuple[Principal | None, str | None]:
+    async def _identify(self, session: Session) -> Principal:
         core = self.config.core
         if session.ssl_object is not None:
             der = session.ssl_object.getpeercert(binary_form=True)
             cn = pki.peer_common_name(session.ssl_object.getpeercert())
             if not der or not cn:
-                return None, "no verified client certificate"
+                raise Refused("no_certificate", "no verified client certificate")
             presented = pki.der_cert_id(der)
             if cn.startswith(APP_PREFIX):
                 app = await core.accounts.app(cn[len(APP_PREFIX) :])
                 if app is None or app.cert_id != presented:
-                    return None, "unknown or revoked application certificate"
-                return Principal("app", app.name, app.owner_id, app.fleet_wide), None
+                    raise Refused("unknown_certificate", "unknown or revoked application certificate")
+                return Principal("app", app.name, app.owner_id, app.fleet_wide)
             device = await core.things.identify_device(cn, presented)
             if device is None:
-                return None, "unknown, disabled or revoked thing certificate"
-            return Principal("thing", device.thing_id, device.owner_id), None
+                raise Refused("unknown_certificate", "unknown, disabled or revoked thing certificate")
+            return Principal("thing", device.thing_id, device.owner_id)
         if not session.username or session.password is None:
-            return None, "plain listener needs an application username and password"
-        app = await core.accounts.app_login(session.username, session.password)
+            raise Refused("no_credentials", "plain listener needs an application username and password")
+        try:
+            app = await core.accounts.app_login(
+                session.username, session.password, source=session.remote_address or ""
+            )
+        except TooManyRequests as exc:
+            # MQTT 3.1.1 has no "rate limited" code: CONNACK 5 (not authorized) like any refusal
+            raise Refused("rate_limited", str(exc)) from exc
         if app is None:
-            return None, "bad application username or password"
-        return Principal("app", app.name, app.owner_id, app.fleet_wide), None
+            raise Refused("bad_password", "bad application username or password")
+        return Principal("app", app.name, app.owner_id, app.fleet_wide)
+
+
+def _client_id_rule(principal: Principal) -> str:
+    if principal.kind == "thing":
+        return f"client id must be the thing id {principal.name!r} or '{principal.name}:<suffix>'"
+    name = principal.name
+    return f"client id must be 'app:{name}' or 'app:{name}:<suffix>' for application {name!r}"
 
 
 async def permitted(core: Any, principal: Principal, action: Action, topic: str | None) -> bool:

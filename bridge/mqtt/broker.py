@@ -135,14 +135,17 @@ class MqttBroker:
         if payload or not retain:
             await self.broker.internal_message_broadcast(topic, payload)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         sessions = list(self.broker.sessions.values()) if self.broker is not None else []
         return {
             "connections": sum(1 for session, _ in sessions if session.transitions.is_connected()),
             "sessions": len(sessions),
             "retainedMessages": len(self.broker.retained_messages) if self.broker is not None else 0,
             "refusedConnects": self.counters.refused_connects,
+            "refusedByReason": dict(sorted(self.counters.reasons.items())),
             "deniedPublishes": self.counters.denied_publishes,
             "deniedSubscribes": self.counters.denied_subscribes,
             "droppedMessages": self.counters.dropped_messages,
+            # both transports: HTTP GET /token and the plain listener share one checker
+            "passwordChecks": self.core.accounts.passwords.stats(),
         }
