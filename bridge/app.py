@@ -1,32 +1,74 @@
-"""Compose and run the one process: store, core, broker, HTTP; stop cleanly on SIGINT/SIGTERM."""
+"""Compose and run the one process: store, core, broker, HTTP; stop cleanly on SIGINT/SIGTERM.
+A start that cannot complete (a port in use, an unwritable folder) closes what it had opened and
+ends with one line naming the setting to change."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
 import signal
+import socket
+import sqlite3
+import ssl
 import sys
+from pathlib import Path
 
 import orjson
 from aiohttp import web
 
-from bridge.config import Config
+from bridge.config import LOOKED_FOR, Config, ConfigError, Listener
 from bridge.core.accounts import generate_password
-from bridge.core.errors import NotFound
+from bridge.core.errors import Invalid, NotFound
 from bridge.core.service import Core
 from bridge.http.app import https_context, make_app
 from bridge.mqtt.broker import PLAIN, TLS, MqttBroker
 from bridge.store import Store
 
 log = logging.getLogger("thingbridge")
+ADMIN_PASSWORD_ENV = "THINGBRIDGE_ADMIN_PASSWORD"
+
+
+class StartupError(ConfigError):
+    """The process cannot start as configured; the message names what to change."""
+
+
+def unusable(folder: Path) -> str | None:
+    """Why the bridge could not create or write files in `folder` (None: it can), creating nothing."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
+def check_folders(cfg: Config) -> None:
+    """Refuse before anything is created when the database or the CA could not be written."""
+    for setting, option, folder in (
+        ("data_dir", " (or --data-dir)", cfg.data_dir),
+        ("pki.dir", "", cfg.pki.dir),
+    ):
+        why = unusable(folder)
+        if why is not None:
+            raise StartupError(
+                f"{setting}: cannot use {folder}: {why}; fix it or choose another {setting}{option}"
+            )
 
 
 def open_store(cfg: Config) -> Store:
-    store = Store(cfg.db_path, cfg.store.synchronous.upper())
-    store.open()
+    store = Store(cfg.db_path, cfg.store.synchronous)
+    try:
+        store.open()
+    except (OSError, sqlite3.Error) as exc:
+        store.close()
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise StartupError(f"data_dir: cannot open the database {cfg.db_path}: {reason}") from None
     return store
 
 
@@ -38,73 +80,135 @@ async def ensure_admin(core: Core) -> None:
         return
     except NotFound:
         pass
-    password = os.environ.get("THINGBRIDGE_ADMIN_PASSWORD") or generate_password()
-    await core.accounts.create_user("admin", password, role="admin")
-    if "THINGBRIDGE_ADMIN_PASSWORD" not in os.environ:
+    given = os.environ.get(ADMIN_PASSWORD_ENV)
+    password = generate_password() if given is None else given
+    try:
+        await core.accounts.create_user("admin", password, role="admin")
+    except Invalid as exc:  # the only thing that can be wrong with a fixed user name is the password
+        raise StartupError(
+            f"{ADMIN_PASSWORD_ENV}: {exc}; set a longer one, or unset it to have one generated"
+        ) from None
+    if given is None:
         print(
             f"Created user 'admin' with password: {password}  (shown once; it is stored hashed)", flush=True
         )
 
 
-async def _start_site(runner: web.AppRunner, host: str, port: int, ctx: object = None) -> int:
+def _bind_error(exc: OSError, setting: str, listener: Listener, option: str) -> StartupError:
+    where = f"cannot listen on {listener.host}:{listener.port} ({setting})"
+    if isinstance(exc, socket.gaierror):
+        return StartupError(f"{where}: unknown host; set {setting}.host to a name or address of this machine")
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        advice = f"choose another port with {setting}.port or {option}"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        advice = f"{listener.host} is not an address of this machine; set {setting}.host"
+    elif exc.errno == errno.EACCES:
+        advice = f"ports below 1024 need privileges; choose another port with {setting}.port or {option}"
+    else:
+        advice = f"check {setting}.host and {setting}.port"
+    return StartupError(f"{where}: {reason}; {advice}")
+
+
+async def _listen_mqtt(cfg: Config, mqtt: MqttBroker) -> None:
+    try:
+        await mqtt.listen()
+    except ssl.SSLError:  # a bad server certificate, not an address problem
+        raise
+    except OSError as exc:
+        # listen() binds the plain listener, then TLS: the failed one is the first not bound.
+        unbound = [
+            (setting, listener, option)
+            for name, setting, listener, option in (
+                (PLAIN, "mqtt.plain", cfg.mqtt.plain, "--mqtt-plain-port"),
+                (TLS, "mqtt.tls", cfg.mqtt.tls, "--mqtt-port"),
+            )
+            if listener.enabled and name not in mqtt.ports
+        ]
+        if not unbound:
+            raise
+        raise _bind_error(exc, *unbound[0]) from None
+
+
+async def _start_site(
+    runner: web.AppRunner, listener: Listener, setting: str, option: str, ctx: ssl.SSLContext | None = None
+) -> int:
     before = set(map(tuple, runner.addresses))
-    await web.TCPSite(runner, host, port, ssl_context=ctx).start()
+    try:
+        await web.TCPSite(runner, listener.host, listener.port, ssl_context=ctx).start()
+    except OSError as exc:
+        raise _bind_error(exc, setting, listener, option) from None
     (new,) = [a for a in map(tuple, runner.addresses) if a not in before]
     return new[1]
 
 
-async def serve(cfg: Config) -> int:
-    store = open_store(cfg)
-    core = Core(cfg, store)
-    core.ca.ensure_server_cert(cfg.pki.server_names)
-    await ensure_admin(core)
+async def serve(cfg: Config, first_start: str | None = None) -> int:
+    """Run until SIGINT/SIGTERM. `first_start`: a line announcing a new installation, printed once
+    it has been created."""
+    # Whatever has started is stopped again, in reverse order, on the way out: after SIGTERM, and
+    # when a later step fails (a port in use), so a failed start leaves nothing running or open.
+    async with contextlib.AsyncExitStack() as started:
+        store = open_store(cfg)
+        started.push_async_callback(asyncio.to_thread, store.close)
+        core = Core(cfg, store)
+        core.ca.ensure_server_cert(cfg.pki.server_names)
+        await ensure_admin(core)
+        if first_start:
+            print(first_start, flush=True)
 
-    mqtt = MqttBroker(cfg, core)
-    await mqtt.start()
-    core.attach(mqtt)
-    await core.presence.restore()
-    await core.status.republish_all()
-    core.outbox.start()
-    await mqtt.listen()
+        mqtt = MqttBroker(cfg, core)
+        await mqtt.start()
+        started.push_async_callback(core.outbox.stop)  # runs after mqtt.stop
+        started.push_async_callback(mqtt.stop)
+        core.attach(mqtt)
+        await core.presence.restore()
+        await core.status.republish_all()
+        core.outbox.start()
+        await _listen_mqtt(cfg, mqtt)
 
-    # keepalive_timeout also bounds a request head that never completes (slow-loris); aiohttp's
-    # default is an hour. A running handler (a long-poll) is not cut by it.
-    runner = web.AppRunner(make_app(core), access_log=None, shutdown_timeout=5, keepalive_timeout=10)
-    await runner.setup()
-    ports = {"mqtt_tls": mqtt.ports.get(TLS), "mqtt_plain": mqtt.ports.get(PLAIN)}
-    if cfg.http.http.enabled:
-        ports["http"] = await _start_site(runner, cfg.http.http.host, cfg.http.http.port)
-    if cfg.http.https.enabled:
-        ports["https"] = await _start_site(
-            runner, cfg.http.https.host, cfg.http.https.port, https_context(core)
-        )
-    core.endpoints.mqtt_tls_port = ports["mqtt_tls"] or cfg.mqtt.tls.port
-    core.endpoints.http_port = ports.get("http") or cfg.http.http.port
-    core.endpoints.https_port = ports.get("https")
+        # keepalive_timeout also bounds a request head that never completes (slow-loris); aiohttp's
+        # default is an hour. A running handler (a long-poll) is not cut by it.
+        runner = web.AppRunner(make_app(core), access_log=None, shutdown_timeout=5, keepalive_timeout=10)
+        await runner.setup()
+        started.push_async_callback(runner.cleanup)
+        ports = {"mqtt_tls": mqtt.ports.get(TLS), "mqtt_plain": mqtt.ports.get(PLAIN)}
+        if cfg.http.http.enabled:
+            ports["http"] = await _start_site(runner, cfg.http.http, "http.http", "--http-port")
+        if cfg.http.https.enabled:
+            ports["https"] = await _start_site(
+                runner, cfg.http.https, "http.https", "--https-port", https_context(core)
+            )
+        core.endpoints.mqtt_tls_port = ports["mqtt_tls"] or cfg.mqtt.tls.port
+        core.endpoints.http_port = ports.get("http") or cfg.http.http.port
+        core.endpoints.https_port = ports.get("https")
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    # Everything built so far lives as long as the process: keep it out of the collector's scans
-    # (with thousands of sessions, full collections paused the loop for seconds).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)  # fewer young collections under load (default 700)
-    # One machine-readable line: tests and supervisors learn the bound ports from it.
-    print("thingbridge ready " + orjson.dumps({"pid": os.getpid(), **ports}).decode(), flush=True)
-    await stop.wait()
-
-    log.info("stopping: closing listeners, flushing writes")
-    await runner.cleanup()
-    await mqtt.stop()
-    await core.outbox.stop()
-    await asyncio.to_thread(store.close)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        # Everything built so far lives as long as the process: keep it out of the collector's scans
+        # (with thousands of sessions, full collections paused the loop for seconds).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)  # fewer young collections under load (default 700)
+        # One machine-readable line: tests and supervisors learn the bound ports from it.
+        print("thingbridge ready " + orjson.dumps({"pid": os.getpid(), **ports}).decode(), flush=True)
+        await stop.wait()
+        log.info("stopping: closing listeners, flushing writes")
     log.info("stopped")
     return 0
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, config_file: Path | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (exit status 0); a StartupError propagates to the caller.
+    `config_file`: the file `cfg` came from (None: built-in defaults)."""
+    check_folders(cfg)
+    first_start = None
+    if not cfg.db_path.exists():
+        source = config_file.resolve() if config_file else f"built-in defaults; no config file ({LOOKED_FOR})"
+        first_start = (
+            f"New installation ({source}): database and secret key in {cfg.data_dir}, CA in {cfg.pki.dir}"
+        )
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -112,5 +216,5 @@ def run(cfg: Config) -> int:
     logging.getLogger("amqtt").setLevel(logging.ERROR)
     logging.getLogger("transitions").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, first_start))
     return 0

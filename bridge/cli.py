@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import os
 import sys
@@ -22,18 +23,24 @@ from bridge.core.service import Core
 from bridge.core.things import NewThing
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
+    """--config and --data-dir, accepted before the subcommand (the main parser's defaults) and
+    after it (SUPPRESS: a subcommand that is not given them keeps what came before)."""
     p.add_argument(
         "--config",
         type=Path,
-        default=Path("broker.yaml"),
-        help="config file (default ./broker.yaml); relative paths in it resolve against its folder",
+        default=default,
+        help=f"config file (default: ${config.CONFIG_ENV}, else ./broker.yaml); "
+        "relative paths in it resolve against its folder",
     )
-    p.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir in the config)")
+    p.add_argument(
+        "--data-dir", type=Path, default=default, help="data directory (overrides data_dir in the config)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thingbridge", description="MQTT-first IoT broker bridge")
+    _common(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the bridge (broker, HTTP, store) in one process")
@@ -110,13 +117,44 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_files(folder: Path, files: dict[str, bytes]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        path = folder / name
-        path.write_bytes(data)
-        if name.endswith(".key"):
-            os.chmod(path, 0o600)
+def _check_out(out: Path) -> None:
+    """Refuse an --out that would overwrite anything, before anything is created."""
+    from bridge.app import unusable
+
+    try:
+        if out.is_dir():
+            if any(out.iterdir()):
+                raise Invalid(f"--out {out}: the folder is not empty; name a new or empty folder")
+        elif out.exists() or out.is_symlink():
+            raise Invalid(f"--out {out}: exists and is not a folder; name a new or empty folder")
+        elif (why := unusable(out)) is not None:
+            raise Invalid(f"--out {out}: {why}")
+    except OSError as exc:  # a name too long, a folder we may not list
+        raise Invalid(f"--out {out}: {exc.strerror}") from None
+
+
+def _write_out(out: Path, files: dict[str, bytes]) -> None:
+    """Write files into the new or empty folder `out` (see _check_out), private keys mode 0600;
+    on failure remove what was written and the folders made for it."""
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]
+    written: list[Path] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            path = out / name
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if name.endswith(".key") else 0o644
+            )
+            written.append(path)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+    except OSError as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in made:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise Invalid(f"--out {out}: cannot write {exc.filename or out}: {exc.strerror}") from None
 
 
 async def _user_add(core: Core, a: argparse.Namespace) -> None:
@@ -130,20 +168,27 @@ async def _user_add(core: Core, a: argparse.Namespace) -> None:
 
 
 async def _app_add(core: Core, a: argparse.Namespace) -> None:
+    if a.out:
+        _check_out(a.out)
     password = a.password or generate_password()
     app = await core.accounts.create_app(a.name, a.owner, password, a.fleet_wide)
     print(f"created application {app.name}: MQTT username {app.name!r}, client id 'app:{app.name}'")
     if not a.password:
         print(f"password: {password}")
     if a.out:
-        _write_files(a.out, await core.issue_app_certificate(app))
+        _write_out(a.out, await core.issue_app_certificate(app))
         print(f"wrote TLS client certificate to {a.out}")
 
 
 async def _thing_create(core: Core, a: argparse.Namespace) -> None:
     owner = await core.accounts.user_by_name(a.owner)
+    _check_out(a.out)
     thing = await core.things.create(owner, NewThing(id=a.id, name=a.name, type=a.type, key_type=a.key_type))
-    _write_files(a.out, thing_files(thing, core.ca.ca_pem, core.endpoints))
+    try:
+        _write_out(a.out, thing_files(thing, core.ca.ca_pem, core.endpoints))
+    except Exception:
+        await core.things.delete(owner, thing.id)  # no orphan counted against the quota
+        raise
     print(f"created thing {thing.id}; bundle written to {a.out}")
 
 
@@ -216,14 +261,14 @@ def _apply_overrides(cfg: config.Config, a: argparse.Namespace) -> None:
     if a.host:
         for listener in (cfg.mqtt.tls, cfg.http.http, cfg.http.https):
             listener.host = a.host
-    for value, listener in (
-        (a.mqtt_port, cfg.mqtt.tls),
-        (a.mqtt_plain_port, cfg.mqtt.plain),
-        (a.http_port, cfg.http.http),
-        (a.https_port, cfg.http.https),
+    for option, value, listener in (
+        ("--mqtt-port", a.mqtt_port, cfg.mqtt.tls),
+        ("--mqtt-plain-port", a.mqtt_plain_port, cfg.mqtt.plain),
+        ("--http-port", a.http_port, cfg.http.http),
+        ("--https-port", a.https_port, cfg.http.https),
     ):
         if value is not None:
-            listener.port = value
+            listener.port = config.check(config.Listener, "port", value, option)
 
 
 async def _run_command(cfg: config.Config, a: argparse.Namespace) -> None:
@@ -236,20 +281,41 @@ async def _run_command(cfg: config.Config, a: argparse.Namespace) -> None:
         await asyncio.to_thread(store.close)
 
 
+def _require_installation(cfg: config.Config, path: Path | None) -> None:
+    """Commands work on what `serve` created. Creating a second installation instead (a new
+    database, secret and CA that the running server never sees) is what a command run from the
+    wrong folder used to do."""
+    # what the first `serve` creates: the database, the keyring's secret, the CA
+    made_by_serve = (cfg.db_path, cfg.data_dir / "secret.key", cfg.pki.dir / "ca.pem")
+    missing = next((file for file in made_by_serve if not file.exists()), None)
+    if missing is None:
+        return
+    if path is None:
+        raise config.ConfigError(
+            f"no configuration found (looked for {config.LOOKED_FOR}); "
+            "run this where broker.yaml is, or pass --config"
+        )
+    raise config.ConfigError(
+        f"no installation at {missing.parent} (no {missing.name}; configured by {path}): "
+        "start `thingbridge serve` first, or pass --config"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        cfg = config.load(a.config, a.data_dir)
-    except config.ConfigError as exc:
+        path = config.locate(a.config)
+        cfg = config.load(path, a.data_dir)
+        if a.command == "serve":
+            from bridge.app import run
+
+            _apply_overrides(cfg, a)
+            return run(cfg, path)
+        _require_installation(cfg, path)
+        asyncio.run(_run_command(cfg, a))
+    except config.ConfigError as exc:  # a setting, option or the environment: exit status 2
         print(f"thingbridge: {exc}", file=sys.stderr)
         return 2
-    if a.command == "serve":
-        from bridge.app import run
-
-        _apply_overrides(cfg, a)
-        return run(cfg)
-    try:
-        asyncio.run(_run_command(cfg, a))
     except DomainError as exc:
         print(f"thingbridge: {exc}", file=sys.stderr)
         return 1

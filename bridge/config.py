@@ -1,23 +1,37 @@
-"""broker.yaml: one dataclass tree, loaded strictly (an unknown key is an error, not a silent default)."""
+"""broker.yaml: one dataclass tree, loaded strictly (an unknown key is an error, not a silent default;
+a value outside its field's range is an error too, named by its path)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+CONFIG_ENV = "THINGBRIDGE_CONFIG"
+LOOKED_FOR = f"--config, ${CONFIG_ENV}, ./broker.yaml"
+
 
 class ConfigError(ValueError):
-    pass
+    """A setting, option or environment value the user must change: shown as one line, exit status 2."""
+
+
+def _int(default: int, lo: int, hi: int | None = None) -> Any:
+    """An integer field with its allowed range (`hi` None: no upper bound)."""
+    return field(default=default, metadata={"min": lo, "max": hi})
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass
 class Listener:
     host: str = "127.0.0.1"
-    port: int = 0
+    port: int = _int(0, 0, 65535)  # 0: any free port
     enabled: bool = True
 
 
@@ -26,8 +40,9 @@ class PkiConfig:
     dir: Path = Path("certs")
     # Extra DNS names / IPs for the server certificate; localhost and 127.0.0.1 are always included.
     server_names: list[str] = field(default_factory=list)
-    thing_cert_days: int = 3650
-    default_key_type: str = "RSA"
+    # Certificates must end before X.509's year 9999; a century is plenty.
+    thing_cert_days: int = _int(3650, 1, 36500)
+    default_key_type: str = _choice("RSA", "RSA", "EC")
 
 
 @dataclass
@@ -35,40 +50,41 @@ class MqttConfig:
     tls: Listener = field(default_factory=lambda: Listener("0.0.0.0", 8883))
     plain: Listener = field(default_factory=lambda: Listener("127.0.0.1", 1883))
     # A packet larger than this cuts the connection before it is buffered (amqtt has no limit of its own).
-    max_packet_size: int = 1024 * 1024
+    # MQTT 3.1.1 itself cannot frame more than 268,435,455 bytes after a 5-byte fixed header.
+    max_packet_size: int = _int(1024 * 1024, 1, 268_435_460)
     # A connection whose unsent output exceeds this (bytes) is closed: a client that does not read.
-    max_unsent: int = 8 * 1024 * 1024
+    max_unsent: int = _int(8 * 1024 * 1024, 1)
     # Disconnected persistent sessions are dropped after this many seconds (amqtt keeps them forever).
-    session_expiry: int = 7 * 24 * 3600
+    session_expiry: int = _int(7 * 24 * 3600, 0)
 
 
 @dataclass
 class HttpConfig:
     http: Listener = field(default_factory=lambda: Listener("0.0.0.0", 8080))
     https: Listener = field(default_factory=lambda: Listener("0.0.0.0", 8443))
-    max_body: int = 1024 * 1024
+    max_body: int = _int(1024 * 1024, 1)
     # Host name devices use to reach this bridge; written into thing bundles (dist zips).
     public_host: str = "localhost"
 
 
 @dataclass
 class AccountsConfig:
-    token_ttl: int = 3600
-    free_plan_things: int = 10
+    token_ttl: int = _int(3600, 1)
+    free_plan_things: int = _int(10, 0)
 
 
 @dataclass
 class MessagesConfig:
     # Largest message payload stored (bytes): HTTP answers 413, MQTT drops and counts it.
-    max_payload: int = 256 * 1024
+    max_payload: int = _int(256 * 1024, 1)
     # Most records one history query returns (the `limit` parameter may ask for fewer).
-    page_limit: int = 10000
+    page_limit: int = _int(10000, 1)
 
 
 @dataclass
 class StoreConfig:
     # FULL: a commit is on disk before we acknowledge it (QoS 1 PUBACK, HTTP 2xx).
-    synchronous: str = "FULL"
+    synchronous: str = _choice("FULL", "FULL", "NORMAL", "EXTRA")
 
 
 @dataclass
@@ -86,64 +102,96 @@ class Config:
         return self.data_dir / "thingbridge.sqlite"
 
 
+def check(cls: type, name: str, value: Any, path: str) -> Any:
+    """`value` for field `name` of `cls`, checked against the field's type and range; the error names
+    `path` (`accounts.token_ttl` from a file, `--mqtt-port` from the command line)."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = getattr(cls(), name)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false (got {value!r})")
+        return value
+    if isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer (got {value!r})")
+        lo, hi = spec.metadata["min"], spec.metadata["max"]
+        if hi is not None and not lo <= value <= hi:
+            raise ConfigError(f"{path}: must be between {lo} and {hi} (got {value})")
+        if value < lo:
+            raise ConfigError(f"{path}: must be at least {lo} (got {value})")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: expected a list of strings")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string (got {value!r})")
+    if isinstance(default, Path):
+        return Path(value)
+    choices = spec.metadata.get("choices")
+    if choices is not None:
+        if value.upper() not in choices:
+            raise ConfigError(f"{path}: expected {', '.join(choices[:-1])} or {choices[-1]} (got {value!r})")
+        return value.upper()
+    return value
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
-    if not dataclasses.is_dataclass(cls):
-        return raw
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(raw) - set(hints)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
     if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     kwargs = {}
     defaults = cls()
     for name, value in raw.items():
-        default = getattr(defaults, name)
         path = f"{where}.{name}" if where else name
+        default = getattr(defaults, name)
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, path)
-        elif isinstance(default, Path):
-            kwargs[name] = Path(value)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{path}: expected true or false")
-            kwargs[name] = value
-        elif isinstance(default, int):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{path}: expected an integer")
-            kwargs[name] = value
-        elif isinstance(default, list):
-            if not isinstance(value, list):
-                raise ConfigError(f"{path}: expected a list")
-            kwargs[name] = [str(v) for v in value]
         else:
-            kwargs[name] = str(value)
+            kwargs[name] = check(cls, name, value, path)
     return cls(**kwargs)
 
 
+def locate(explicit: Path | None) -> Path | None:
+    """The config file: `--config`, else $THINGBRIDGE_CONFIG, else ./broker.yaml; None when there is
+    none. A file named by the option or the variable must exist: falling through to another one
+    would quietly run a different installation."""
+    if explicit is not None:
+        named, source = explicit, "--config"
+    elif os.environ.get(CONFIG_ENV):
+        named, source = Path(os.environ[CONFIG_ENV]), f"${CONFIG_ENV}"
+    else:
+        default = Path("broker.yaml")
+        return default if default.exists() else None
+    if not named.exists():
+        raise ConfigError(f"{source} {named}: no such file")
+    return named
+
+
 def load(path: Path | None, data_dir: Path | None = None) -> Config:
-    """Read broker.yaml (a missing default file means built-in defaults); relative paths resolve
-    against the config file's folder, so the bridge behaves the same from any working directory."""
+    """Read a config file (None: built-in defaults, relative to the working directory); relative
+    paths resolve against the file's folder, so the bridge behaves the same from any directory."""
     base = Path.cwd()
-    raw: Any = {}
+    raw: Any = None
     if path is not None:
-        if path.exists():
-            try:
-                raw = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        elif path.name != "broker.yaml" or path.parent != Path("."):
-            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
         base = path.resolve().parent
-    cfg: Config = _build(Config, raw, "")
+    try:
+        cfg: Config = _build(Config, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     if data_dir is not None:
         cfg.data_dir = data_dir
     cfg.data_dir = (base / cfg.data_dir).resolve()
     cfg.pki.dir = (base / cfg.pki.dir).resolve()
-    if cfg.pki.default_key_type not in ("RSA", "EC"):
-        raise ConfigError("pki.default_key_type: expected RSA or EC")
-    if cfg.store.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
-        raise ConfigError("store.synchronous: expected FULL, NORMAL or EXTRA")
     return cfg

@@ -10,7 +10,7 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,14 +66,18 @@ class Bridge:
     def db_path(self) -> Path:
         return self.folder / "data" / "thingbridge.sqlite"
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, *, args: Sequence[str] | None = None) -> None:
+        """`args` replace `--config <config>`, and the process then runs in `folder`: a serve that
+        looks for its configuration itself."""
         env = {**os.environ, "THINGBRIDGE_ADMIN_PASSWORD": ADMIN_PASSWORD, "PYTHONUNBUFFERED": "1"}
+        where = ["--config", str(self.config)] if args is None else list(args)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve", "--config", str(self.config)],
+            [sys.executable, "-m", "bridge", "serve", *where],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            cwd=None if args is None else self.folder,
         )
         lines: queue.Queue[str | None] = queue.Queue()
 

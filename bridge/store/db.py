@@ -4,6 +4,8 @@ and a small pool of reader threads, so no SQLite call ever runs on the event loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import queue
 import sqlite3
 import threading
@@ -17,6 +19,16 @@ from bridge.store import schema
 T = TypeVar("T")
 _STOP = object()
 MAX_GROUP = 512
+
+
+def _owner_only(path: Path) -> None:
+    """The database holds password hashes and sealed private keys: mode 0600 like secret.key. SQLite
+    creates -wal and -shm with the database's mode; chmod also fixes an older installation's files."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(file, 0o600)
 
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
@@ -47,6 +59,7 @@ class Store:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(self.path)
         conn = _connect(self.path, self._synchronous)
         with conn:
             conn.execute("BEGIN IMMEDIATE")
