@@ -56,6 +56,10 @@ class MqttConfig:
     max_unsent: int = _int(8 * 1024 * 1024, 1)
     # Disconnected persistent sessions are dropped after this many seconds (amqtt keeps them forever).
     session_expiry: int = _int(7 * 24 * 3600, 0)
+    # An offline persistent session holds at most this many QoS 1 messages and bytes; when either
+    # is reached its oldest message is dropped and counted (droppedQueuedMessages in the stats).
+    max_queued_messages: int = _int(1000, 1)
+    max_queued_bytes: int = _int(16 * 1024 * 1024, 1)
 
 
 @dataclass
@@ -65,6 +69,9 @@ class HttpConfig:
     max_body: int = _int(1024 * 1024, 1)
     # Host name devices use to reach this bridge; written into thing bundles (dist zips).
     public_host: str = "localhost"
+    # What a thing token's `aud` may name besides `urn:<namespace>:<its id>`; empty: the public
+    # HTTP URLs (http://public_host:port, https://..., each also with /dev/v1).
+    token_audiences: list[str] = field(default_factory=list)
 
 
 @dataclass

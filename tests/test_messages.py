@@ -609,8 +609,6 @@ async def test_http_refuses_bad_input_and_stores_nothing(
 
     error(await call("POST", collect, thing_tok(), data=BIG, headers=as_text), 413)
     error(await call("POST", publish, alice.token, data=BIG, headers=as_text), 413)
-    error(await call("POST", collect, thing_tok(), data=b'{"half": ', headers=as_json), 400)
-    error(await call("POST", publish, alice.token, data=b'{"half": ', headers=as_json), 400)
     error(await call("POST", collect, thing_tok(), data=b"", headers=as_text), 400)
     error(await call("POST", publish, alice.token, data=b"", headers=as_json), 400)
 

@@ -721,3 +721,28 @@ async def test_connects_racing_a_revocation_leave_no_session(
     summary = f"{how}: CONNECTs accepted before being cut, per round: {accepted_counts}"
     print(summary)
     assert not problems, summary + "\n" + "\n".join(problems)
+
+
+# ==== a long-poll across a delete ===========================================================================
+async def test_a_long_poll_across_a_delete_gets_nothing_of_the_new_owner(
+    bridge: Bridge, alice: Account, bob: Account, api: Api, tmp_path: Path
+) -> None:
+    """An HTTP device of alice's waits for commands (long-poll with its own JWT); alice deletes it,
+    bob re-creates the id and sends a command: the old device's poll must not return bob's command."""
+    thing_id = fresh_id()
+    thing = await new_thing(bridge, alice, tmp_path / "a", thing_id)
+    poll = asyncio.create_task(
+        api.call(
+            "GET",
+            f"/things/{thing_id}/messages",
+            thing_token(thing),
+            params={"messagetype": "egress", "wait": "10"},
+        )
+    )
+    ok(await api.call("DELETE", f"/things/{thing_id}", alice.token))
+    await new_thing(bridge, bob, tmp_path / "b", thing_id)
+    secret = await api.publish(bob, thing_id, {"for": "bob's device only"})
+    answer = await asyncio.wait_for(poll, 15)
+    assert secret not in answer.body
+    assert answer.status == 401 or (answer.status == 200 and orjson.loads(answer.body)["result"] == [])
+    ok(await api.call("DELETE", f"/things/{thing_id}", bob.token))

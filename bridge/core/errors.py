@@ -17,6 +17,11 @@ class Unauthorized(DomainError):
     pass
 
 
+class Revoked(Unauthorized):
+    """The device identity behind a request was deleted, disabled or re-issued meanwhile: nothing
+    of what it sent is stored, and its connection is to be closed."""
+
+
 class Forbidden(DomainError):
     pass
 

@@ -11,14 +11,17 @@ import sqlite3
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from bridge.core import ids, jsonvalue
-from bridge.core.errors import Invalid, NotFound, TooLarge
+from bridge.core.errors import Invalid, NotFound, Revoked, TooLarge
 from bridge.core.ports import DeviceLink, NoLink
 from bridge.store import Store
+
+if TYPE_CHECKING:  # things.py imports this module (through status.py)
+    from bridge.core.things import DeviceIdentity
 
 INGRESS, EGRESS, STATUS = "ingress", "egress", "status"
 MESSAGE_TYPES = (INGRESS, EGRESS, STATUS)
@@ -66,16 +69,15 @@ class Query:
 
 
 def classify(payload: bytes, declared: str | None) -> str:
-    """How to store and show a payload. `declared` is what the sender said it is ("json" or
-    "text", from an HTTP Content-Type); a declared type must hold. Undeclared (MQTT, other media
-    types): json when it parses as JSON, else text when it is UTF-8, else base64."""
+    """How to store and show a payload. `declared` is "text" when the sender said it is text (an
+    HTTP Content-Type), which must then be UTF-8. Otherwise: json when it parses as JSON, else
+    text when it is UTF-8, else base64."""
     if declared != "text":
         try:
             jsonvalue.loads(payload)
             return "json"
         except Invalid:
-            if declared == "json":
-                raise
+            pass
     try:
         payload.decode()
         return "text"
@@ -107,20 +109,32 @@ def insert_message(
     payload: bytes,
     encoding: str,
     transport: str,
+    cert_id: str | None = None,
 ) -> Message:
     """Append one message; called inside a write transaction (also by flows that store a message
-    together with other state)."""
+    together with other state). The thing is checked in the same transaction: a message is stored
+    only while its thing exists with this owner and, for one a device sent (`cert_id`, the
+    certificate its identity rests on), is enabled with that certificate. Whatever was in flight
+    when a delete or disable committed is refused, and a re-created id starts empty."""
     msg_id, ts = ids.new_id(), ids.now()
+    device = " AND cert_id = ? AND enabled = 1" if cert_id is not None else ""
     cur = conn.execute(
         "INSERT INTO messages (id, thing_id, owner_id, type, ts, encoding, payload, transport)"
-        " VALUES (?,?,?,?,?,?,?,?)",
-        (msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport),
+        f" SELECT ?,?,?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM things WHERE id = ? AND owner_id = ?{device})",
+        (msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport, thing_id, owner_id)
+        + ((cert_id,) if cert_id is not None else ()),
     )
+    if cur.rowcount != 1:
+        if cert_id is not None:
+            raise Revoked(f"thing {thing_id!r} was deleted or disabled; nothing was stored")
+        raise NotFound(f"thing {thing_id!r} not found")
     return Message(cur.lastrowid or 0, msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport)
 
 
-def _where(thing_id: str, q: Query, after_seq: int | None) -> tuple[str, list[Any]]:
-    clauses, args = ["thing_id = ?"], [thing_id]
+def _where(thing_id: str, owner_id: str, q: Query, after_seq: int | None) -> tuple[str, list[Any]]:
+    # The owner too: a thing deleted and re-created by another user while a read or a long-poll
+    # was under way keeps the id, not the owner.
+    clauses, args = ["thing_id = ?", "owner_id = ?"], [thing_id, owner_id]
     if q.start is not None:
         clauses.append("ts >= ?")
         args.append(q.start)
@@ -144,23 +158,28 @@ class Messages:
         self.link: DeviceLink = NoLink()
         self._egress_waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
 
-    async def _store(
-        self, thing_id: str, owner_id: str, kind: str, payload: bytes, encoding: str, transport: str
-    ) -> Message:
-        return await self.store.write(insert_message, thing_id, owner_id, kind, payload, encoding, transport)
-
     def _check_size(self, payload: bytes) -> None:
         if len(payload) > self.max_payload:
             raise TooLarge(f"message of {len(payload)} bytes exceeds the limit of {self.max_payload} bytes")
 
     async def collect(
-        self, thing_id: str, owner_id: str, payload: bytes, *, transport: str, declared: str | None = None
+        self, device: DeviceIdentity, payload: bytes, *, transport: str, declared: str | None = None
     ) -> Message:
-        """A message from an authenticated thing: committed, then routed to `things/{id}/collect`."""
+        """A message from an authenticated thing: committed (while its identity still holds), then
+        routed to `things/{id}/collect`."""
         self._check_size(payload)
         encoding = classify(payload, declared)
-        message = await self._store(thing_id, owner_id, INGRESS, payload, encoding, transport)
-        await self.link.publish(f"things/{thing_id}/collect", payload)
+        message = await self.store.write(
+            insert_message,
+            device.thing_id,
+            device.owner_id,
+            INGRESS,
+            payload,
+            encoding,
+            transport,
+            device.cert_id,
+        )
+        await self.link.publish(f"things/{device.thing_id}/collect", payload)
         return message
 
     async def publish(
@@ -178,7 +197,9 @@ class Messages:
         self._check_size(payload)
         encoding = classify(payload, declared)
         owner = await self._owner(thing_id, owner_id)
-        message = await self._store(thing_id, owner, EGRESS, payload, encoding, transport)
+        message = await self.store.write(
+            insert_message, thing_id, owner, EGRESS, payload, encoding, transport
+        )
         await self.link.publish(f"things/{thing_id}/publish", payload)
         for waiter in self._egress_waiters.get(thing_id, ()):
             if not waiter.done():
@@ -206,12 +227,12 @@ class Messages:
         return row["seq"]
 
     async def query(self, thing_id: str, owner_id: str | None, q: Query) -> list[Message]:
-        await self._owner(thing_id, owner_id)
-        return await self._select(thing_id, q.check())
+        owner = await self._owner(thing_id, owner_id)
+        return await self._select(thing_id, owner, q.check())
 
-    async def _select(self, thing_id: str, q: Query) -> list[Message]:
+    async def _select(self, thing_id: str, owner_id: str, q: Query) -> list[Message]:
         after = await self._after_seq(thing_id, q.after)
-        where, args = _where(thing_id, q, after)
+        where, args = _where(thing_id, owner_id, q, after)
         # Time windows walk the (thing_id, ts) index, whose entries are in ts then rowid order, so
         # "ts, seq" needs no sort; a cursor walks (thing_id, type, seq). Both are arrival order.
         order = "seq" if after is not None else "ts, seq"
@@ -225,7 +246,7 @@ class Messages:
 
         return await self.store.read(select)
 
-    async def wait_egress(self, thing_id: str, q: Query, wait: float) -> list[Message]:
+    async def wait_egress(self, thing_id: str, owner_id: str, q: Query, wait: float) -> list[Message]:
         """Egress messages after the cursor; if none yet, wait up to `wait` s for the next one."""
         if not 0 <= wait <= MAX_WAIT:
             raise Invalid(f"wait must be between 0 and {MAX_WAIT} seconds")
@@ -234,14 +255,14 @@ class Messages:
         waiters = self._egress_waiters[thing_id]
         waiters.add(waiter)  # registered before the query, so nothing committed in between is missed
         try:
-            found = await self._select(thing_id, q)
+            found = await self._select(thing_id, owner_id, q)
             if found or wait == 0:
                 return found
             try:
                 await asyncio.wait_for(waiter, wait)
             except TimeoutError:
                 return []
-            return await self._select(thing_id, q)
+            return await self._select(thing_id, owner_id, q)
         finally:
             waiters.discard(waiter)
             if not waiters:
@@ -249,7 +270,7 @@ class Messages:
 
     async def delete(self, thing_id: str, owner_id: str, q: Query) -> int:
         await self._owner(thing_id, owner_id)
-        where, args = _where(thing_id, q.check(), None)
+        where, args = _where(thing_id, owner_id, q.check(), None)
         return await self.store.write(
             lambda c: c.execute(f"DELETE FROM messages WHERE {where}", args).rowcount
         )

@@ -7,6 +7,7 @@ import orjson
 
 from bridge.core import ids
 from bridge.core.ports import DeviceLink, NoLink
+from bridge.core.things import DeviceIdentity
 from bridge.store import Store
 
 
@@ -18,34 +19,43 @@ class Presence:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.link: DeviceLink = NoLink()
-        self._connections: dict[str, int] = {}
+        # Live connections per incarnation (thing id, certificate id): a deleted thing's
+        # connections that end late do not count against a new thing of the same id.
+        self._connections: dict[tuple[str, str], int] = {}
 
-    def connected(self, thing_id: str) -> bool:
+    def connected(self, device: DeviceIdentity) -> bool:
         """Count a new connection (synchronously, so events apply in the order they happened);
         True when the thing just came online."""
-        self._connections[thing_id] = self._connections.get(thing_id, 0) + 1
-        return self._connections[thing_id] == 1
+        key = (device.thing_id, device.cert_id)
+        self._connections[key] = self._connections.get(key, 0) + 1
+        return self._connections[key] == 1
 
-    def disconnected(self, thing_id: str) -> bool:
+    def disconnected(self, device: DeviceIdentity) -> bool:
         """True when the thing's last connection just closed."""
-        left = self._connections.get(thing_id, 0) - 1
+        key = (device.thing_id, device.cert_id)
+        left = self._connections.get(key, 0) - 1
         if left > 0:
-            self._connections[thing_id] = left
+            self._connections[key] = left
             return False
-        self._connections.pop(thing_id, None)
+        self._connections.pop(key, None)
         return left == 0
 
-    async def record(self, thing_id: str, state: str, transport: str = "mqtt") -> None:
+    async def record(self, device: DeviceIdentity, state: str, transport: str = "mqtt") -> None:
+        """Store and publish (retained) the new state, only while this incarnation of the thing
+        exists: a deleted thing's late offline event must not leave a retained message behind."""
         ts = ids.now()
-        await self.store.write(
-            lambda c: c.execute(
-                "INSERT INTO presence (thing_id, state, ts, transport) SELECT ?,?,?,? WHERE EXISTS"
-                " (SELECT 1 FROM things WHERE id = ?) ON CONFLICT (thing_id) DO UPDATE SET"
-                " state = excluded.state, ts = excluded.ts, transport = excluded.transport",
-                (thing_id, state, ts, transport, thing_id),
+        written = await self.store.write(
+            lambda c: (
+                c.execute(
+                    "INSERT INTO presence (thing_id, state, ts, transport) SELECT ?,?,?,? WHERE EXISTS"
+                    " (SELECT 1 FROM things WHERE id = ? AND cert_id = ?) ON CONFLICT (thing_id) DO UPDATE SET"
+                    " state = excluded.state, ts = excluded.ts, transport = excluded.transport",
+                    (device.thing_id, state, ts, transport, device.thing_id, device.cert_id),
+                ).rowcount
             )
         )
-        await self.link.publish(presence_topic(thing_id), _document(state, ts), retain=True)
+        if written:
+            await self.link.publish(presence_topic(device.thing_id), _document(state, ts), retain=True)
 
     async def restore(self) -> None:
         """At start-up nothing is connected: mark every thing offline and re-retain its last state."""

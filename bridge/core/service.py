@@ -34,6 +34,7 @@ class Core:
             default_key_type=cfg.pki.default_key_type,
             free_plan_things=cfg.accounts.free_plan_things,
             outbox=self.outbox,
+            audiences=self.token_audiences,
         )
         self.messages = Messages(
             store, max_payload=cfg.messages.max_payload, page_limit=cfg.messages.page_limit
@@ -54,6 +55,17 @@ class Core:
         self.link = link
         for flow in (self.things, self.messages, self.presence, self.outbox, self.status):
             flow.link = link
+
+    def token_audiences(self) -> list[str]:
+        """Audiences a thing token may name (besides `urn:<namespace>:<its id>`): the configured
+        ones, else the bridge's public HTTP URLs (with and without the things-gateway mount)."""
+        if self.cfg.http.token_audiences:
+            return self.cfg.http.token_audiences
+        ep = self.endpoints
+        bases = [f"http://{ep.host}:{ep.http_port}"]
+        if ep.https_port:
+            bases.append(f"https://{ep.host}:{ep.https_port}")
+        return [url for base in bases for url in (base, f"{base}/dev/v1")]
 
     async def issue_app_certificate(self, app: App) -> dict[str, bytes]:
         """A client certificate (CN `app:<name>`) so the application can use the TLS listener too.

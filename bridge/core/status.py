@@ -61,6 +61,8 @@ class DeviceRef:
     thing_id: str
     owner_id: str
     thing_type: str
+    # The certificate a connected device authenticated with (see messages.insert_message).
+    cert_id: str | None = None
 
 
 def config_topic(thing_id: str) -> str:
@@ -186,6 +188,7 @@ class Status:
         report = orjson.dumps({"status": status, "info": info or {}})
 
         def record(conn: sqlite3.Connection) -> str:
+            insert_message(conn, ref.thing_id, ref.owner_id, STATUS, report, "json", transport, ref.cert_id)
             _ensure_state(conn, ref.thing_id)
             reported = _reported_version(info)
             conn.execute(
@@ -193,7 +196,6 @@ class Status:
                 " reported_transport = ?, running_version = coalesce(?, running_version) WHERE thing_id = ?",
                 (status, orjson.dumps(info or {}).decode(), ids.now(), transport, reported, ref.thing_id),
             )
-            insert_message(conn, ref.thing_id, ref.owner_id, STATUS, report, "json", transport)
             state = conn.execute(
                 "SELECT running_version, fetched_config FROM thing_state WHERE thing_id = ?", (ref.thing_id,)
             ).fetchone()

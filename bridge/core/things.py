@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from bridge import pki
 from bridge.core import ids
-from bridge.core.accounts import User, active_policy
+from bridge.core.accounts import SubscriptionPolicy, User, active_policy
 from bridge.core.errors import Conflict, Invalid, NotFound, QuotaExceeded, Unauthorized
 from bridge.core.outbox import Outbox
 from bridge.core.ports import DeviceLink, NoLink
@@ -60,6 +61,9 @@ class NewThing:
 class DeviceIdentity:
     thing_id: str
     owner_id: str
+    # The certificate currently issued to the thing: which incarnation of the id this is. Writes
+    # made on its behalf are committed only while it is still the thing's enabled certificate.
+    cert_id: str
 
 
 class Things:
@@ -73,6 +77,7 @@ class Things:
         default_key_type: str,
         free_plan_things: int,
         outbox: Outbox,
+        audiences: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self.store = store
         self.ca = ca
@@ -81,10 +86,16 @@ class Things:
         self.default_key_type = default_key_type
         self.free_plan_things = free_plan_things
         self.outbox = outbox
+        # What a thing token's `aud` may name besides the thing itself (read when checked: the
+        # public URLs carry ports that are known only once the listeners are bound).
+        self.audiences = audiences
         self.link: DeviceLink = NoLink()
         # thing id -> owner id, for per-delivery tenancy checks; filled lazily, dropped on delete
         self._owners: dict[str, str] = {}
-        self._verifiers: dict[str, tuple[str, str, Any]] = {}
+        # Bumped by every delete and disable, before live sessions are closed: a check that read
+        # the registry before the bump re-reads it (see still_valid) instead of trusting it.
+        self.revocations = 0
+        self._verifiers: dict[str, tuple[str, str, str, Any]] = {}
         self._verified_tokens: dict[str, tuple[DeviceIdentity, float]] = {}
 
     def _row(self, row: sqlite3.Row) -> Thing:
@@ -125,6 +136,8 @@ class Things:
             kind = self.default_key_type if req.key_type is None else req.key_type
             if kind not in ("RSA", "EC"):
                 raise Invalid("keyType must be RSA or EC")
+            # Refuse over quota before spending ~40 ms of CPU on a key (checked again on insert).
+            _check_quota(await self.store.read(active_policy, owner.id, self.free_plan_things))
             key = await asyncio.to_thread(pki.generate_key, kind)
             public_key = key.public_key()
             private_pem = pki.private_pem(key)
@@ -147,15 +160,9 @@ class Things:
         sealed = self.keyring.seal(private_pem.encode(), thing_id.encode()) if private_pem else None
 
         def insert(conn: sqlite3.Connection) -> None:
-            policy = active_policy(conn, owner.id, self.free_plan_things)
-            if policy.statements[0].effect == "Deny":
-                raise QuotaExceeded(
-                    f"subscription allows {policy.statements[0].allowed} things and "
-                    f"{policy.statements[0].actual} exist",
-                    policy,
-                )
+            _check_quota(active_policy(conn, owner.id, self.free_plan_things))
             if conn.execute("SELECT 1 FROM thing_state WHERE reg_id = ?", (thing.id,)).fetchone():
-                raise Conflict(f"thing id {thing.id!r} is already in use as a regId")
+                raise Conflict(_unavailable(thing.id))
             try:
                 conn.execute(
                     "INSERT INTO things (id, owner_id, name, type, dist, key_type, cert_pem, cert_id,"
@@ -178,7 +185,7 @@ class Things:
                     ),
                 )
             except sqlite3.IntegrityError as exc:
-                raise Conflict(f"thing {thing_id!r} already exists") from exc
+                raise Conflict(_unavailable(thing_id)) from exc
             publish_config(conn, DeviceRef(thing.id, thing.owner_id, thing.type))
 
         await self.store.write(insert)
@@ -222,8 +229,7 @@ class Things:
 
         if await self.store.write(remove) is None:
             raise NotFound(f"thing {thing_id!r} not found")
-        self._owners.pop(thing_id, None)
-        self._forget_credentials(thing_id)
+        self._revoke(thing_id)
         await self.link.disconnect_thing(thing_id, forget=True)
 
     async def set_enabled(self, owner: User, thing_id: str, enabled: bool) -> Thing:
@@ -235,7 +241,7 @@ class Things:
 
         if not await self.store.write(update):
             raise NotFound(f"thing {thing_id!r} not found")
-        self._forget_credentials(thing_id)
+        self._revoke(thing_id)
         if not enabled:
             await self.link.disconnect_thing(thing_id, forget=False)
         return await self.get(owner, thing_id)
@@ -245,6 +251,7 @@ class Things:
         """The thing behind a verified client certificate, if it exists, is enabled, and the
         certificate is the one currently issued to it (so a deleted-and-recreated id does not
         accept the old certificate)."""
+        revocations = self.revocations
         row = await self.store.read(
             lambda c: c.execute(
                 "SELECT owner_id, cert_id, enabled FROM things WHERE id = ?", (thing_id,)
@@ -252,8 +259,25 @@ class Things:
         )
         if row is None or not row["enabled"] or row["cert_id"] != presented_cert_id:
             return None
-        self._owners[thing_id] = row["owner_id"]
-        return DeviceIdentity(thing_id, row["owner_id"])
+        if revocations == self.revocations:  # else the row may be gone already: do not cache it
+            self._owners[thing_id] = row["owner_id"]
+        return DeviceIdentity(thing_id, row["owner_id"], row["cert_id"])
+
+    async def standing(self, identity: DeviceIdentity, revocations: int) -> str:
+        """Whether an identity established when the counter stood at `revocations` still holds:
+        "valid", "disabled", or "gone" (deleted, or its certificate re-issued). The broker asks
+        once a session is registered: a delete or disable that committed between the CONNECT's
+        check and the registration found no session to close."""
+        if revocations == self.revocations:
+            return "valid"
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT cert_id, enabled FROM things WHERE id = ?", (identity.thing_id,)
+            ).fetchone()
+        )
+        if row is None or row["cert_id"] != identity.cert_id:
+            return "gone"
+        return "valid" if row["enabled"] else "disabled"
 
     async def verify_token(self, token: str, path_thing_id: str) -> DeviceIdentity:
         """A JWT signed with the thing's own private key (RS256 for RSA, ES256 for EC keys): header
@@ -270,7 +294,10 @@ class Things:
                     raise Unauthorized("thing token is for another thing")
                 return identity
             del self._verified_tokens[token]
+        revocations = self.revocations
         identity, expires = await self._verify_token(token, path_thing_id)
+        if revocations != self.revocations:
+            return identity  # a delete or disable ran meanwhile: use it once, do not remember it
         if len(self._verified_tokens) >= MAX_REMEMBERED_TOKENS:
             self._verified_tokens.pop(next(iter(self._verified_tokens)))  # the oldest
         self._verified_tokens[token] = (identity, expires)
@@ -288,41 +315,75 @@ class Things:
             if isinstance(iss, str) and iss.startswith(TOKEN_ISSUER_PREFIX)
             else None
         )
-        named = {n for n in (header.get("kid"), from_iss) if n}
-        if len(named) != 1:
+        kid = header.get("kid")
+        named = {n for n in (kid if isinstance(kid, str) else None, from_iss) if n}
+        if len(named) != 1 or (kid is not None and not isinstance(kid, str)):
             raise Unauthorized("thing token must name one thing in kid and/or iss (urn:thing:<id>)")
         (thing_id,) = named
         if thing_id != path_thing_id:
             raise Unauthorized("thing token is for another thing")
-        owner_id, algorithm, public_key = await self._verifier(thing_id)
+        # PyJWT takes a numeric string for exp/nbf/iat and then compares strings with numbers.
+        for claim in ("exp", "nbf", "iat"):
+            value = claims.get(claim)
+            if claim in claims and (not isinstance(value, int | float) or isinstance(value, bool)):
+                raise Unauthorized(f"thing token claim {claim!r} must be a number (epoch seconds)")
+        self._check_audience(claims.get("aud"), thing_id)
+        owner_id, cert_id, algorithm, public_key = await self._verifier(thing_id)
         try:
             verified = jwt.decode(
-                token, public_key, algorithms=[algorithm], options={"require": ["exp"]}, leeway=TOKEN_LEEWAY
+                token,
+                public_key,
+                algorithms=[algorithm],
+                options={"require": ["exp"], "verify_aud": False},  # checked above, by our rule
+                leeway=TOKEN_LEEWAY,
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized("thing token expired") from exc
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"thing token rejected: {exc}") from exc
         start = verified.get("nbf", verified.get("iat", ids.now()))
-        if not isinstance(start, int | float) or verified["exp"] - min(start, ids.now()) > MAX_TOKEN_LIFETIME:
+        if verified["exp"] - min(start, ids.now()) > MAX_TOKEN_LIFETIME:
             raise Unauthorized("thing token lifetime exceeds 24 hours")
-        return DeviceIdentity(thing_id, owner_id), verified["exp"]
+        return DeviceIdentity(thing_id, owner_id, cert_id), verified["exp"]
 
-    def _forget_credentials(self, thing_id: str) -> None:
+    def _check_audience(self, aud: Any, thing_id: str) -> None:
+        """The audience is not part of the document's contract, but device SDKs send one. Accepted:
+        none; `urn:<namespace>:<this thing's id>` (any namespace); one of the configured
+        audiences (default: the bridge's public HTTP URLs). A URN naming another thing, or any
+        other audience, is refused; with a list, every entry must be acceptable."""
+        if aud is None:
+            return
+        entries = aud if isinstance(aud, list) else [aud]
+        if not entries or not all(isinstance(a, str) for a in entries):
+            raise Unauthorized("thing token claim 'aud' must be a string or a list of strings")
+        accepted = {a.rstrip("/") for a in self.audiences()}
+        for entry in entries:
+            if entry.startswith("urn:") and entry.count(":") >= 2:
+                if entry.rsplit(":", 1)[1] != thing_id:
+                    raise Unauthorized("thing token audience names another thing")
+            elif entry.rstrip("/") not in accepted:
+                raise Unauthorized(f"thing token audience {entry[:200]!r} is not accepted here")
+
+    def _revoke(self, thing_id: str) -> None:
+        self.revocations += 1
+        self._owners.pop(thing_id, None)
         self._verifiers.pop(thing_id, None)
         self._verified_tokens = {
             token: entry for token, entry in self._verified_tokens.items() if entry[0].thing_id != thing_id
         }
 
-    async def _verifier(self, thing_id: str) -> tuple[str, str, Any]:
-        """(owner, JWT algorithm, loaded public key) of an enabled thing, kept in memory: parsing
-        the key and reading the row cost more than the signature check. Dropped on delete/disable."""
+    async def _verifier(self, thing_id: str) -> tuple[str, str, str, Any]:
+        """(owner, certificate id, JWT algorithm, loaded public key) of an enabled thing, kept in
+        memory: parsing the key and reading the row cost more than the signature check. Dropped on
+        delete/disable."""
         cached = self._verifiers.get(thing_id)
         if cached is not None:
             return cached
+        revocations = self.revocations
         row = await self.store.read(
             lambda c: c.execute(
-                "SELECT owner_id, key_type, public_key_pem, enabled FROM things WHERE id = ?", (thing_id,)
+                "SELECT owner_id, cert_id, key_type, public_key_pem, enabled FROM things WHERE id = ?",
+                (thing_id,),
             ).fetchone()
         )
         if row is None:
@@ -332,10 +393,12 @@ class Things:
         algorithm = "ES256" if row["key_type"] == "EC" else "RS256"
         cached = (
             row["owner_id"],
+            row["cert_id"],
             algorithm,
             serialization.load_pem_public_key(row["public_key_pem"].encode()),
         )
-        self._verifiers[thing_id] = cached
+        if revocations == self.revocations:
+            self._verifiers[thing_id] = cached
         return cached
 
     async def type_of(self, thing_id: str) -> str:
@@ -352,10 +415,27 @@ class Things:
     async def owner_of(self, thing_id: str) -> str | None:
         owner = self._owners.get(thing_id)
         if owner is None:
+            revocations = self.revocations
             row = await self.store.read(
                 lambda c: c.execute("SELECT owner_id FROM things WHERE id = ?", (thing_id,)).fetchone()
             )
             if row is None:
                 return None
-            owner = self._owners[thing_id] = row["owner_id"]
+            owner = row["owner_id"]
+            if revocations == self.revocations:
+                self._owners[thing_id] = owner
         return owner
+
+
+def _check_quota(policy: SubscriptionPolicy) -> None:
+    statement = policy.statements[0]
+    if statement.effect == "Deny":
+        raise QuotaExceeded(
+            f"subscription allows {statement.allowed} things and {statement.actual} exist", policy
+        )
+
+
+def _unavailable(thing_id: str) -> str:
+    # The same answer whoever holds the id (you, another user, a regId alias): ids are global
+    # (certificate CN, topic level), and a 409 that said whose it is would confirm it exists.
+    return f"thing id {thing_id!r} is not available; choose another, or omit flthingspk for a generated one"

@@ -336,6 +336,9 @@ SCHEMAS: dict[str, Schema] = {
                 "deniedPublishes",
                 "deniedSubscribes",
                 "droppedMessages",
+                "droppedQueuedMessages",
+                "queuedMessages",
+                "refusedRetainedPublishes",
             )
         }
         | {

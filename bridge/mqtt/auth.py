@@ -17,6 +17,7 @@ from amqtt.session import Session
 
 from bridge import pki
 from bridge.core.errors import TooManyRequests
+from bridge.core.things import DeviceIdentity
 from bridge.mqtt import topics
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ class Principal:
     name: str
     owner_id: str
     fleet_wide: bool = False
+    # A thing's identity, and the registry's revocation counter when it was checked.
+    device: DeviceIdentity | None = None
+    revocations: int = 0
 
     @property
     def client_id_prefix(self) -> str:
@@ -104,10 +108,13 @@ class IdentityPlugin(BaseAuthPlugin):
                 if app is None or app.cert_id != presented:
                     raise Refused("unknown_certificate", "unknown or revoked application certificate")
                 return Principal("app", app.name, app.owner_id, app.fleet_wide)
+            revocations = core.things.revocations
             device = await core.things.identify_device(cn, presented)
             if device is None:
                 raise Refused("unknown_certificate", "unknown, disabled or revoked thing certificate")
-            return Principal("thing", device.thing_id, device.owner_id)
+            return Principal(
+                "thing", device.thing_id, device.owner_id, device=device, revocations=revocations
+            )
         if not session.username or session.password is None:
             raise Refused("no_credentials", "plain listener needs an application username and password")
         try:
@@ -120,6 +127,15 @@ class IdentityPlugin(BaseAuthPlugin):
         if app is None:
             raise Refused("bad_password", "bad application username or password")
         return Principal("app", app.name, app.owner_id, app.fleet_wide)
+
+
+async def standing(core: Any, session: Session) -> str:
+    """ "valid", or why a registered session must go: "disabled" (its session is kept for when the
+    thing is enabled again) or "gone" (deleted or re-issued: its session goes too)."""
+    principal: Principal | None = session.attributes.get(PRINCIPAL)
+    if principal is None or principal.device is None:
+        return "valid"
+    return await core.things.standing(principal.device, principal.revocations)
 
 
 def _client_id_rule(principal: Principal) -> str:

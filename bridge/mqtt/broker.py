@@ -16,8 +16,15 @@ from amqtt.broker import Broker
 
 from bridge.config import Config
 from bridge.core.service import Core
-from bridge.mqtt.auth import Counters
-from bridge.mqtt.hardened import BridgeWriter, CappedReader, HardenedBroker, close_client
+from bridge.mqtt.auth import Counters, standing
+from bridge.mqtt.hardened import (
+    BridgeWriter,
+    CappedReader,
+    HardenedBroker,
+    Limits,
+    close_client,
+    keep_unread_input,
+)
 from bridge.mqtt.router import Router
 
 log = logging.getLogger(__name__)
@@ -65,7 +72,11 @@ class MqttBroker:
         self.broker = self.broker_cls(self._amqtt_config())
         if isinstance(self.broker, HardenedBroker):
             self.broker.ingest = Router(self.core, self.counters, self.publish).ingest
-            self.broker.max_pending = self.cfg.mqtt.max_unsent
+            self.broker.standing = lambda session: standing(self.core, session)
+            limits = self.broker.limits
+            limits.max_pending = self.cfg.mqtt.max_unsent
+            limits.max_queued_messages = self.cfg.mqtt.max_queued_messages
+            limits.max_queued_bytes = self.cfg.mqtt.max_queued_bytes
         await self.broker.start()
 
     async def listen(self) -> None:
@@ -93,6 +104,7 @@ class MqttBroker:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: str) -> None:
         assert self.broker is not None
+        keep_unread_input(writer.transport)
         try:
             await self.broker.external_connected(
                 CappedReader(reader, self.cfg.mqtt.max_packet_size),
@@ -137,6 +149,7 @@ class MqttBroker:
 
     def stats(self) -> dict[str, Any]:
         sessions = list(self.broker.sessions.values()) if self.broker is not None else []
+        limits = self.broker.limits if isinstance(self.broker, HardenedBroker) else Limits()
         return {
             "connections": sum(1 for session, _ in sessions if session.transitions.is_connected()),
             "sessions": len(sessions),
@@ -146,6 +159,10 @@ class MqttBroker:
             "deniedPublishes": self.counters.denied_publishes,
             "deniedSubscribes": self.counters.denied_subscribes,
             "droppedMessages": self.counters.dropped_messages,
+            # oldest messages dropped from full offline queues (mqtt.max_queued_*)
+            "droppedQueuedMessages": limits.dropped_queued,
+            "queuedMessages": sum(session.retained_messages.qsize() for session, _ in sessions),
+            "refusedRetainedPublishes": limits.refused_retained,
             # both transports: HTTP GET /token and the plain listener share one checker
             "passwordChecks": self.core.accounts.passwords.stats(),
         }

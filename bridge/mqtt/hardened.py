@@ -7,7 +7,7 @@ Defects fixed (letters as in docs/amqtt-defects.md, which describes each one and
      another device's certificate                                  -> _initialize_client_session
   B  a CONNECT deleted the existing session of its client id before it was authenticated
   C  a rejected CONNECT still took over / registered a session     -> both: authenticate first
-  D  keepalive was never enforced (handle_read_timeout is `pass`)  -> BridgeHandler.handle_read_timeout
+  D  keepalive was never enforced (handle_read_timeout is `pass`)  -> BridgeHandler._reader_loop
   E  on CONNECT, retained messages matching *any* session's filters were pushed, with no ACL
                                                                    -> _publish_retained_messages_for_subscription
   F  PUBLISHes already PUBACKed were dropped when the client disconnected -> _handle_disconnect
@@ -34,20 +34,34 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.codecs_amqtt import read_or_raise
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.mqtt import packet_dict
+from amqtt.mqtt import packet_class, packet_dict
 from amqtt.mqtt import publish as publish_module
 from amqtt.mqtt import subscribe as subscribe_module
 from amqtt.mqtt import unsubscribe as unsubscribe_module
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.constants import QOS_0, QOS_1
-from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.packet import (
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
 from amqtt.mqtt.protocol import handler as protocol_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
@@ -61,6 +75,10 @@ log = logging.getLogger(__name__)
 PREAUTHENTICATED = "thingbridge.preauthenticated"
 # An asyncio.Event a take-over waits on until the old connection's disconnect has been handled.
 DISCONNECTED = "thingbridge.disconnected"
+# Set on a session whose identity was revoked (deleted, disabled, re-issued): nothing more it sends
+# is taken, its will is not sent; with FORGET its session is dropped once its connection ended.
+REVOKED = "thingbridge.revoked"
+FORGET = "thingbridge.forget"
 
 
 class MalformedPacket(ConnectionError):
@@ -96,12 +114,20 @@ async def _strict_string(reader: Any) -> str:
 # discarded" and reads on from the middle of it). amqtt looks these names up in its own modules as
 # it parses; the broker is the only amqtt user in this process, so patching them here is contained.
 packet_dict.update({packet_type: _strict(cls) for packet_type, cls in packet_dict.items()})
-protocol_handler.MQTTFixedHeader = _strict(MQTTFixedHeader)  # a 5-byte remaining length, etc.
+StrictFixedHeader = _strict(MQTTFixedHeader)  # a 5-byte remaining length, etc.
+protocol_handler.MQTTFixedHeader = StrictFixedHeader  # also for the CONNECT, read by stock code
 for _module in (publish_module, subscribe_module, unsubscribe_module):
     _module.decode_string = _strict_string  # type: ignore[attr-defined]
 
 # (session, topic, payload) -> True when the bridge took the message over (stored and routed it).
 Ingest = Callable[[Session, str, bytes], Awaitable[bool]]
+# session -> "valid", "disabled" or "gone": asked again once a session is registered.
+Standing = Callable[[Session], Awaitable[str]]
+
+
+class ClientRevoked(Exception):
+    """Raised by the ingest hook for a client whose identity no longer holds: nothing it sent is
+    stored or acknowledged, and its connection is cut."""
 
 
 class ConsumedMessage(IncomingApplicationMessage):
@@ -111,12 +137,61 @@ class ConsumedMessage(IncomingApplicationMessage):
     __slots__ = ()
 
 
-class BridgeHandler(BrokerProtocolHandler):
-    ingest: Ingest | None = None
+class OfflineQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """A persistent session's messages for while it is offline (stock: a plain asyncio.Queue),
+    knowing its size in bytes and its head's (through the subclassing hooks asyncio.Queue offers)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)  # type: ignore[misc]
+        self.bytes = 0
+
+    def _put(self, item: RetainedApplicationMessage) -> None:
+        super()._put(item)  # type: ignore[misc]
+        self.bytes += len(item.data or b"")
+
+    def _get(self) -> RetainedApplicationMessage:
+        item = super()._get()  # type: ignore[misc]
+        self.bytes -= len(item.data or b"")
+        return item
+
+    def head_size(self) -> int:
+        return len(self._queue[0].data or b"")  # type: ignore[attr-defined]
+
+
+@dataclass
+class Limits:
+    """Bounds of what the broker holds per client, and the count of what they dropped."""
+
     # Bytes of deliveries not yet written and acknowledged; amqtt starts a task per delivery, each
     # holding its payload, so a subscriber that does not read would grow memory without bound.
     max_pending: int = 8 * 1024 * 1024
+    # What an offline persistent session may have queued; beyond either bound the oldest goes.
+    max_queued_messages: int = 1000
+    max_queued_bytes: int = 16 * 1024 * 1024
+    dropped_queued: int = 0
+    refused_retained: int = 0
+
+    def enqueue(self, session: Session, message: RetainedApplicationMessage) -> None:
+        """Queue a message for an offline session. Full: drop the oldest (as EMQX does: the
+        newest command is the one that matters), count it, and say so in the log."""
+        queue: OfflineQueue = session.retained_messages
+        queue.put_nowait(message)
+        while queue.qsize() > self.max_queued_messages or queue.bytes > self.max_queued_bytes:
+            queue.get_nowait()
+            self.dropped_queued += 1
+            log.warning("offline queue of %s is full: dropped its oldest message", session.client_id)
+
+
+class BridgeHandler(BrokerProtocolHandler):
+    ingest: Ingest | None = None
+    standing: Standing | None = None
+    limits: Limits = Limits()
     _pending: int = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._retries: set[asyncio.Future[None]] = set()
+        self._packet_tasks: set[asyncio.Task[None]] = set()
 
     async def mqtt_publish(
         self,
@@ -126,12 +201,15 @@ class BridgeHandler(BrokerProtocolHandler):
         retain: bool,
         ack_timeout: int | None = None,
     ) -> OutgoingApplicationMessage:
-        size = len(data)
-        if self._pending + size > self.max_pending:
+        size, session = len(data), self.session
+        if self._pending + size > self.limits.max_pending:
             if isinstance(self.writer, BridgeWriter):
-                client = self.session.client_id if self.session else "?"
+                client = session.client_id if session else "?"
                 log.warning("closing %s: %d bytes of deliveries it has not taken", client, self._pending)
                 self.writer.abort()
+            if session is not None and not session.clean_session and qos in (QOS_1, QOS_2):
+                # a persistent session gets it when it comes back, like anything sent while offline
+                self.limits.enqueue(session, RetainedApplicationMessage(None, topic, bytes(data), qos))
             raise ConnectionResetError("the subscriber does not read")
         self._pending += size
         try:
@@ -139,13 +217,48 @@ class BridgeHandler(BrokerProtocolHandler):
         finally:
             self._pending -= size
 
+    def revoke(self, *, forget: bool) -> None:
+        """Cut the connection at once: the transport is closed here, not when the reader task
+        notices a cancellation (which a read completing at the same moment can swallow), and any
+        packet already read is refused at the ingest seam."""
+        if self.session is not None:
+            self.session.attributes[REVOKED] = True
+            if forget:
+                self.session.attributes[FORGET] = True
+        if isinstance(self.writer, BridgeWriter):
+            self.writer.abort()
+
+    async def start(self) -> None:
+        # The session is registered and connected now: a revocation from here on finds it. One that
+        # committed after the CONNECT's identity check but before this point did not: ask again.
+        if self.standing is not None and self.session is not None:
+            verdict = await self.standing(self.session)
+            if verdict != "valid":
+                log.info("closing %s: revoked while it connected (%s)", self.session.client_id, verdict)
+                self.revoke(forget=verdict == "gone")
+        await super().start()
+
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         topic, data, session = publish_packet.topic_name, publish_packet.data, self.session
+        if session is not None and session.attributes.get(REVOKED):
+            return
+        if publish_packet.retain_flag and session is not None:
+            # Only the bridge retains (presence, config): no topic a client publishes on is retained
+            # in the contract. Dropped and counted like any denied publish, acknowledged if QoS 1.
+            self.limits.refused_retained += 1
+            log.info("retained publish by %s on %.200r refused", session.client_id, topic)
+            if publish_packet.qos == QOS_1 and publish_packet.variable_header is not None:
+                await self._send_packet(PubackPacket.build(publish_packet.variable_header.packet_id))
+            return
         if topic is None or data is None or session is None or self.ingest is None:
             await super().handle_publish(publish_packet)
             return
         try:
             consumed = await self.ingest(session, topic, bytes(data))
+        except ClientRevoked as exc:
+            log.info("closing %s: %s", session.client_id, exc)
+            self.revoke(forget=False)
+            return
         except Exception:
             # Not stored, so not acknowledged: the client re-sends after it reconnects.
             log.exception("could not store a message from %s; closing its connection", session.client_id)
@@ -166,23 +279,102 @@ class BridgeHandler(BrokerProtocolHandler):
         await self._handle_message_flow(message)  # QoS 2: the stock PUBREC/PUBREL/PUBCOMP exchange
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        """An outgoing QoS 1 message stays in `inflight_out` from its first send until its PUBACK,
+        and nothing else ever removes it (I, and redelivery of acknowledged messages: stock pops
+        the packet id on a 5 s timeout or a cancellation, which removed whichever message held the
+        id by then, so acknowledged messages were kept and re-sent, unacknowledged ones lost).
+        No timeout: [MQTT-4.4.0-1] re-sends only when the session resumes; a client that does not
+        acknowledge is bounded by `limits.max_pending` like one that does not read."""
         session = self.session
-        try:
+        if not isinstance(app_message, OutgoingApplicationMessage) or session is None:
             await super()._handle_qos1_message_flow(app_message)
-        except BaseException:
-            # I: stock pops the message from inflight_out on timeout or disconnect; keep it.
-            if (
-                session is not None
-                and isinstance(app_message, OutgoingApplicationMessage)
-                and app_message.puback_packet is None
-                and app_message.packet_id is not None
-            ):
-                session.inflight_out[app_message.packet_id] = app_message
-            raise
+            return
+        packet_id = app_message.packet_id
+        session.inflight_out[packet_id] = app_message
+        packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+        waiter: asyncio.Future[PubackPacket] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            await self._send_packet(packet)
+            app_message.publish_packet = packet
+            app_message.puback_packet = await waiter
+        finally:
+            if self._puback_waiters.get(packet_id) is waiter:
+                del self._puback_waiters[packet_id]
+        if session.inflight_out.get(packet_id) is app_message:
+            del session.inflight_out[packet_id]
 
-    def handle_read_timeout(self) -> None:
-        # the reader loop calls this synchronously; keep a reference so the task is not collected
-        self._closing = asyncio.ensure_future(self.handle_connection_closed())
+    async def _retry_deliveries(self) -> None:
+        """Stock re-sends every in-flight message here and waits up to 10 s for the acknowledgements
+        before the client loop runs; HardenedBroker._publish_session_retained_messages re-sends the
+        outgoing ones instead, once, in order. Incoming QoS 2 exchanges resume as in stock."""
+        session = self.session
+        if session is None:
+            return
+        for message in list(session.inflight_in.values()):
+            self._retries.add(task := asyncio.ensure_future(self._handle_message_flow(message)))
+            task.add_done_callback(self._retries.discard)
+
+    async def _reader_loop(self) -> None:
+        """Stock's loop (amqtt/mqtt/protocol/handler.py:443), changed where it lost data:
+        - acknowledgements, SUBSCRIBE/UNSUBSCRIBE and DISCONNECT are handled inline, in the order
+          they arrived. Stock made each a task and cancelled those not yet run when the stream
+          ended, so a PUBACK followed by DISCONNECT and EOF (mosquitto_sub -C 1) was lost and the
+          acknowledged message re-sent on every reconnect, and a clean DISCONNECT fired the will;
+        - the keepalive (D) is a deadline on this task, not a wait_for task that can swallow a
+          cancellation, and ends the connection;
+        - a packet that does not parse ends the connection (G'); PUBLISH still runs as a task
+          each, so a window of QoS 1 messages is committed in one group. A task left when the
+          connection ends finishes (or is refused at the ingest seam when the client is revoked)."""
+        session, ready = self.session, self._reader_ready
+        assert session is not None and ready is not None
+        keepalive = session.keep_alive if session.keep_alive > 0 else None
+        ready.set()
+        try:
+            while self.reader is not None:
+                async with asyncio.timeout(keepalive):
+                    fixed_header = await StrictFixedHeader.from_stream(self.reader)
+                if not fixed_header or fixed_header.packet_type in (RESERVED_0, RESERVED_15):
+                    break
+                packet = await packet_class(fixed_header).from_stream(self.reader, fixed_header=fixed_header)
+                kind = fixed_header.packet_type
+                if kind == DISCONNECT:
+                    await self.handle_disconnect(packet)
+                    break
+                inline = self._inline_handlers.get(kind)
+                if inline is not None:
+                    await getattr(self, inline)(packet)
+                elif kind in (PUBLISH, PINGREQ):  # both may wait on the store or the writer
+                    task = asyncio.create_task(
+                        self.handle_publish(packet) if kind == PUBLISH else self.handle_pingreq(packet)
+                    )
+                    self._packet_tasks.add(task)
+                    task.add_done_callback(self._packet_done)
+                else:  # CONNECT again [MQTT-3.1.0-2], or a packet only a server sends
+                    break
+        except TimeoutError:
+            log.info("closing %s: no packet within its keepalive", session.client_id)
+        except (asyncio.CancelledError, ConnectionError, NoDataError, MQTTError, AMQTTError):
+            pass
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    _inline_handlers: ClassVar[dict[int, str]] = {
+        PUBACK: "handle_puback",
+        PUBREC: "handle_pubrec",
+        PUBREL: "handle_pubrel",
+        PUBCOMP: "handle_pubcomp",
+        SUBSCRIBE: "handle_subscribe",
+        UNSUBSCRIBE: "handle_unsubscribe",
+    }
+
+    def _packet_done(self, task: asyncio.Task[None]) -> None:
+        self._packet_tasks.discard(task)
+        if not task.cancelled() and isinstance(task.exception(), ConnectionError):
+            return  # the acknowledgement could not be written: the connection is gone
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("packet handling failed: %r", task.exception())
 
 
 class CappedReader(StreamReaderAdapter):
@@ -199,9 +391,18 @@ class CappedReader(StreamReaderAdapter):
         if n > self.max_read:
             # Not ConnectionResetError: amqtt turns that into NoDataError and reads on.
             raise MalformedPacket(f"MQTT packet of {n} bytes exceeds the limit of {self.max_read}")
+        reader = self._reader
+        if 0 < n <= len(reader._buffer):
+            # Served from the buffer, with no timer (the common case: a TLS record holds whole
+            # packets), and even when the connection has failed since: a write to a client that
+            # left sets the error on the reader too, and readexactly would then drop the PUBACK
+            # and DISCONNECT the client sent before it left.
+            data = bytes(reader._buffer[:n])
+            del reader._buffer[:n]
+            reader._maybe_resume_transport()
+            return data
         # n <= 1: the fixed header, read byte by byte, is bounded by the reader loop's keepalive.
-        # Data already buffered needs no timer (the common case: a TLS record holds whole packets).
-        if n <= 1 or len(self._reader._buffer) >= n:
+        if n <= 1:
             return await super().read(n)
         try:
             async with asyncio.timeout(self.body_timeout):
@@ -230,11 +431,46 @@ class BridgeWriter(StreamWriterAdapter):
             self._writer.transport.abort()
 
 
+def keep_unread_input(transport: asyncio.BaseTransport) -> None:
+    """asyncio stops reading a socket at the first failed write and drops what the peer sent that
+    was not read yet. A client that acknowledges its last message, sends DISCONNECT and resets the
+    connection (it leaves with our later packets unread, so its kernel sends RST; mosquitto_sub -C
+    does this) made our next write fail, and its PUBACK was lost: the acknowledged message was
+    re-sent on every reconnect. The kernel still holds those bytes: read them before closing."""
+    raw = getattr(transport, "_ssl_protocol", None)
+    raw = raw._transport if raw is not None else transport  # TLS: the socket transport below
+    force_close = raw._force_close  # type: ignore[attr-defined]
+
+    def read_then_close(exc: BaseException | None) -> None:
+        if exc is not None and not raw._closing:  # type: ignore[attr-defined]
+            protocol = raw.get_protocol()
+            with contextlib.suppress(OSError):
+                while data := raw._sock.recv(65536):  # type: ignore[attr-defined]
+                    if isinstance(protocol, asyncio.BufferedProtocol):
+                        view = memoryview(data)
+                        while view:
+                            buffer = protocol.get_buffer(len(view))
+                            n = min(len(buffer), len(view))
+                            buffer[:n] = view[:n]
+                            protocol.buffer_updated(n)
+                            view = view[n:]
+                    else:
+                        protocol.data_received(data)  # type: ignore[attr-defined]
+        force_close(exc)
+
+    raw._force_close = read_then_close  # type: ignore[attr-defined]
+
+
 class HardenedBroker(Broker):
     connect_timeout: float = 10.0
 
     ingest: Ingest | None = None
-    max_pending: int = BridgeHandler.max_pending
+    standing: Standing | None = None
+    resume_window: int = 10  # QoS 1 messages in flight while a resumed session catches up
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = Limits()
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         if session.attributes.pop(PREAUTHENTICATED, False):
@@ -262,8 +498,10 @@ class HardenedBroker(Broker):
                 await writer.close()
             raise AMQTTError(f"CONNECT refused for client id {incoming.client_id!r} from {remote_address}")
         incoming.attributes[PREAUTHENTICATED] = True
+        incoming.retained_messages = OfflineQueue()
         handler.ingest = self.ingest
-        handler.max_pending = self.max_pending
+        handler.standing = self.standing
+        handler.limits = self.limits
         current = self._sessions.get(incoming.client_id)
         if current is not None and current[0].transitions.is_connected():
             # Take-over [MQTT-3.1.4-2]: close the live connection first. Stock does this only for
@@ -315,10 +553,14 @@ class HardenedBroker(Broker):
             fut = loop.create_future()
             fut.set_result(queue.get_nowait())
             await self._handle_message_delivery(client_session, handler, fut)
+        if client_session.attributes.get(REVOKED):
+            client_session.will_flag = False  # a revoked identity leaves nothing behind
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
         ended = client_session.attributes.pop(DISCONNECTED, None)
         if ended is not None:
             ended.set()
+        if client_session.attributes.get(FORGET):
+            await self._delete_session(client_session.client_id)
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: Any, wait_deliver: Any
@@ -342,20 +584,50 @@ class HardenedBroker(Broker):
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """On (re)connect: re-send in-flight QoS 1 messages with DUP (I), then what was queued while
-        the session was offline, with RETAIN off (stock sets it, broker.py:1125). Not awaited: the
-        acknowledgements arrive on the client loop this call would otherwise delay."""
+        the session was offline, with RETAIN off (stock sets it, broker.py:1125). In the background
+        (the acknowledgements arrive on the client loop this call would otherwise delay), in order,
+        `resume_window` at a time: stock sent the whole queue at once, so a long queue passed
+        max_pending, the connection was cut and the excess was lost."""
         handler = self._get_handler(session)
-        if handler is None:
-            return
-        sends = [
-            handler._handle_message_flow(message)
-            for message in list(session.inflight_out.values())
-            if isinstance(message, OutgoingApplicationMessage) and message.qos == QOS_1
-        ]
-        while not session.retained_messages.empty():
-            queued = session.retained_messages.get_nowait()
-            sends.append(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False))
-        self._tasks_queue.extend(asyncio.ensure_future(send) for send in sends)
+        if isinstance(handler, BridgeHandler):
+            self._tasks_queue.append(asyncio.ensure_future(self._resume(session, handler)))
+
+    async def _resume(self, session: Session, handler: BridgeHandler) -> None:
+        sending: set[asyncio.Future[Any]] = set()
+        budget = self.limits.max_pending // 2  # unacknowledged bytes, well under the cut-off
+
+        async def room_for(size: int) -> bool:
+            while sending and (len(sending) >= self.resume_window or handler._pending + size > budget):
+                await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+            return self._get_handler(session) is handler and not session.attributes.get(REVOKED)
+
+        def send(flow: Awaitable[Any]) -> None:
+            task = asyncio.ensure_future(flow)
+            sending.add(task)
+            task.add_done_callback(lambda done: (sending.discard(done), done.cancelled() or done.exception()))
+
+        for message in list(session.inflight_out.values()):
+            if isinstance(message, OutgoingApplicationMessage) and message.qos == QOS_1:
+                if not await room_for(len(message.data or b"")):
+                    return  # still in flight: re-sent when the session resumes again
+                send(handler._handle_message_flow(message))
+        queue: OfflineQueue = session.retained_messages
+        while not queue.empty():
+            if not await room_for(queue.head_size()) or queue.empty():
+                return  # what is left stays queued
+            queued = queue.get_nowait()
+            # In the session's in-flight set before its first send: a drop from here on leaves it
+            # in flight, re-sent on the next resume.
+            send(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False))
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        # An offline persistent session's queue, bounded (stock: an unbounded asyncio.Queue).
+        self.limits.enqueue(
+            target_session,
+            RetainedApplicationMessage(broadcast["session"], broadcast["topic"], broadcast["data"], qos),
+        )
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -377,13 +649,16 @@ class HardenedBroker(Broker):
 
 
 async def close_client(broker: Broker, client_id: str, *, forget: bool) -> bool:
-    """End a client's live connection (as an abnormal disconnect, so its will fires and it goes
-    offline); with `forget`, drop its session too, queued messages included."""
+    """End a client's live connection at once, as a revoked one (no will, nothing more taken);
+    with `forget`, drop its session too, queued messages included."""
     session, handler = broker.sessions.get(client_id, (None, None))
     closed = False
-    if session is not None and handler is not None and session.transitions.is_connected():
-        await handler.handle_connection_closed()
-        closed = True
+    if session is not None and handler is not None:
+        if isinstance(handler, BridgeHandler):
+            handler.revoke(forget=forget)
+        if session.transitions.is_connected():
+            await handler.handle_connection_closed()
+            closed = True
     if forget:
         await broker._delete_session(client_id)
     return closed

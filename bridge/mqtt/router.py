@@ -14,11 +14,13 @@ from amqtt.plugins.base import BasePlugin
 from amqtt.session import Session
 
 from bridge.core import jsonvalue
-from bridge.core.errors import DomainError, Invalid, NotFound
+from bridge.core.errors import DomainError, Invalid, NotFound, Revoked
 from bridge.core.service import Core
 from bridge.core.status import DeviceRef
+from bridge.core.things import DeviceIdentity
 from bridge.mqtt import topics
 from bridge.mqtt.auth import PRINCIPAL, Counters, Principal
+from bridge.mqtt.hardened import REVOKED, ClientRevoked
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], Awaitable[None]]
@@ -34,6 +36,8 @@ class Router:
         principal: Principal | None = session.attributes.get(PRINCIPAL)
         if principal is None:
             return False
+        if session.attributes.get(REVOKED):
+            raise ClientRevoked(f"{principal.kind} {principal.name} was revoked")
         try:
             if principal.kind == "thing":
                 return await self._from_thing(principal, topic, payload)
@@ -43,6 +47,8 @@ class Router:
             owner = None if principal.fleet_wide else principal.owner_id
             await self.core.messages.publish(target, owner, payload, transport="mqtt")
             return True
+        except Revoked as exc:  # deleted or disabled while this was in flight: nothing stored
+            raise ClientRevoked(str(exc)) from exc
         except NotFound:
             self.counters.denied_publishes += 1
             log.info(
@@ -62,10 +68,16 @@ class Router:
             return False
         flow = topic[len(base) :]
         core = self.core
+        device = thing.device
+        assert device is not None
         if flow == "collect":
-            await core.messages.collect(thing.name, thing.owner_id, payload, transport="mqtt")
+            await core.messages.collect(device, payload, transport="mqtt")
         elif flow == "status":
-            ref = DeviceRef(thing.name, thing.owner_id, await core.things.type_of(thing.name))
+            try:
+                thing_type = await core.things.type_of(thing.name)
+            except NotFound as exc:
+                raise Revoked(f"thing {thing.name} was deleted") from exc
+            ref = DeviceRef(thing.name, thing.owner_id, thing_type, device.cert_id)
             try:
                 report = _json_object(payload)
                 answer = await core.status.set_status(ref, report.get("status"), report.get("info"), "mqtt")
@@ -100,16 +112,16 @@ class PresencePlugin(BasePlugin):
         core: Any = None
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
-        thing = _thing_of(client_session)
-        if thing is not None and self.config.core.presence.connected(thing):
-            await self.config.core.presence.record(thing, "online")
+        device = _device_of(client_session)
+        if device is not None and self.config.core.presence.connected(device):
+            await self.config.core.presence.record(device, "online")
 
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
-        thing = _thing_of(client_session)
-        if thing is not None and self.config.core.presence.disconnected(thing):
-            await self.config.core.presence.record(thing, "offline")
+        device = _device_of(client_session)
+        if device is not None and self.config.core.presence.disconnected(device):
+            await self.config.core.presence.record(device, "offline")
 
 
-def _thing_of(session: Session) -> str | None:
+def _device_of(session: Session) -> DeviceIdentity | None:
     principal: Principal | None = session.attributes.get(PRINCIPAL)
-    return principal.name if principal is not None and principal.kind == "thing" else None
+    return principal.device if principal is not None else None

@@ -7,8 +7,11 @@ subscribe under `things/` and publish to `things/{id}/publish` of the things its
 from __future__ import annotations
 
 PREFIX = "things"
-# Topics only the bridge or applications publish on (relative to things/{id}/).
-CLOUD_TO_DEVICE = frozenset({"publish", "config", "upgrade/notify", "presence"})
+# Topics only the bridge or applications publish on (relative to things/{id}/), with their whole
+# subtrees (a thing publishing on presence/x would reach apps subscribed to presence/#) ...
+CLOUD_TO_DEVICE = ("publish", "config", "upgrade/notify", "presence")
+# ... except these device requests that live under them.
+DEVICE_REQUESTS = frozenset({"config/get"})
 REPLY_SUFFIXES = ("/accepted", "/rejected")
 
 
@@ -24,7 +27,15 @@ def thing_may_publish(thing_id: str, topic: str) -> bool:
     if thing_of(topic) != thing_id:
         return False
     rest = topic.split("/", 2)[2]
-    return rest not in CLOUD_TO_DEVICE and not rest.endswith(REPLY_SUFFIXES)
+    if rest in DEVICE_REQUESTS:
+        return True
+    cloud = any(rest == t or rest.startswith(t + "/") for t in CLOUD_TO_DEVICE)
+    return (
+        not cloud
+        and not rest.endswith(REPLY_SUFFIXES)
+        and "/accepted/" not in rest
+        and "/rejected/" not in rest
+    )
 
 
 def thing_may_subscribe(thing_id: str, topic_filter: str) -> bool:
