@@ -217,9 +217,7 @@ class Things:
             ).fetchone()
             if row is None:
                 return None
-            conn.execute("DELETE FROM messages WHERE thing_id = ?", (thing_id,))
-            conn.execute("DELETE FROM presence WHERE thing_id = ?", (thing_id,))
-            conn.execute("DELETE FROM thing_state WHERE thing_id = ?", (thing_id,))
+            # Its messages, presence and device-twin state go with it (ON DELETE CASCADE).
             conn.execute("DELETE FROM things WHERE id = ?", (thing_id,))
             conn.execute(
                 "INSERT OR REPLACE INTO revoked_certs (cert_id, thing_id, revoked_at, reason) VALUES (?,?,?,?)",

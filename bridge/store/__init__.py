@@ -1,4 +1,4 @@
-"""SQLite persistence: the schema in one place, one writer thread that commits in groups, pooled readers."""
+"""SQLite persistence: the schema as versioned migrations, one writer thread that commits in groups, pooled readers."""
 
 from bridge.store.db import Store
 

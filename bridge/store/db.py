@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.store import schema
+from bridge.store import migrations
 
 T = TypeVar("T")
 _STOP = object()
@@ -32,7 +32,14 @@ def _owner_only(path: Path) -> None:
 
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    return _configure(_open(path), synchronous)
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+
+
+def _configure(conn: sqlite3.Connection, synchronous: str) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -60,10 +67,15 @@ class Store:
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _owner_only(self.path)
-        conn = _connect(self.path, self._synchronous)
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            schema.create(conn)
+        conn = _open(self.path)
+        try:
+            # A database of a newer release is refused before anything (even the journal mode) is
+            # written to it; then the schema is brought up to date, in the writer's connection.
+            migrations.refuse_newer(conn, self.path)
+            migrations.migrate(_configure(conn, self._synchronous), self.path)
+        except BaseException:
+            conn.close()
+            raise
         self._writer = threading.Thread(
             target=self._write_loop, args=(conn,), name="sqlite-write", daemon=True
         )

@@ -1,0 +1,271 @@
+"""The schema as an ordered list of migrations. `PRAGMA user_version` is the version a database is
+at; `migrate` runs, in order, each step above it, each in its own transaction. A new database runs
+them all; a database newer than this code is refused, unchanged.
+
+Rules for a new step: append it (never edit a released one), as a function of the connection; keep
+the SQL standard (a PostgreSQL store is planned) and comment any step that only SQLite needs. A
+step sees foreign key enforcement off (SQLite's table rebuild needs it) and is checked against every
+foreign key before its transaction commits."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from bridge.config import ConfigError
+
+
+class SchemaTooNew(ConfigError):
+    """The database was migrated by a newer release: this one would not know its tables."""
+
+
+def baseline(conn: sqlite3.Connection) -> None:
+    """Version 1: the schema of the release at commit 79a1643 (written there with sqlite-utils,
+    create-if-not-exists, `PRAGMA user_version = 1`), column for column and index for index, so a
+    database made by it is at version 1 already."""
+    for statement in (
+        """CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            username TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            role TEXT NOT NULL,
+            email_verified INTEGER,
+            created REAL NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX idx_users_username ON users (username)",
+        """CREATE TABLE subscriptions (
+            id TEXT PRIMARY KEY,
+            user_id TEXT REFERENCES users (id),
+            common_name TEXT,
+            plan_id TEXT,
+            plan_name TEXT,
+            product_id TEXT,
+            status TEXT,
+            thing_quota INTEGER,
+            startts INTEGER,
+            endts INTEGER,
+            created REAL
+        )""",
+        "CREATE INDEX idx_subscriptions_user_id_status ON subscriptions (user_id, status)",
+        # Access tokens are JWTs; the row makes them revocable. Only the jti is stored, never the token.
+        """CREATE TABLE tokens (
+            jti TEXT PRIMARY KEY,
+            user_id TEXT REFERENCES users (id),
+            issued REAL,
+            expires REAL,
+            revoked INTEGER
+        )""",
+        "CREATE INDEX idx_tokens_user_id ON tokens (user_id)",
+        # cert_id: SHA-256 of the application's client certificate, when it has one (TLS listener)
+        """CREATE TABLE apps (
+            name TEXT PRIMARY KEY,
+            owner_id TEXT REFERENCES users (id),
+            password_hash TEXT,
+            fleet_wide INTEGER,
+            cert_id TEXT,
+            created REAL
+        )""",
+        # private_key_sealed: AES-GCM sealed with the data directory's secret; NULL when the thing
+        # sent a CSR.
+        """CREATE TABLE things (
+            id TEXT PRIMARY KEY,
+            owner_id TEXT NOT NULL REFERENCES users (id),
+            name TEXT,
+            type TEXT,
+            dist TEXT,
+            key_type TEXT,
+            cert_pem TEXT NOT NULL,
+            cert_id TEXT NOT NULL,
+            public_key_pem TEXT,
+            private_key_sealed BLOB,
+            enabled INTEGER,
+            test_status TEXT,
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX idx_things_owner_id ON things (owner_id)",
+        """CREATE TABLE revoked_certs (
+            cert_id TEXT PRIMARY KEY,
+            thing_id TEXT,
+            revoked_at REAL,
+            reason TEXT
+        )""",
+        f"CREATE TABLE messages {_MESSAGES_V1}",
+        *_MESSAGES_INDEXES,
+        f"CREATE TABLE presence {_PRESENCE_V1}",
+        f"CREATE TABLE thing_state {_THING_STATE_V1}",
+        *_THING_STATE_INDEXES,
+        """CREATE TABLE fleet_defaults (
+            owner_id TEXT REFERENCES users (id),
+            thing_type TEXT,
+            update_rate INTEGER,
+            app_param TEXT,
+            data TEXT,
+            package_url TEXT,
+            package_version INTEGER,
+            PRIMARY KEY (owner_id, thing_type)
+        )""",
+        # Messages to publish on the broker, written in the same transaction as the change that
+        # causes them; the running server drains it (also when another process, the CLI, wrote it).
+        """CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            topic TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            retain INTEGER NOT NULL
+        )""",
+    ):
+        conn.execute(statement)
+
+
+# Version 1's tables keyed by a thing, which version 2 rebuilds with one clause more. Released: never
+# edit them (test_version_1_is_the_schema_of_release_79a1643 holds them to that release's schema).
+# AUTOINCREMENT (SQLite; an identity column elsewhere): seq never goes back after deletes, so
+# `after=<id>` cursors stay monotonic.
+_MESSAGES_V1 = """(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    thing_id TEXT NOT NULL,
+    owner_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    ts REAL NOT NULL,
+    encoding TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    transport TEXT NOT NULL
+)"""
+_MESSAGES_INDEXES = (
+    # History windows: WHERE thing_id = ? AND ts BETWEEN ? AND ? (ORDER BY seq follows ts); also
+    # how the cascade finds a deleted thing's messages.
+    "CREATE INDEX messages_thing_ts ON messages (thing_id, ts)",
+    # Delivery cursors: WHERE thing_id = ? AND type = ? AND seq > ?
+    "CREATE INDEX messages_thing_type_seq ON messages (thing_id, type, seq)",
+)
+_PRESENCE_V1 = """(
+    thing_id TEXT PRIMARY KEY,
+    state TEXT,
+    ts REAL,
+    transport TEXT
+)"""
+# Device twin: what the operator wants (NULL: inherit the fleet default), what the device reported,
+# and what it has already fetched.
+_THING_STATE_V1 = """(
+    thing_id TEXT PRIMARY KEY REFERENCES things (id),
+    reg_id TEXT,
+    update_rate INTEGER,
+    app_param TEXT,
+    data TEXT,
+    package_url TEXT,
+    package_version INTEGER,
+    reported_status TEXT,
+    reported_info TEXT,
+    reported_ts REAL,
+    reported_transport TEXT,
+    running_version INTEGER,
+    fetched_config TEXT
+)"""
+_THING_STATE_INDEXES = ("CREATE UNIQUE INDEX idx_thing_state_reg_id ON thing_state (reg_id)",)
+
+
+def cascade(conn: sqlite3.Connection) -> None:
+    """Version 2: what hangs on a thing goes with it. messages, presence and thing_state (every
+    table keyed by a thing) reference things (id) ON DELETE CASCADE, so deleting the things row is
+    the whole delete. revoked_certs keeps no reference: it records the deleted thing's
+    certificate. Rows of a thing that no longer exists are not carried over: the previous release
+    could commit a message in flight while its thing was being deleted, and nothing could read it."""
+    for table, columns, column, indexes in (
+        ("messages", _MESSAGES_V1, "thing_id TEXT NOT NULL", _MESSAGES_INDEXES),
+        ("presence", _PRESENCE_V1, "thing_id TEXT PRIMARY KEY", ()),
+        # a reference without an action: the delete had to remove this row first
+        (
+            "thing_state",
+            _THING_STATE_V1,
+            "thing_id TEXT PRIMARY KEY REFERENCES things (id)",
+            _THING_STATE_INDEXES,
+        ),
+    ):
+        cascading = (
+            column.removesuffix(" REFERENCES things (id)") + " REFERENCES things (id) ON DELETE CASCADE"
+        )
+        _rebuild(
+            conn,
+            table,
+            columns.replace(f"{column},", f"{cascading},"),
+            indexes,
+            keep="thing_id IN (SELECT id FROM things)",
+        )
+
+
+def _rebuild(
+    conn: sqlite3.Connection, table: str, columns: str, indexes: tuple[str, ...], keep: str = "1 = 1"
+) -> None:
+    """SQLite-only: its ALTER TABLE cannot add a constraint, so the table is rebuilt as sqlite.org
+    describes (lang_altertable.html, "making other kinds of table schema changes"): create the new
+    shape (`columns`, the same columns in the same order) under another name, copy the rows that
+    match `keep`, drop the old table (and with it its indexes), rename, and create the indexes again
+    under their old names. Foreign key enforcement is off meanwhile (see migrate). An AUTOINCREMENT
+    table keeps its sequence (sqlite_sequence), not only its highest remaining key: a cursor must
+    never see a key handed out before. Elsewhere this step is `ALTER TABLE ... ADD FOREIGN KEY`."""
+    names = ", ".join(row[1] for row in conn.execute(f"PRAGMA table_info({table})"))
+    sequence = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    conn.execute(f"CREATE TABLE {table}_rebuilt {columns}")
+    conn.execute(f"INSERT INTO {table}_rebuilt ({names}) SELECT {names} FROM {table} WHERE {keep}")
+    conn.execute(f"DROP TABLE {table}")
+    conn.execute(f"ALTER TABLE {table}_rebuilt RENAME TO {table}")
+    for index in indexes:
+        conn.execute(index)
+    if sequence is not None:
+        conn.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, sequence[0]))
+
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[tuple[int, Migration]] = [(1, baseline), (2, cascade)]
+LATEST = MIGRATIONS[-1][0]
+
+
+def version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def refuse_newer(conn: sqlite3.Connection, path: Path) -> int:
+    """The database's version; SchemaTooNew (nothing written) if this code does not know it."""
+    found = version(conn)
+    if found > LATEST:
+        raise SchemaTooNew(
+            f"data_dir: the database {path} is at schema version {found}, newer than this release"
+            f" knows (up to {LATEST}): a newer thingbridge has used it; run that release, or this"
+            " one on a backup made before the upgrade"
+        )
+    return found
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the database to LATEST: each missing step in its own transaction (BEGIN IMMEDIATE:
+    another process opening the same file, the command line, waits and then finds it done).
+    `conn` is in autocommit mode (isolation_level None) and in no transaction."""
+    found = refuse_newer(conn, path)
+    if found == LATEST:
+        return
+    # SQLite: foreign_keys is a no-op inside a transaction, so it is switched around the steps; each
+    # step is checked with foreign_key_check before it commits instead.
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        for target, step in [(t, s) for t, s in MIGRATIONS if t > found]:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if refuse_newer(conn, path) < target:
+                    step(conn)
+                    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        tables = sorted({row[0] for row in broken})
+                        raise sqlite3.IntegrityError(
+                            f"schema migration {target} ({step.__name__}) leaves {len(broken)} rows"
+                            f" without their referenced row, in {', '.join(tables)}"
+                        )
+                    conn.execute(f"PRAGMA user_version = {target}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")
