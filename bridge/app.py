@@ -150,17 +150,16 @@ async def serve(cfg: Config, first_start: str | None = None) -> int:
     async with contextlib.AsyncExitStack() as started:
         store = open_store(cfg)
         started.push_async_callback(asyncio.to_thread, store.close)
-        core = Core(cfg, store)
+        mqtt = MqttBroker(cfg)
+        core = Core(cfg, store, link=mqtt)
         core.ca.ensure_server_cert(cfg.pki.server_names)
         await ensure_admin(core)
         if first_start:
             print(first_start, flush=True)
 
-        mqtt = MqttBroker(cfg, core)
-        await mqtt.start()
+        await mqtt.start(core)
         started.push_async_callback(core.outbox.stop)  # runs after mqtt.stop
         started.push_async_callback(mqtt.stop)
-        core.attach(mqtt)
         await core.presence.restore()
         await core.status.republish_all()
         core.outbox.start()

@@ -2,7 +2,7 @@
 described in docs/amqtt-defects.md), each run twice by the `target` fixture:
 
   hardened  the real `thingbridge serve` process; the test asserts the correct behaviour.
-  stock     MqttBroker(cfg, core, broker_cls=amqtt.broker.Broker) in this process, with our listeners,
+  stock     MqttBroker(cfg, broker_cls=amqtt.broker.Broker) in this process, with our listeners,
             plugins and PKI; the test asserts that the defect is still there.
 
 If a stock assertion starts failing after an amqtt upgrade, amqtt fixed that defect upstream and the
@@ -110,15 +110,14 @@ async def stock_broker(folder: Path) -> AsyncIterator[Target]:
     restore.start()
     store = Store(cfg.db_path)
     store.open()
-    mqtt: MqttBroker | None = None
+    mqtt = MqttBroker(cfg, broker_cls=Broker)
+    core = Core(cfg, store, link=mqtt)
     try:
-        core = Core(cfg, store)
         core.ca.ensure_server_cert([])
         owner = await core.accounts.create_user("owner", "owner-password-1")
         await core.accounts.create_app("app", "owner", APP_PASSWORD)
-        mqtt = MqttBroker(cfg, core, broker_cls=Broker)
-        await mqtt.start()
-        core.attach(mqtt)
+        await mqtt.start(core)
+        core.outbox.start()  # retained documents (presence, config) reach the broker through it
         await mqtt.listen()
 
         async def new_thing() -> Device:
@@ -130,8 +129,9 @@ async def stock_broker(folder: Path) -> AsyncIterator[Target]:
 
         yield Target(True, mqtt.ports[TLS], mqtt.ports[PLAIN], core.ca.ca_path, "app", new_thing, mqtt.broker)
     finally:
-        if mqtt is not None:
+        if mqtt.broker is not None:
             await mqtt.stop()
+        await core.outbox.stop()
         await asyncio.to_thread(store.close)
         restore.stop()
 

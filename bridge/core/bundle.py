@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from bridge.core import topics
 from bridge.core.things import Thing
 
 
@@ -18,10 +19,6 @@ class Endpoints:
     mqtt_tls_port: int
     http_port: int
     https_port: int | None
-
-
-DEVICE_TOPICS = ("collect", "status", "config/get", "upgrade/check", "versions", "upgrade/result")
-CLOUD_TOPICS = ("publish", "config", "upgrade/notify", "status/accepted", "status/rejected")
 
 
 def thing_files(thing: Thing, ca_pem: str, ep: Endpoints) -> dict[str, bytes]:
@@ -34,8 +31,8 @@ def thing_files(thing: Thing, ca_pem: str, ep: Endpoints) -> dict[str, bytes]:
         | ({"httpsUrl": f"https://{ep.host}:{ep.https_port}/dev/v1"} if ep.https_port else {}),
         "files": {"ca": "ca.pem", "certificate": "certificate.pem", "privateKey": key_file},
         "topics": {
-            "publishTo": {t: f"things/{thing.id}/{t}" for t in DEVICE_TOPICS},
-            "subscribeTo": {t: f"things/{thing.id}/{t}" for t in CLOUD_TOPICS},
+            "publishTo": {flow: topics.topic(thing.id, flow) for flow in topics.DEVICE_TOPICS},
+            "subscribeTo": {flow: topics.topic(thing.id, flow) for flow in topics.CLOUD_TOPICS},
         },
     }
     common = f"--cafile ca.pem --cert certificate.pem --key {key_file} -h {ep.host} -p {ep.mqtt_tls_port}"
@@ -45,13 +42,13 @@ Files: ca.pem (the bridge CA), certificate.pem (this thing's certificate, CN={th
 {"private.key (its private key: keep it secret), " if thing.private_key_pem else ""}public.key, thing.json.
 
 Send a message (stored, and seen by applications on things/+/collect):
-  mosquitto_pub {common} -i {thing.id} -q 1 -t things/{thing.id}/collect -m '{{"temp": 21.5}}'
+  mosquitto_pub {common} -i {thing.id} -q 1 -t {topics.topic(thing.id, topics.COLLECT)} -m '{{"temp": 21.5}}'
 
 Receive messages published to this thing:
-  mosquitto_sub {common} -i {thing.id}:sub -q 1 -t things/{thing.id}/publish
+  mosquitto_sub {common} -i {thing.id}:sub -q 1 -t {topics.topic(thing.id, topics.PUBLISH)}
 
 The client id must be the thing id, or start with "{thing.id}:" for extra connections.
-A thing may use only topics under things/{thing.id}/.
+A thing may use only topics under {topics.thing_prefix(thing.id)}.
 """
     files = {
         "ca.pem": ca_pem.encode(),

@@ -1,23 +1,22 @@
 """Messages, whichever transport they use: collect (device -> cloud, `ingress`) and publish
-(cloud -> device, `egress`) store once and then reach every subscriber; history, delete and
-archive; and the long-poll that lets an HTTP-only device receive what is published to it."""
+(cloud -> device, `egress`) store once and then reach every subscriber; history and delete;
+and the long-poll that lets an HTTP-only device receive what is published to it."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import sqlite3
-import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from bridge.core import ids, jsonvalue
-from bridge.core.errors import Invalid, NotFound, Revoked, TooLarge
-from bridge.core.ports import DeviceLink, NoLink
+from bridge.core import ids, jsonvalue, topics
+from bridge.core.errors import Invalid, Revoked, TooLarge
+from bridge.core.lookup import owned_thing, thing_not_found
+from bridge.core.ports import DeviceLink
 from bridge.store import Store
 
 if TYPE_CHECKING:  # things.py imports this module (through status.py)
@@ -127,7 +126,7 @@ def insert_message(
     if cur.rowcount != 1:
         if cert_id is not None:
             raise Revoked(f"thing {thing_id!r} was deleted or disabled; nothing was stored")
-        raise NotFound(f"thing {thing_id!r} not found")
+        raise thing_not_found(thing_id)
     return Message(cur.lastrowid or 0, msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport)
 
 
@@ -151,11 +150,11 @@ def _where(thing_id: str, owner_id: str, q: Query, after_seq: int | None) -> tup
 
 
 class Messages:
-    def __init__(self, store: Store, *, max_payload: int, page_limit: int) -> None:
+    def __init__(self, store: Store, link: DeviceLink, *, max_payload: int, page_limit: int) -> None:
         self.store = store
+        self.link = link
         self.max_payload = max_payload
         self.page_limit = page_limit
-        self.link: DeviceLink = NoLink()
         self._egress_waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
 
     def _check_size(self, payload: bytes) -> None:
@@ -179,7 +178,7 @@ class Messages:
             transport,
             device.cert_id,
         )
-        await self.link.publish(f"things/{device.thing_id}/collect", payload)
+        await self.link.publish(topics.topic(device.thing_id, topics.COLLECT), payload)
         return message
 
     async def publish(
@@ -200,19 +199,14 @@ class Messages:
         message = await self.store.write(
             insert_message, thing_id, owner, EGRESS, payload, encoding, transport
         )
-        await self.link.publish(f"things/{thing_id}/publish", payload)
+        await self.link.publish(topics.topic(thing_id, topics.PUBLISH), payload)
         for waiter in self._egress_waiters.get(thing_id, ()):
             if not waiter.done():
                 waiter.set_result(None)
         return message
 
     async def _owner(self, thing_id: str, owner_id: str | None) -> str:
-        row = await self.store.read(
-            lambda c: c.execute("SELECT owner_id FROM things WHERE id = ?", (thing_id,)).fetchone()
-        )
-        if row is None or (owner_id is not None and row["owner_id"] != owner_id):
-            raise NotFound(f"thing {thing_id!r} not found")
-        return row["owner_id"]
+        return (await self.store.read(owned_thing, thing_id, owner_id))["owner_id"]
 
     async def _after_seq(self, thing_id: str, after: str | None) -> int | None:
         if after is None:
@@ -274,16 +268,3 @@ class Messages:
         return await self.store.write(
             lambda c: c.execute(f"DELETE FROM messages WHERE {where}", args).rowcount
         )
-
-    async def archive(self, thing_id: str, owner_id: str, q: Query, render: Any) -> bytes:
-        """A zip holding one JSON file of the selected messages, rendered as the history shows them."""
-        messages = await self.query(thing_id, owner_id, q)
-
-        def pack() -> bytes:  # in a thread: rendering and deflating thousands of records
-            records = orjson.dumps([render(m) for m in messages], option=orjson.OPT_INDENT_2)
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-                zf.writestr(f"{thing_id}-messages.json", records)
-            return buf.getvalue()
-
-        return await asyncio.to_thread(pack)

@@ -11,7 +11,8 @@ import contextlib
 import logging
 import sqlite3
 
-from bridge.core.ports import DeviceLink, NoLink
+from bridge.core import topics
+from bridge.core.ports import DeviceLink
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,20 @@ def enqueue(conn: sqlite3.Connection, topic: str, payload: bytes, *, retain: boo
     conn.execute("INSERT INTO outbox (topic, payload, retain) VALUES (?,?,?)", (topic, payload, int(retain)))
 
 
+def forget_thing(conn: sqlite3.Connection, thing_id: str) -> None:
+    """Drop what is still queued for a thing being deleted (part of its delete's transaction)."""
+    prefix = topics.thing_prefix(thing_id)
+    conn.execute("DELETE FROM outbox WHERE substr(topic, 1, ?) = ?", (len(prefix), prefix))
+
+
 class Outbox:
-    def __init__(self, store: Store, poll: float = 1.0) -> None:
+    def __init__(self, store: Store, link: DeviceLink, poll: float = 1.0) -> None:
         self.store = store
         self.poll = poll
-        self.link: DeviceLink = NoLink()
+        self.link = link
+        # Held while rows are read and published; a thing's delete clears its retained messages
+        # under it, so no document read before the delete is published after that clean-up.
+        self.lock = asyncio.Lock()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -43,13 +53,14 @@ class Outbox:
             self._task = None
 
     async def drain(self) -> int:
-        rows = await self.store.read(
-            lambda c: c.execute(
-                "SELECT seq, topic, payload, retain FROM outbox ORDER BY seq LIMIT 1000"
-            ).fetchall()
-        )
-        for row in rows:
-            await self.link.publish(row["topic"], bytes(row["payload"]), retain=bool(row["retain"]))
+        async with self.lock:
+            rows = await self.store.read(
+                lambda c: c.execute(
+                    "SELECT seq, topic, payload, retain FROM outbox ORDER BY seq LIMIT 1000"
+                ).fetchall()
+            )
+            for row in rows:
+                await self.link.publish(row["topic"], bytes(row["payload"]), retain=bool(row["retain"]))
         if rows:
             last = rows[-1]["seq"]
             await self.store.write(lambda c: c.execute("DELETE FROM outbox WHERE seq <= ?", (last,)))

@@ -1,24 +1,23 @@
 """Online/offline state of things. A thing may hold several connections; it is online while any is
-up. Each change is recorded and published retained on `things/{id}/presence`."""
+up. Each change is recorded and published retained on `things/{id}/presence` (through the outbox,
+like every retained state document)."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import orjson
 
-from bridge.core import ids
-from bridge.core.ports import DeviceLink, NoLink
+from bridge.core import ids, topics
+from bridge.core.outbox import Outbox, enqueue
 from bridge.core.things import DeviceIdentity
 from bridge.store import Store
 
 
-def presence_topic(thing_id: str) -> str:
-    return f"things/{thing_id}/presence"
-
-
 class Presence:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, outbox: Outbox) -> None:
         self.store = store
-        self.link: DeviceLink = NoLink()
+        self.outbox = outbox
         # Live connections per incarnation (thing id, certificate id): a deleted thing's
         # connections that end late do not count against a new thing of the same id.
         self._connections: dict[tuple[str, str], int] = {}
@@ -41,32 +40,36 @@ class Presence:
         return left == 0
 
     async def record(self, device: DeviceIdentity, state: str, transport: str = "mqtt") -> None:
-        """Store and publish (retained) the new state, only while this incarnation of the thing
-        exists: a deleted thing's late offline event must not leave a retained message behind."""
+        """Store the new state and queue it, retained, in the same transaction; only while this
+        incarnation of the thing exists (a deleted thing's late offline event leaves nothing)."""
         ts = ids.now()
-        written = await self.store.write(
-            lambda c: (
-                c.execute(
-                    "INSERT INTO presence (thing_id, state, ts, transport) SELECT ?,?,?,? WHERE EXISTS"
-                    " (SELECT 1 FROM things WHERE id = ? AND cert_id = ?) ON CONFLICT (thing_id) DO UPDATE SET"
-                    " state = excluded.state, ts = excluded.ts, transport = excluded.transport",
-                    (device.thing_id, state, ts, transport, device.thing_id, device.cert_id),
-                ).rowcount
-            )
-        )
-        if written:
-            await self.link.publish(presence_topic(device.thing_id), _document(state, ts), retain=True)
+
+        def write(conn: sqlite3.Connection) -> None:
+            written = conn.execute(
+                "INSERT INTO presence (thing_id, state, ts, transport) SELECT ?,?,?,? WHERE EXISTS"
+                " (SELECT 1 FROM things WHERE id = ? AND cert_id = ?) ON CONFLICT (thing_id) DO UPDATE SET"
+                " state = excluded.state, ts = excluded.ts, transport = excluded.transport",
+                (device.thing_id, state, ts, transport, device.thing_id, device.cert_id),
+            ).rowcount
+            if written:
+                _publish(conn, device.thing_id, state, ts)
+
+        await self.store.write(write)
+        self.outbox.kick()
 
     async def restore(self) -> None:
         """At start-up nothing is connected: mark every thing offline and re-retain its last state."""
-        rows = await self.store.write(
-            lambda c: c.execute("UPDATE presence SET state = 'offline' RETURNING thing_id, ts").fetchall()
-        )
-        for row in rows:
-            await self.link.publish(
-                presence_topic(row["thing_id"]), _document("offline", row["ts"]), retain=True
-            )
+
+        def offline(conn: sqlite3.Connection) -> None:
+            for row in conn.execute(
+                "UPDATE presence SET state = 'offline' RETURNING thing_id, ts"
+            ).fetchall():
+                _publish(conn, row["thing_id"], "offline", row["ts"])
+
+        await self.store.write(offline)
+        self.outbox.kick()
 
 
-def _document(state: str, ts: float) -> bytes:
-    return orjson.dumps({"state": state, "ts": ts})
+def _publish(conn: sqlite3.Connection, thing_id: str, state: str, ts: float) -> None:
+    document = orjson.dumps({"state": state, "ts": ts})
+    enqueue(conn, topics.topic(thing_id, topics.PRESENCE), document, retain=True)

@@ -17,15 +17,19 @@ from bridge.store import Store
 
 
 class Core:
-    def __init__(self, cfg: Config, store: Store) -> None:
+    def __init__(self, cfg: Config, store: Store, link: DeviceLink | None = None) -> None:
+        """`link`: the device transport the flows publish through and revoke sessions on (the
+        embedded broker when serving; none for the command line, whose documents reach devices
+        through the outbox the serving process drains)."""
         self.cfg = cfg
         self.store = store
+        self.link: DeviceLink = link if link is not None else NoLink()
         self.ca = pki.CertificateAuthority.load_or_create(cfg.pki.dir)
         self.keyring = Keyring.load_or_create(cfg.data_dir)
         self.accounts = Accounts(
             store, self.keyring.token_key, cfg.accounts.token_ttl, cfg.accounts.free_plan_things
         )
-        self.outbox = Outbox(store)
+        self.outbox = Outbox(store, self.link)
         self.things = Things(
             store,
             self.ca,
@@ -34,14 +38,14 @@ class Core:
             default_key_type=cfg.pki.default_key_type,
             free_plan_things=cfg.accounts.free_plan_things,
             outbox=self.outbox,
+            link=self.link,
             audiences=self.token_audiences,
         )
         self.messages = Messages(
-            store, max_payload=cfg.messages.max_payload, page_limit=cfg.messages.page_limit
+            store, self.link, max_payload=cfg.messages.max_payload, page_limit=cfg.messages.page_limit
         )
-        self.presence = Presence(store)
-        self.status = Status(store, self.outbox)
-        self.link: DeviceLink = NoLink()
+        self.presence = Presence(store, self.outbox)
+        self.status = Status(store, self.outbox, self.link)
         # Where devices reach us; the running process replaces the configured ports with bound ones.
         self.endpoints = Endpoints(
             cfg.http.public_host,
@@ -49,12 +53,6 @@ class Core:
             cfg.http.http.port,
             cfg.http.https.port if cfg.http.https.enabled else None,
         )
-
-    def attach(self, link: DeviceLink) -> None:
-        """Connect the flows to a running device transport."""
-        self.link = link
-        for flow in (self.things, self.messages, self.presence, self.outbox, self.status):
-            flow.link = link
 
     def token_audiences(self) -> list[str]:
         """Audiences a thing token may name (besides `urn:<namespace>:<its id>`): the configured

@@ -11,11 +11,12 @@ from typing import Any
 
 import orjson
 
-from bridge.core import ids
+from bridge.core import ids, topics
 from bridge.core.errors import Conflict, Invalid, NotFound
+from bridge.core.lookup import owned_thing
 from bridge.core.messages import STATUS, insert_message
 from bridge.core.outbox import Outbox, enqueue
-from bridge.core.ports import DeviceLink, NoLink
+from bridge.core.ports import DeviceLink
 from bridge.store import Store
 
 DEFAULT_UPDATE_RATE = 24  # hours between SetStatus calls when nobody set one
@@ -65,10 +66,6 @@ class DeviceRef:
     cert_id: str | None = None
 
 
-def config_topic(thing_id: str) -> str:
-    return f"things/{thing_id}/config"
-
-
 def _decode(column: str, value: Any) -> Any:
     return orjson.loads(value) if column in JSON_COLUMNS and value is not None else value
 
@@ -100,7 +97,8 @@ def effective(conn: sqlite3.Connection, ref: DeviceRef) -> Effective:
 
 def publish_config(conn: sqlite3.Connection, ref: DeviceRef) -> None:
     """Queue the thing's config document, retained on things/{id}/config, in this transaction."""
-    enqueue(conn, config_topic(ref.thing_id), orjson.dumps(effective(conn, ref).document()), retain=True)
+    document = orjson.dumps(effective(conn, ref).document())
+    enqueue(conn, topics.topic(ref.thing_id, topics.CONFIG), document, retain=True)
 
 
 def _ensure_state(conn: sqlite3.Connection, thing_id: str) -> None:
@@ -139,15 +137,14 @@ def _kind(kind: type) -> str:
 
 
 class Status:
-    def __init__(self, store: Store, outbox: Outbox) -> None:
+    def __init__(self, store: Store, outbox: Outbox, link: DeviceLink) -> None:
         self.store = store
         self.outbox = outbox
-        self.link: DeviceLink = NoLink()
+        self.link = link
 
     # ---- device side ---------------------------------------------------------------------------
     async def resolve(self, reg_id: str | None) -> DeviceRef:
-        """A regId (or a thing id, which is always a valid regId) -> the thing. Unknown -> Invalid:
-        the portal document answers every failure with 400."""
+        """A regId (or a thing id, which is always a valid regId) -> the thing."""
         if not reg_id:
             raise Invalid("regId is required")
         row = await self.store.read(
@@ -158,7 +155,7 @@ class Status:
             ).fetchone()
         )
         if row is None:
-            raise Invalid(f"unknown regId {reg_id!r}")
+            raise NotFound(f"unknown regId {reg_id!r}")
         return DeviceRef(row["id"], row["owner_id"], row["type"])
 
     async def get_url(self, ref: DeviceRef, device_info: dict | None) -> Effective:
@@ -202,7 +199,7 @@ class Status:
             return decide(effective(conn, ref), state["running_version"], state["fetched_config"])
 
         answer = await self.store.write(record)
-        await self.link.publish(f"things/{ref.thing_id}/status", report)
+        await self.link.publish(topics.topic(ref.thing_id, topics.STATUS), report)
         return answer
 
     async def get_config(self, ref: DeviceRef) -> dict[str, Any]:
@@ -242,13 +239,7 @@ class Status:
 
     # ---- operator side -------------------------------------------------------------------------
     async def _ref(self, owner_id: str, thing_id: str) -> DeviceRef:
-        row = await self.store.read(
-            lambda c: c.execute(
-                "SELECT id, owner_id, type FROM things WHERE id = ? AND owner_id = ?", (thing_id, owner_id)
-            ).fetchone()
-        )
-        if row is None:
-            raise NotFound(f"thing {thing_id!r} not found")
+        row = await self.store.read(owned_thing, thing_id, owner_id)
         return DeviceRef(row["id"], row["owner_id"], row["type"])
 
     async def set_desired(self, owner_id: str, thing_id: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -15,9 +15,10 @@ from cryptography.hazmat.primitives import serialization
 from bridge import pki
 from bridge.core import ids
 from bridge.core.accounts import SubscriptionPolicy, User, active_policy
-from bridge.core.errors import Conflict, Invalid, NotFound, QuotaExceeded, Unauthorized
-from bridge.core.outbox import Outbox
-from bridge.core.ports import DeviceLink, NoLink
+from bridge.core.errors import Conflict, Invalid, QuotaExceeded, Unauthorized
+from bridge.core.lookup import owned_thing, thing_not_found
+from bridge.core.outbox import Outbox, forget_thing
+from bridge.core.ports import DeviceLink
 from bridge.core.status import DeviceRef, publish_config
 from bridge.keyring import Keyring
 from bridge.store import Store
@@ -77,6 +78,7 @@ class Things:
         default_key_type: str,
         free_plan_things: int,
         outbox: Outbox,
+        link: DeviceLink,
         audiences: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self.store = store
@@ -89,7 +91,7 @@ class Things:
         # What a thing token's `aud` may name besides the thing itself (read when checked: the
         # public URLs carry ports that are known only once the listeners are bound).
         self.audiences = audiences
-        self.link: DeviceLink = NoLink()
+        self.link = link
         # thing id -> owner id, for per-delivery tenancy checks; filled lazily, dropped on delete
         self._owners: dict[str, str] = {}
         # Bumped by every delete and disable, before live sessions are closed: a check that read
@@ -201,22 +203,12 @@ class Things:
         return [self._row(r) for r in rows]
 
     async def get(self, owner: User, thing_id: str) -> Thing:
-        row = await self.store.read(
-            lambda c: c.execute(
-                "SELECT * FROM things WHERE id = ? AND owner_id = ?", (thing_id, owner.id)
-            ).fetchone()
-        )
-        if row is None:  # another user's thing is indistinguishable from a missing one
-            raise NotFound(f"thing {thing_id!r} not found")
-        return self._row(row)
+        return self._row(await self.store.read(owned_thing, thing_id, owner.id))
 
     async def delete(self, owner: User, thing_id: str) -> None:
-        def remove(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute(
-                "SELECT cert_id FROM things WHERE id = ? AND owner_id = ?", (thing_id, owner.id)
-            ).fetchone()
-            if row is None:
-                return None
+        def remove(conn: sqlite3.Connection) -> str:
+            row = owned_thing(conn, thing_id, owner.id)
+            forget_thing(conn, thing_id)  # its config and presence documents not yet published
             # Its messages, presence and device-twin state go with it (ON DELETE CASCADE).
             conn.execute("DELETE FROM things WHERE id = ?", (thing_id,))
             conn.execute(
@@ -225,10 +217,10 @@ class Things:
             )
             return row["cert_id"]
 
-        if await self.store.write(remove) is None:
-            raise NotFound(f"thing {thing_id!r} not found")
+        await self.store.write(remove)
         self._revoke(thing_id)
-        await self.link.disconnect_thing(thing_id, forget=True)
+        async with self.outbox.lock:  # no document read before the delete is published after this
+            await self.link.disconnect_thing(thing_id, forget=True)
 
     async def set_enabled(self, owner: User, thing_id: str, enabled: bool) -> Thing:
         def update(conn: sqlite3.Connection) -> int:
@@ -238,7 +230,7 @@ class Things:
             ).rowcount
 
         if not await self.store.write(update):
-            raise NotFound(f"thing {thing_id!r} not found")
+            raise thing_not_found(thing_id)
         self._revoke(thing_id)
         if not enabled:
             await self.link.disconnect_thing(thing_id, forget=False)
@@ -385,7 +377,7 @@ class Things:
             ).fetchone()
         )
         if row is None:
-            raise NotFound(f"thing {thing_id!r} not found")
+            raise thing_not_found(thing_id)
         if not row["enabled"]:
             raise Unauthorized("thing is disabled")
         algorithm = "ES256" if row["key_type"] == "EC" else "RS256"
@@ -400,12 +392,7 @@ class Things:
         return cached
 
     async def type_of(self, thing_id: str) -> str:
-        row = await self.store.read(
-            lambda c: c.execute("SELECT type FROM things WHERE id = ?", (thing_id,)).fetchone()
-        )
-        if row is None:
-            raise NotFound(f"thing {thing_id!r} not found")
-        return row["type"]
+        return (await self.store.read(owned_thing, thing_id, None))["type"]
 
     def cached_owner(self, thing_id: str) -> str | None:
         return self._owners.get(thing_id)

@@ -16,9 +16,9 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from bridge import pki
+from bridge.core import topics
 from bridge.core.errors import TooManyRequests
 from bridge.core.things import DeviceIdentity
-from bridge.mqtt import topics
 
 log = logging.getLogger(__name__)
 PRINCIPAL = "thingbridge.principal"

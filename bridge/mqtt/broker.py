@@ -15,6 +15,7 @@ from typing import Any
 from amqtt.broker import Broker
 
 from bridge.config import Config
+from bridge.core import topics
 from bridge.core.service import Core
 from bridge.mqtt.auth import Counters, standing
 from bridge.mqtt.hardened import (
@@ -41,19 +42,22 @@ def device_tls_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLCo
 
 
 class MqttBroker:
-    def __init__(self, cfg: Config, core: Core, broker_cls: type[Broker] = HardenedBroker) -> None:
+    """Made before the core, which is given it as its device link; `start(core)` then runs amqtt
+    with plugins that ask that core who connects and what it may do."""
+
+    def __init__(self, cfg: Config, broker_cls: type[Broker] = HardenedBroker) -> None:
         """`broker_cls` exists so tests can run stock amqtt under the same listeners and plugins and
         show each defect that HardenedBroker fixes."""
         self.cfg = cfg
-        self.core = core
         self.broker_cls = broker_cls
         self.counters = Counters()
         self.broker: Broker | None = None
+        self.core: Core | None = None
         self._servers: list[asyncio.Server] = []
         self.ports: dict[str, int] = {}
 
-    def _amqtt_config(self) -> dict[str, Any]:
-        plugin_cfg = {"core": self.core, "counters": self.counters}
+    def _amqtt_config(self, core: Core) -> dict[str, Any]:
+        plugin_cfg = {"core": core, "counters": self.counters}
         return {
             "listeners": {
                 PLAIN: {"type": "external", "bind": "external"},
@@ -63,16 +67,17 @@ class MqttBroker:
             "plugins": {
                 "bridge.mqtt.auth.IdentityPlugin": dict(plugin_cfg),
                 "bridge.mqtt.auth.AclPlugin": dict(plugin_cfg),
-                "bridge.mqtt.router.PresencePlugin": {"core": self.core},
+                "bridge.mqtt.router.PresencePlugin": {"core": core},
             },
             "session_expiry_interval": self.cfg.mqtt.session_expiry,
         }
 
-    async def start(self) -> None:
-        self.broker = self.broker_cls(self._amqtt_config())
+    async def start(self, core: Core) -> None:
+        self.core = core
+        self.broker = self.broker_cls(self._amqtt_config(core))
         if isinstance(self.broker, HardenedBroker):
-            self.broker.ingest = Router(self.core, self.counters, self.publish).ingest
-            self.broker.standing = lambda session: standing(self.core, session)
+            self.broker.ingest = Router(core, self.counters).ingest
+            self.broker.standing = lambda session: standing(core, session)
             limits = self.broker.limits
             limits.max_pending = self.cfg.mqtt.max_unsent
             limits.max_queued_messages = self.cfg.mqtt.max_queued_messages
@@ -80,7 +85,8 @@ class MqttBroker:
         await self.broker.start()
 
     async def listen(self) -> None:
-        """Open the listeners (after start(), once the core is attached to this broker)."""
+        """Open the listeners (after start())."""
+        assert self.core is not None
         # asyncio gives every TLS connection a 256 KiB read buffer (SSLProtocol.max_size): 2.5 GiB
         # for 10,000 idle things. MQTT packets are small; a larger one is read in several chunks.
         sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
@@ -135,7 +141,7 @@ class MqttBroker:
         for client_id in owned:
             closed += await close_client(self.broker, client_id, forget=forget)
         if forget:
-            prefix = f"things/{thing_id}/"
+            prefix = topics.thing_prefix(thing_id)
             for topic in [t for t in self.broker.retained_messages if t.startswith(prefix)]:
                 await self.broker.retain_message(None, topic, b"")
         return closed

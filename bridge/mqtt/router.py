@@ -5,7 +5,6 @@ HTTP one take the same path to subscribers. Anything else is left to the broker'
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,24 +12,21 @@ import orjson
 from amqtt.plugins.base import BasePlugin
 from amqtt.session import Session
 
-from bridge.core import jsonvalue
+from bridge.core import jsonvalue, topics
 from bridge.core.errors import DomainError, Invalid, NotFound, Revoked
 from bridge.core.service import Core
 from bridge.core.status import DeviceRef
 from bridge.core.things import DeviceIdentity
-from bridge.mqtt import topics
 from bridge.mqtt.auth import PRINCIPAL, Counters, Principal
 from bridge.mqtt.hardened import REVOKED, ClientRevoked
 
 log = logging.getLogger(__name__)
-Publish = Callable[[str, bytes], Awaitable[None]]
 
 
 class Router:
-    def __init__(self, core: Core, counters: Counters, publish: Publish) -> None:
+    def __init__(self, core: Core, counters: Counters) -> None:
         self.core = core
         self.counters = counters
-        self.publish = publish
 
     async def ingest(self, session: Session, topic: str, payload: bytes) -> bool:
         principal: Principal | None = session.attributes.get(PRINCIPAL)
@@ -63,16 +59,13 @@ class Router:
         return True
 
     async def _from_thing(self, thing: Principal, topic: str, payload: bytes) -> bool:
-        base = f"{topics.PREFIX}/{thing.name}/"
-        if not topic.startswith(base):
-            return False
-        flow = topic[len(base) :]
+        flow = topics.flow_of(thing.name, topic)
         core = self.core
         device = thing.device
         assert device is not None
-        if flow == "collect":
+        if flow == topics.COLLECT:
             await core.messages.collect(device, payload, transport="mqtt")
-        elif flow == "status":
+        elif flow == topics.STATUS:
             try:
                 thing_type = await core.things.type_of(thing.name)
             except NotFound as exc:
@@ -82,10 +75,12 @@ class Router:
                 report = _json_object(payload)
                 answer = await core.status.set_status(ref, report.get("status"), report.get("info"), "mqtt")
             except Invalid as exc:
-                await self._reply(f"{base}status/rejected", {"errorCode": 400, "errorMessage": str(exc)})
+                await self._reply(
+                    thing.name, topics.STATUS_REJECTED, {"errorCode": 400, "errorMessage": str(exc)}
+                )
             else:
-                await self._reply(f"{base}status/accepted", {"config": answer})
-        elif flow == "config/get":
+                await self._reply(thing.name, topics.STATUS_ACCEPTED, {"config": answer})
+        elif flow == topics.CONFIG_GET:
             await core.status.resend_config(
                 DeviceRef(thing.name, thing.owner_id, await core.things.type_of(thing.name))
             )
@@ -93,8 +88,9 @@ class Router:
             return False
         return True
 
-    async def _reply(self, topic: str, body: dict[str, Any]) -> None:
-        await self.publish(topic, orjson.dumps(body))
+    async def _reply(self, thing_id: str, flow: str, body: dict[str, Any]) -> None:
+        """A reply is a live message: through the link, like every message (see Core)."""
+        await self.core.link.publish(topics.topic(thing_id, flow), orjson.dumps(body))
 
 
 def _json_object(payload: bytes) -> dict[str, Any]:
