@@ -317,7 +317,7 @@ class Things:
             value = claims.get(claim)
             if claim in claims and (not isinstance(value, int | float) or isinstance(value, bool)):
                 raise Unauthorized(f"thing token claim {claim!r} must be a number (epoch seconds)")
-        self._check_audience(claims.get("aud"), thing_id)
+        check_audience(claims.get("aud"), thing_id, self.audiences())
         owner_id, cert_id, algorithm, public_key = await self._verifier(thing_id)
         try:
             verified = jwt.decode(
@@ -335,24 +335,6 @@ class Things:
         if verified["exp"] - min(start, ids.now()) > MAX_TOKEN_LIFETIME:
             raise Unauthorized("thing token lifetime exceeds 24 hours")
         return DeviceIdentity(thing_id, owner_id, cert_id), verified["exp"]
-
-    def _check_audience(self, aud: Any, thing_id: str) -> None:
-        """The audience is not part of the document's contract, but device SDKs send one. Accepted:
-        none; `urn:<namespace>:<this thing's id>` (any namespace); one of the configured
-        audiences (default: the bridge's public HTTP URLs). A URN naming another thing, or any
-        other audience, is refused; with a list, every entry must be acceptable."""
-        if aud is None:
-            return
-        entries = aud if isinstance(aud, list) else [aud]
-        if not entries or not all(isinstance(a, str) for a in entries):
-            raise Unauthorized("thing token claim 'aud' must be a string or a list of strings")
-        accepted = {a.rstrip("/") for a in self.audiences()}
-        for entry in entries:
-            if entry.startswith("urn:") and entry.count(":") >= 2:
-                if entry.rsplit(":", 1)[1] != thing_id:
-                    raise Unauthorized("thing token audience names another thing")
-            elif entry.rstrip("/") not in accepted:
-                raise Unauthorized(f"thing token audience {entry[:200]!r} is not accepted here")
 
     def _revoke(self, thing_id: str) -> None:
         self.revocations += 1
@@ -424,3 +406,22 @@ def _unavailable(thing_id: str) -> str:
     # The same answer whoever holds the id (you, another user, a regId alias): ids are global
     # (certificate CN, topic level), and a 409 that said whose it is would confirm it exists.
     return f"thing id {thing_id!r} is not available; choose another, or omit flthingspk for a generated one"
+
+
+def check_audience(aud: Any, thing_id: str, accepted: Iterable[str]) -> None:
+    """The audience is not part of the document's contract, but device SDKs send one. Accepted:
+    none; `urn:<namespace>:<this thing's id>` (any namespace); one of `accepted` (default: the
+    bridge's public HTTP URLs). A URN naming another thing, or any other audience, is refused;
+    with a list, every entry must be acceptable."""
+    if aud is None:
+        return
+    entries = aud if isinstance(aud, list) else [aud]
+    if not entries or not all(isinstance(a, str) for a in entries):
+        raise Unauthorized("thing token claim 'aud' must be a string or a list of strings")
+    allowed = {a.rstrip("/") for a in accepted}
+    for entry in entries:
+        if entry.startswith("urn:") and entry.count(":") >= 2:
+            if entry.rsplit(":", 1)[1] != thing_id:
+                raise Unauthorized("thing token audience names another thing")
+        elif entry.rstrip("/") not in allowed:
+            raise Unauthorized(f"thing token audience {entry[:200]!r} is not accepted here")

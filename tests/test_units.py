@@ -1,0 +1,153 @@
+"""Pure functions, in-process: the rules the end-to-end tests exercise through the real process,
+each checked here case by case (milliseconds, no server)."""
+
+from __future__ import annotations
+
+import pytest
+from amqtt.broker import RetainedApplicationMessage
+from amqtt.session import Session
+
+from bridge import config
+from bridge.core import topics
+from bridge.core.errors import Invalid, Unauthorized
+from bridge.core.messages import classify
+from bridge.core.status import DEFAULT, Effective, decide
+from bridge.core.things import check_audience
+from bridge.mqtt.hardened import Limits, OfflineQueue
+
+
+# ---- the SetStatus decision ------------------------------------------------------------------------
+def test_decide_reboot_new_sync() -> None:
+    newer = Effective(24, {}, {}, "http://pkg", 3)
+    assert decide(newer, running_version=2, fetched_config=None) == "reboot"
+    assert decide(newer, running_version=None, fetched_config=None) == "reboot"
+    same_version = Effective(24, {"a": 1}, {}, "", 0)
+    assert decide(same_version, running_version=0, fetched_config=None) == "new"  # never fetched
+    assert decide(same_version, running_version=0, fetched_config=same_version.config_hash()) == "sync"
+    assert decide(DEFAULT, running_version=None, fetched_config=None) == "sync"
+    # reboot wins over new: the package comes first
+    assert decide(Effective(1, {"b": 2}, {}, "", 5), running_version=4, fetched_config=None) == "reboot"
+
+
+# ---- payload classification ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("payload", "declared", "encoding"),
+    [
+        (b'{"a": 1}', None, "json"),
+        (b"42", None, "json"),
+        (b"FOO|BAR|This is a message.", None, "text"),  # free form under application/json
+        (b'{"half": ', None, "text"),
+        (b"\xff\x00\x01", None, "base64"),
+        (b"42", "text", "text"),  # declared text stays text
+    ],
+)
+def test_classify(payload: bytes, declared: str | None, encoding: str) -> None:
+    assert classify(payload, declared) == encoding
+
+
+def test_classify_refuses_declared_text_that_is_not_utf8() -> None:
+    with pytest.raises(Invalid, match="not valid UTF-8"):
+        classify(b"\xff", "text")
+
+
+# ---- topic rules ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "allowed"),
+    [
+        ("things/t1/collect", True),
+        ("things/t1/status", True),
+        ("things/t1/config/get", True),
+        ("things/t1/telemetry/x", True),
+        ("things/t2/collect", False),  # another thing's topic
+        ("things/t1/publish", False),
+        ("things/t1/publish/x", False),  # the whole cloud-to-device subtree
+        ("things/t1/config", False),
+        ("things/t1/config/x", False),
+        ("things/t1/presence", False),
+        ("things/t1/presence/online", False),
+        ("things/t1/upgrade/notify", False),
+        ("things/t1/upgrade/notify/x", False),
+        ("things/t1/status/accepted", False),
+        ("things/t1/status/rejected/x", False),
+        ("things/t1/", False),
+        ("other/t1/collect", False),
+    ],
+)
+def test_thing_may_publish(name: str, allowed: bool) -> None:
+    assert topics.thing_may_publish("t1", name) is allowed
+
+
+def test_subscribe_rules_and_targets() -> None:
+    assert topics.thing_may_subscribe("t1", "things/t1/#")
+    assert not topics.thing_may_subscribe("t1", "things/+/publish")
+    assert not topics.thing_may_subscribe("t1", "things/t1/")
+    assert topics.app_may_subscribe("things/#") and topics.app_may_subscribe("things/+/collect")
+    assert not topics.app_may_subscribe("#") and not topics.app_may_subscribe("things/")
+    assert topics.publish_target("things/t1/publish") == "t1"
+    assert topics.publish_target("things/t1/publish/x") is None
+    assert topics.publish_target("things/t1/collect") is None
+    assert topics.flow_of("t1", "things/t1/config/get") == topics.CONFIG_GET
+    assert topics.flow_of("t1", "things/t10/collect") is None
+    assert topics.thing_of("things/t1/collect") == "t1" and topics.thing_of("things/t1") is None
+
+
+# ---- thing token audiences -------------------------------------------------------------------------------
+PUBLIC = ["http://bridge.example:8080", "http://bridge.example:8080/dev/v1"]
+
+
+@pytest.mark.parametrize(
+    "aud",
+    [None, "urn:flashlex:t1", "urn:a:b:c:t1", "http://bridge.example:8080/", ["urn:x:t1", PUBLIC[1]]],
+)
+def test_audiences_accepted(aud: object) -> None:
+    check_audience(aud, "t1", PUBLIC)
+
+
+@pytest.mark.parametrize(
+    ("aud", "reason"),
+    [
+        ("urn:flashlex:t2", "another thing"),
+        (["urn:flashlex:t1", "urn:flashlex:t2"], "another thing"),
+        ("https://elsewhere.example", "not accepted"),
+        ("urn:only", "not accepted"),
+        (7, "string"),
+        ([], "string"),
+        ([None], "string"),
+    ],
+)
+def test_audiences_refused(aud: object, reason: str) -> None:
+    with pytest.raises(Unauthorized, match=reason):
+        check_audience(aud, "t1", PUBLIC)
+
+
+# ---- settings and their ranges ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"accounts": {"token_ttl": -5}}, "accounts.token_ttl: must be at least 1"),
+        ({"mqtt": {"tls": {"port": 70000}}}, "mqtt.tls.port"),
+        ({"mqtt": {"max_queued_messages": 0}}, "mqtt.max_queued_messages"),
+        ({"messages": {"page_limit": 0}}, "messages.page_limit"),
+        ({"http": {"token_audiences": "x"}}, "http.token_audiences"),
+        ({"nonsense": 1}, "nonsense"),
+    ],
+)
+def test_settings_out_of_range_name_their_path(raw: dict, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")):
+        config._build(config.Config, raw, "")
+
+
+# ---- the offline queue's bounds ----------------------------------------------------------------------------
+def test_a_full_offline_queue_drops_its_oldest() -> None:
+    session = Session()
+    session.client_id = "app:x"
+    session.retained_messages = OfflineQueue()
+    limits = Limits(max_queued_messages=3, max_queued_bytes=10)
+    for n in range(5):
+        limits.enqueue(session, RetainedApplicationMessage(None, "things/t/publish", bytes([n]) * 2, 1))
+    queue: OfflineQueue = session.retained_messages
+    assert [queue.get_nowait().data for _ in range(queue.qsize())] == [b"\x02\x02", b"\x03\x03", b"\x04\x04"]
+    assert limits.dropped_queued == 2 and queue.bytes == 0
+    for n in range(3):  # the byte bound: 3 x 4 bytes > 10
+        limits.enqueue(session, RetainedApplicationMessage(None, "things/t/publish", bytes([n]) * 4, 1))
+    assert queue.qsize() == 2 and queue.bytes == 8 and limits.dropped_queued == 3
