@@ -163,6 +163,8 @@ async def serve(cfg: Config, first_start: str | None = None) -> int:
         await core.presence.restore()
         await core.status.republish_all()
         core.outbox.start()
+        core.rollouts.start()  # re-publishes rollout states and upgrade notices, then checks timeouts
+        started.push_async_callback(core.rollouts.stop)
         await _listen_mqtt(cfg, mqtt)
 
         # keepalive_timeout also bounds a request head that never completes (slow-loris); aiohttp's

@@ -267,17 +267,19 @@ def test_the_rebuild_keeps_rows_and_the_sequence_and_drops_orphans(tmp_path: Pat
 
 
 def test_a_failing_step_is_rolled_back_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = migrations.LATEST + 1  # a step of a future release
+
     def broken(conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE half_done (x INTEGER)")
-        raise sqlite3.OperationalError("step 3 failed")
+        raise sqlite3.OperationalError(f"step {step} failed")
 
-    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, (3, broken)])
-    monkeypatch.setattr(migrations, "LATEST", 3)
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, (step, broken)])
+    monkeypatch.setattr(migrations, "LATEST", step)
     path = tmp_path / DB
     conn = sqlite3.connect(path, isolation_level=None)
-    with pytest.raises(sqlite3.OperationalError, match="step 3 failed"):
+    with pytest.raises(sqlite3.OperationalError, match=f"step {step} failed"):
         migrations.migrate(conn, path)
-    assert migrations.version(conn) == 2  # steps 1 and 2 committed, each in its own transaction
+    assert migrations.version(conn) == step - 1  # the steps before committed, each in its own transaction
     assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'half_done'").fetchone()
     assert not conn.in_transaction
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1

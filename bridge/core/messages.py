@@ -8,6 +8,7 @@ import asyncio
 import base64
 import sqlite3
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,11 @@ if TYPE_CHECKING:  # things.py imports this module (through status.py)
     from bridge.core.things import DeviceIdentity
 
 INGRESS, EGRESS, STATUS = "ingress", "egress", "status"
-MESSAGE_TYPES = (INGRESS, EGRESS, STATUS)
+# Software upgrades: an offer told to the device (`upgrade`, read by HTTP-only devices with their
+# egress long-poll) and what the device reported (`versions`: current versions, upgrade results).
+UPGRADE, VERSIONS = "upgrade", "versions"
+MESSAGE_TYPES = (INGRESS, EGRESS, STATUS, UPGRADE, VERSIONS)
+DEVICE_BOUND = (EGRESS, UPGRADE)
 MAX_WAIT = 60
 
 
@@ -130,7 +135,9 @@ def insert_message(
     return Message(cur.lastrowid or 0, msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport)
 
 
-def _where(thing_id: str, owner_id: str, q: Query, after_seq: int | None) -> tuple[str, list[Any]]:
+def _where(
+    thing_id: str, owner_id: str, q: Query, after_seq: int | None, types: tuple[str, ...] = ()
+) -> tuple[str, list[Any]]:
     # The owner too: a thing deleted and re-created by another user while a read or a long-poll
     # was under way keeps the id, not the owner.
     clauses, args = ["thing_id = ?", "owner_id = ?"], [thing_id, owner_id]
@@ -143,6 +150,9 @@ def _where(thing_id: str, owner_id: str, q: Query, after_seq: int | None) -> tup
     if q.type is not None:
         clauses.append("type = ?")
         args.append(q.type)
+    elif types:
+        clauses.append(f"type IN ({','.join('?' * len(types))})")
+        args.extend(types)
     if after_seq is not None:
         clauses.append("seq > ?")
         args.append(after_seq)
@@ -200,10 +210,15 @@ class Messages:
             insert_message, thing_id, owner, EGRESS, payload, encoding, transport
         )
         await self.link.publish(topics.topic(thing_id, topics.PUBLISH), payload)
-        for waiter in self._egress_waiters.get(thing_id, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+        self.wake([thing_id])
         return message
+
+    def wake(self, thing_ids: Iterable[str]) -> None:
+        """Something was committed for these things' devices: answer their long-polls."""
+        for thing_id in thing_ids:
+            for waiter in self._egress_waiters.get(thing_id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _owner(self, thing_id: str, owner_id: str | None) -> str:
         return (await self.store.read(owned_thing, thing_id, owner_id))["owner_id"]
@@ -224,9 +239,11 @@ class Messages:
         owner = await self._owner(thing_id, owner_id)
         return await self._select(thing_id, owner, q.check())
 
-    async def _select(self, thing_id: str, owner_id: str, q: Query) -> list[Message]:
+    async def _select(
+        self, thing_id: str, owner_id: str, q: Query, types: tuple[str, ...] = ()
+    ) -> list[Message]:
         after = await self._after_seq(thing_id, q.after)
-        where, args = _where(thing_id, owner_id, q, after)
+        where, args = _where(thing_id, owner_id, q, after, types)
         # Time windows walk the (thing_id, ts) index, whose entries are in ts then rowid order, so
         # "ts, seq" needs no sort; a cursor walks (thing_id, type, seq). Both are arrival order.
         order = "seq" if after is not None else "ts, seq"
@@ -241,22 +258,23 @@ class Messages:
         return await self.store.read(select)
 
     async def wait_egress(self, thing_id: str, owner_id: str, q: Query, wait: float) -> list[Message]:
-        """Egress messages after the cursor; if none yet, wait up to `wait` s for the next one."""
+        """Messages for the device (egress, and upgrade offers) after the cursor; if none yet, wait
+        up to `wait` s for the next one."""
         if not 0 <= wait <= MAX_WAIT:
             raise Invalid(f"wait must be between 0 and {MAX_WAIT} seconds")
-        q = Query(q.start, q.end, EGRESS, q.after, q.limit).check()
+        q = Query(q.start, q.end, None, q.after, q.limit).check()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._egress_waiters[thing_id]
         waiters.add(waiter)  # registered before the query, so nothing committed in between is missed
         try:
-            found = await self._select(thing_id, owner_id, q)
+            found = await self._select(thing_id, owner_id, q, DEVICE_BOUND)
             if found or wait == 0:
                 return found
             try:
                 await asyncio.wait_for(waiter, wait)
             except TimeoutError:
                 return []
-            return await self._select(thing_id, owner_id, q)
+            return await self._select(thing_id, owner_id, q, DEVICE_BOUND)
         finally:
             waiters.discard(waiter)
             if not waiters:

@@ -10,8 +10,10 @@ from bridge.core.messages import Messages
 from bridge.core.outbox import Outbox
 from bridge.core.ports import DeviceLink, NoLink
 from bridge.core.presence import Presence
+from bridge.core.rollouts import Rollouts
 from bridge.core.status import Status
 from bridge.core.things import Things
+from bridge.core.upgrades import Upgrades
 from bridge.keyring import Keyring
 from bridge.store import Store
 
@@ -46,6 +48,9 @@ class Core:
         )
         self.presence = Presence(store, self.outbox)
         self.status = Status(store, self.outbox, self.link)
+        # Software upgrades; a device's results move the staged rollouts it is in.
+        self.rollouts = Rollouts(store, self.outbox, self.messages)
+        self.upgrades = Upgrades(store, self.outbox, self.link, self.messages, self.rollouts.on_results)
         # Where devices reach us; the running process replaces the configured ports with bound ones.
         self.endpoints = Endpoints(
             cfg.http.public_host,

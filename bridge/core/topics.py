@@ -3,7 +3,8 @@ functions (no broker needed to test them). The one place a topic string is built
 
 A thing may use only `things/{its id}/...`, and may not publish on the cloud-to-device topics
 (so it cannot forge commands, config or presence that applications trust). An application may
-subscribe under `things/` and publish to `things/{id}/publish` of the things its owner owns."""
+subscribe under `things/` and publish to `things/{id}/publish` of the things its owner owns, and
+subscribe under `rollouts/` to its owner's staged rollouts' progress."""
 
 from __future__ import annotations
 
@@ -18,11 +19,28 @@ STATUS_REJECTED = "status/rejected"
 CONFIG = "config"  # cloud -> device: the desired configuration (retained)
 CONFIG_GET = "config/get"  # device -> cloud: send the configuration again
 PRESENCE = "presence"  # bridge -> applications: online/offline (retained)
-UPGRADE_NOTIFY = "upgrade/notify"
+UPGRADE_NOTIFY = "upgrade/notify"  # cloud -> device: pending upgrade offers (retained)
+UPGRADE_CHECK = "upgrade/check"  # device -> cloud: checkForUpgrade
+UPGRADE_CHECK_ACCEPTED = "upgrade/check/accepted"
+UPGRADE_CHECK_REJECTED = "upgrade/check/rejected"
+VERSIONS = "versions"  # device -> cloud: currentVersionNumbers
+UPGRADE_RESULT = "upgrade/result"  # device -> cloud: upgradeResult
 
 # What a device bundle tells the device it publishes and subscribes to.
-DEVICE_TOPICS = (COLLECT, STATUS, CONFIG_GET, "upgrade/check", "versions", "upgrade/result")
-CLOUD_TOPICS = (PUBLISH, CONFIG, UPGRADE_NOTIFY, STATUS_ACCEPTED, STATUS_REJECTED)
+DEVICE_TOPICS = (COLLECT, STATUS, CONFIG_GET, UPGRADE_CHECK, VERSIONS, UPGRADE_RESULT)
+CLOUD_TOPICS = (
+    PUBLISH,
+    CONFIG,
+    UPGRADE_NOTIFY,
+    STATUS_ACCEPTED,
+    STATUS_REJECTED,
+    UPGRADE_CHECK_ACCEPTED,
+    UPGRADE_CHECK_REJECTED,
+)
+
+# bridge -> applications: a staged rollout's progress (retained), rollouts/{id}/state.
+ROLLOUTS = "rollouts"
+ROLLOUT_STATE = "state"
 
 # Topics only the bridge or applications publish on, with their whole subtrees (a thing
 # publishing on presence/x would reach apps subscribed to presence/#) ...
@@ -70,9 +88,21 @@ def thing_may_subscribe(thing_id: str, topic_filter: str) -> bool:
     return bool(flow_of(thing_id, topic_filter))
 
 
+def rollout_state(rollout_id: str) -> str:
+    return f"{ROLLOUTS}/{rollout_id}/{ROLLOUT_STATE}"
+
+
+def rollout_of(name: str) -> str | None:
+    """The rollout a concrete rollouts/{id}/... topic belongs to, else None."""
+    parts = name.split("/", 2)
+    if len(parts) == 3 and parts[0] == ROLLOUTS and parts[1] and parts[2]:
+        return parts[1]
+    return None
+
+
 def app_may_subscribe(topic_filter: str) -> bool:
     parts = topic_filter.split("/", 1)
-    return parts[0] == PREFIX and len(parts) == 2 and parts[1] != ""
+    return parts[0] in (PREFIX, ROLLOUTS) and len(parts) == 2 and parts[1] != ""
 
 
 def publish_target(name: str) -> str | None:

@@ -147,7 +147,8 @@ def _client_id_rule(principal: Principal) -> str:
 
 async def permitted(core: Any, principal: Principal, action: Action, topic: str | None) -> bool:
     """The ACL: a thing uses only its own topics (and may not publish the cloud's); an application
-    subscribes under things/ and reaches only its owner's things, unless it is fleet-wide."""
+    subscribes under things/ and rollouts/ and reaches only its owner's things and rollouts, unless
+    it is fleet-wide."""
     if topic is None:
         return False
     if principal.kind == "thing":
@@ -158,6 +159,9 @@ async def permitted(core: Any, principal: Principal, action: Action, topic: str 
         return topics.thing_of(topic) == principal.name
     if action == Action.SUBSCRIBE:
         return topics.app_may_subscribe(topic)
+    rollout_id = topics.rollout_of(topic) if action == Action.RECEIVE else None
+    if rollout_id is not None:
+        return principal.fleet_wide or await core.rollouts.owner_of(rollout_id) == principal.owner_id
     thing_id = topics.publish_target(topic) if action == Action.PUBLISH else topics.thing_of(topic)
     if thing_id is None:
         return False

@@ -84,6 +84,20 @@ class Router:
             await core.status.resend_config(
                 DeviceRef(thing.name, thing.owner_id, await core.things.type_of(thing.name))
             )
+        elif flow == topics.UPGRADE_CHECK:
+            try:
+                offer = await core.upgrades.check(device, _json_object(payload))
+            except (Invalid, NotFound) as exc:
+                code = 404 if isinstance(exc, NotFound) else 400
+                await self._reply(
+                    thing.name, topics.UPGRADE_CHECK_REJECTED, {"errorCode": code, "errorMessage": str(exc)}
+                )
+            else:
+                await self._reply(thing.name, topics.UPGRADE_CHECK_ACCEPTED, offer)
+        elif flow == topics.VERSIONS:
+            await core.upgrades.report_versions(device, _json_object(payload), transport="mqtt")
+        elif flow == topics.UPGRADE_RESULT:
+            await core.upgrades.report_results(device, _json_object(payload), transport="mqtt")
         else:
             return False
         return True

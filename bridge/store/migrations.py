@@ -217,8 +217,138 @@ def _rebuild(
         conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, sequence[0]))
 
 
+def upgrades(conn: sqlite3.Connection) -> None:
+    """Version 3: software upgrades (issue #11). An operator's catalog (software, its versions,
+    rollout profiles, accounts grouping devices under a profile) keyed by an integer `pk` (an
+    identity column elsewhere; SQLite's INTEGER PRIMARY KEY) with the API ids unique per owner; what
+    devices report; the notices they were sent; staged rollouts. Everything keyed by a thing, a
+    software, a version or a profile goes with it (ON DELETE CASCADE): deleting a thing takes it out
+    of its account, deleting software takes its versions out of every profile."""
+    for statement in (
+        # JSON columns (device_types, dependencies, waves) hold arrays the core validated.
+        """CREATE TABLE software (
+            pk INTEGER PRIMARY KEY,
+            owner_id TEXT NOT NULL REFERENCES users (id),
+            id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            description TEXT,
+            device_types TEXT NOT NULL,
+            upgrade_type TEXT,
+            created REAL NOT NULL,
+            UNIQUE (owner_id, id),
+            UNIQUE (owner_id, name)
+        )""",
+        # released: releaseDate in epoch seconds, what "latest" is ordered by
+        """CREATE TABLE software_versions (
+            pk INTEGER PRIMARY KEY,
+            software_pk INTEGER NOT NULL REFERENCES software (pk) ON DELETE CASCADE,
+            version_number TEXT NOT NULL,
+            release_date TEXT NOT NULL,
+            released REAL NOT NULL,
+            status TEXT NOT NULL,
+            priority TEXT,
+            release_note TEXT,
+            eula TEXT,
+            download_url TEXT NOT NULL,
+            dependencies TEXT NOT NULL,
+            UNIQUE (software_pk, version_number)
+        )""",
+        "CREATE INDEX software_versions_latest ON software_versions (software_pk, released)",
+        """CREATE TABLE rollout_profiles (
+            pk INTEGER PRIMARY KEY,
+            owner_id TEXT NOT NULL REFERENCES users (id),
+            id TEXT NOT NULL,
+            name TEXT,
+            description TEXT,
+            created REAL NOT NULL,
+            UNIQUE (owner_id, id)
+        )""",
+        # Version.rolloutProfiles, the one stored link (RolloutProfile.softwareVersions is derived)
+        """CREATE TABLE version_profiles (
+            version_pk INTEGER NOT NULL REFERENCES software_versions (pk) ON DELETE CASCADE,
+            profile_pk INTEGER NOT NULL REFERENCES rollout_profiles (pk) ON DELETE CASCADE,
+            PRIMARY KEY (version_pk, profile_pk)
+        )""",
+        "CREATE INDEX version_profiles_profile ON version_profiles (profile_pk)",
+        """CREATE TABLE upgrade_accounts (
+            pk INTEGER PRIMARY KEY,
+            owner_id TEXT NOT NULL REFERENCES users (id),
+            id TEXT NOT NULL,
+            profile_pk INTEGER NOT NULL REFERENCES rollout_profiles (pk) ON DELETE CASCADE,
+            UNIQUE (owner_id, id)
+        )""",
+        "CREATE INDEX upgrade_accounts_profile ON upgrade_accounts (profile_pk)",
+        # A thing is in one account at most; device_id: how the operator named it (id or regId).
+        """CREATE TABLE account_devices (
+            thing_id TEXT PRIMARY KEY REFERENCES things (id) ON DELETE CASCADE,
+            account_pk INTEGER NOT NULL REFERENCES upgrade_accounts (pk) ON DELETE CASCADE,
+            device_id TEXT NOT NULL,
+            type TEXT NOT NULL
+        )""",
+        "CREATE INDEX account_devices_account ON account_devices (account_pk)",
+        # What the device last reported running, per software name (registered or not).
+        """CREATE TABLE device_versions (
+            thing_id TEXT NOT NULL REFERENCES things (id) ON DELETE CASCADE,
+            software_name TEXT NOT NULL,
+            version_number TEXT NOT NULL,
+            ts REAL NOT NULL,
+            transport TEXT NOT NULL,
+            client_token TEXT,
+            PRIMARY KEY (thing_id, software_name)
+        )""",
+        # Append-only; AUTOINCREMENT (SQLite; identity elsewhere) keeps the order of arrival.
+        """CREATE TABLE upgrade_results (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            thing_id TEXT NOT NULL REFERENCES things (id) ON DELETE CASCADE,
+            software_name TEXT NOT NULL,
+            version_number TEXT NOT NULL,
+            status TEXT NOT NULL,
+            error_code TEXT,
+            message TEXT,
+            client_token TEXT,
+            ts REAL NOT NULL,
+            transport TEXT NOT NULL
+        )""",
+        # History reads (thing, seq) and a rollout's outcome of a device (thing, software, version).
+        "CREATE INDEX upgrade_results_thing ON upgrade_results (thing_id, software_name, version_number, seq)",
+        # The offer each device was last told of, per software (things/{id}/upgrade/notify).
+        """CREATE TABLE upgrade_notices (
+            thing_id TEXT NOT NULL REFERENCES things (id) ON DELETE CASCADE,
+            software_pk INTEGER NOT NULL REFERENCES software (pk) ON DELETE CASCADE,
+            version_pk INTEGER NOT NULL REFERENCES software_versions (pk) ON DELETE CASCADE,
+            PRIMARY KEY (thing_id, software_pk)
+        )""",
+        # wave: 0-based index of the wave released last; wave_started: when it was released.
+        """CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY,
+            owner_id TEXT NOT NULL REFERENCES users (id),
+            version_pk INTEGER NOT NULL REFERENCES software_versions (pk) ON DELETE CASCADE,
+            profile_pk INTEGER NOT NULL REFERENCES rollout_profiles (pk) ON DELETE CASCADE,
+            waves TEXT NOT NULL,
+            error_threshold REAL NOT NULL,
+            wave_timeout REAL NOT NULL,
+            state TEXT NOT NULL,
+            wave INTEGER NOT NULL,
+            wave_started REAL NOT NULL,
+            reason TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )""",
+        "CREATE INDEX rollouts_version ON rollouts (version_pk, profile_pk)",
+        "CREATE INDEX rollouts_owner ON rollouts (owner_id, created)",
+        """CREATE TABLE rollout_devices (
+            rollout_id TEXT NOT NULL REFERENCES rollouts (id) ON DELETE CASCADE,
+            thing_id TEXT NOT NULL REFERENCES things (id) ON DELETE CASCADE,
+            wave INTEGER NOT NULL,
+            PRIMARY KEY (rollout_id, thing_id)
+        )""",
+        "CREATE INDEX rollout_devices_thing ON rollout_devices (thing_id)",
+    ):
+        conn.execute(statement)
+
+
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[tuple[int, Migration]] = [(1, baseline), (2, cascade)]
+MIGRATIONS: list[tuple[int, Migration]] = [(1, baseline), (2, cascade), (3, upgrades)]
 LATEST = MIGRATIONS[-1][0]
 
 
