@@ -114,6 +114,18 @@ def _parser() -> argparse.ArgumentParser:
     pset.add_argument("user")
     pset.add_argument("--things", type=int, required=True)
     pset.add_argument("--name", default="Custom", help="plan name")
+
+    vendor = sub.add_parser("vendor", help="provisioning vendors").add_subparsers(
+        dest="action", required=True
+    )
+    vadd = vendor.add_parser("add", help="create a vendor; prints its token and vendor CIK once")
+    _common(vadd)
+    vadd.add_argument("name")
+    vadd.add_argument("--owner", required=True, help="the user whose things its serial numbers become")
+    _common(vendor.add_parser("list", help="every vendor, its owner and whether it is revoked"))
+    vrevoke = vendor.add_parser("revoke", help="stop accepting a vendor's token and CIK")
+    _common(vrevoke)
+    vrevoke.add_argument("name")
     return parser
 
 
@@ -197,6 +209,27 @@ async def _plan_set(core: Core, a: argparse.Namespace) -> None:
     print(f"{a.user}: plan {sub.plan_name}, {sub.thing_quota} things")
 
 
+async def _vendor_add(core: Core, a: argparse.Namespace) -> None:
+    owner = await core.accounts.user_by_name(a.owner)
+    new = await core.provisioning.vendors.add(a.name, owner)
+    # Shown this once: only their hashes are stored.
+    print(f"created vendor {new.vendor.name} (owner {owner.username})")
+    print(f"X-Exosite-Token: {new.token}")
+    print(f"X-Exosite-CIK: {new.cik}")
+
+
+async def _vendor_list(core: Core, a: argparse.Namespace) -> None:
+    print(f"{'vendor':32} {'owner':24} {'created':20} revoked")
+    for v in await core.provisioning.vendors.list():
+        revoked = ids.iso(v.revoked) if v.revoked is not None else "-"
+        print(f"{v.name:32} {v.owner:24} {ids.iso(v.created):20} {revoked}")
+
+
+async def _vendor_revoke(core: Core, a: argparse.Namespace) -> None:
+    await core.provisioning.vendors.revoke(a.name)
+    print(f"revoked vendor {a.name}: its token and CIK are no longer accepted")
+
+
 def _config_changes(a: argparse.Namespace) -> dict[str, Any]:
     changes: dict[str, Any] = {name: None for name in a.clear}
     for name, option, value in (
@@ -254,6 +287,9 @@ COMMANDS: dict[tuple[str, str | None], Callable[[Core, argparse.Namespace], Awai
     ("app", "add"): _app_add,
     ("thing", "create"): _thing_create,
     ("plan", "set"): _plan_set,
+    ("vendor", "add"): _vendor_add,
+    ("vendor", "list"): _vendor_list,
+    ("vendor", "revoke"): _vendor_revoke,
 }
 
 

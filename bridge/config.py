@@ -89,6 +89,14 @@ class MessagesConfig:
 
 
 @dataclass
+class ProvisioningConfig:
+    # Seconds a serial number stays enabled for activation (make client, regenerate CIK, remap).
+    enable_expiry: int = _int(24 * 3600, 60, 365 * 24 * 3600)
+    # Largest content blob a vendor may upload (bytes).
+    max_content_size: int = _int(256 * 1024 * 1024, 1, 16 * 1024**3)
+
+
+@dataclass
 class StoreConfig:
     # FULL: a commit is on disk before we acknowledge it (QoS 1 PUBACK, HTTP 2xx).
     synchronous: str = _choice("FULL", "FULL", "NORMAL", "EXTRA")
@@ -102,6 +110,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
     messages: MessagesConfig = field(default_factory=MessagesConfig)
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
     @property

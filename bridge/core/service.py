@@ -10,6 +10,7 @@ from bridge.core.messages import Messages
 from bridge.core.outbox import Outbox
 from bridge.core.ports import DeviceLink, NoLink
 from bridge.core.presence import Presence
+from bridge.core.provisioning import Provisioning
 from bridge.core.rollouts import Rollouts
 from bridge.core.status import Status
 from bridge.core.things import Things
@@ -51,6 +52,10 @@ class Core:
         # Software upgrades; a device's results move the staged rollouts it is in.
         self.rollouts = Rollouts(store, self.outbox, self.messages)
         self.upgrades = Upgrades(store, self.outbox, self.link, self.messages, self.rollouts.on_results)
+        # Vendors enrol serial numbers; an activated one is a thing of the vendor's owner.
+        self.provisioning = Provisioning(
+            store, self.things, self.outbox, cfg.provisioning, free_plan_things=cfg.accounts.free_plan_things
+        )
         # Where devices reach us; the running process replaces the configured ports with bound ones.
         self.endpoints = Endpoints(
             cfg.http.public_host,

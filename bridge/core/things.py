@@ -161,36 +161,7 @@ class Things:
         )
         sealed = self.keyring.seal(private_pem.encode(), thing_id.encode()) if private_pem else None
 
-        def insert(conn: sqlite3.Connection) -> None:
-            _check_quota(active_policy(conn, owner.id, self.free_plan_things))
-            if conn.execute("SELECT 1 FROM thing_state WHERE reg_id = ?", (thing.id,)).fetchone():
-                raise Conflict(_unavailable(thing.id))
-            try:
-                conn.execute(
-                    "INSERT INTO things (id, owner_id, name, type, dist, key_type, cert_pem, cert_id,"
-                    " public_key_pem, private_key_sealed, enabled, test_status, created)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        thing.id,
-                        thing.owner_id,
-                        thing.name,
-                        thing.type,
-                        thing.dist,
-                        thing.key_type,
-                        thing.cert_pem,
-                        thing.cert_id,
-                        thing.public_key_pem,
-                        sealed,
-                        1,
-                        thing.test_status,
-                        thing.created,
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise Conflict(_unavailable(thing_id)) from exc
-            publish_config(conn, DeviceRef(thing.id, thing.owner_id, thing.type))
-
-        await self.store.write(insert)
+        await self.store.write(insert_thing, thing, sealed, self.free_plan_things)
         self.outbox.kick()
         return thing
 
@@ -218,9 +189,7 @@ class Things:
             return row["cert_id"]
 
         await self.store.write(remove)
-        self._revoke(thing_id)
-        async with self.outbox.lock:  # no document read before the delete is published after this
-            await self.link.disconnect_thing(thing_id, forget=True)
+        await self.revoke(thing_id, deleted=True)
 
     async def set_enabled(self, owner: User, thing_id: str, enabled: bool) -> Thing:
         def update(conn: sqlite3.Connection) -> int:
@@ -231,10 +200,22 @@ class Things:
 
         if not await self.store.write(update):
             raise thing_not_found(thing_id)
-        self._revoke(thing_id)
-        if not enabled:
-            await self.link.disconnect_thing(thing_id, forget=False)
+        if enabled:
+            self._revoke(thing_id)  # nothing to close, but cached checks must read the row again
+        else:
+            await self.revoke(thing_id, deleted=False)
         return await self.get(owner, thing_id)
+
+    async def revoke(self, thing_id: str, *, deleted: bool) -> None:
+        """After a committed delete or disable of the thing (or of the credential it rests on, such
+        as a provisioning CIK): bump the revocation counter, drop cached credentials and close its
+        live sessions (`deleted`: also its persistent sessions and retained messages)."""
+        self._revoke(thing_id)
+        if deleted:
+            async with self.outbox.lock:  # no document read before the delete is published after this
+                await self.link.disconnect_thing(thing_id, forget=True)
+        else:
+            await self.link.disconnect_thing(thing_id, forget=False)
 
     # ---- device-facing checks (called by the broker) -------------------------------------------
     async def identify_device(self, thing_id: str, presented_cert_id: str) -> DeviceIdentity | None:
@@ -362,6 +343,8 @@ class Things:
             raise thing_not_found(thing_id)
         if not row["enabled"]:
             raise Unauthorized("thing is disabled")
+        if row["public_key_pem"] is None:  # enrolled by serial number: its credential is a CIK
+            raise Unauthorized("thing has no key pair to sign tokens with; use its CIK")
         algorithm = "ES256" if row["key_type"] == "EC" else "RS256"
         cached = (
             row["owner_id"],
@@ -392,6 +375,40 @@ class Things:
             if revocations == self.revocations:
                 self._owners[thing_id] = owner
         return owner
+
+
+def insert_thing(
+    conn: sqlite3.Connection, thing: Thing, sealed_key: bytes | None, free_plan_things: int
+) -> None:
+    """Add a thing to the registry inside the caller's transaction: the owner's quota, the id
+    free (also as another thing's regId alias), its config document published."""
+    _check_quota(active_policy(conn, thing.owner_id, free_plan_things))
+    if conn.execute("SELECT 1 FROM thing_state WHERE reg_id = ?", (thing.id,)).fetchone():
+        raise Conflict(_unavailable(thing.id))
+    try:
+        conn.execute(
+            "INSERT INTO things (id, owner_id, name, type, dist, key_type, cert_pem, cert_id,"
+            " public_key_pem, private_key_sealed, enabled, test_status, created)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                thing.id,
+                thing.owner_id,
+                thing.name,
+                thing.type,
+                thing.dist,
+                thing.key_type,
+                thing.cert_pem,
+                thing.cert_id,
+                thing.public_key_pem,
+                sealed_key,
+                int(thing.enabled),
+                thing.test_status,
+                thing.created,
+            ),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise Conflict(_unavailable(thing.id)) from exc
+    publish_config(conn, DeviceRef(thing.id, thing.owner_id, thing.type))
 
 
 def _check_quota(policy: SubscriptionPolicy) -> None:

@@ -347,8 +347,118 @@ def upgrades(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def provisioning(conn: sqlite3.Connection) -> None:
+    """Version 4: provisioning by serial number (issue #12). Vendors (each of a registry user, its
+    credentials stored only as SHA-256 hashes), their models, serial numbers, the client a serial
+    number is made into (its thing once activated, its CIK's hash), the activation log, content
+    entities (blob metadata: the blob is a file named by its SHA-256), groups with typed members and
+    shares of a model to other vendors. Everything of a model goes with it (ON DELETE CASCADE); a
+    client goes with its thing, so a thing deleted by its owner leaves its serial number unused."""
+    for statement in (
+        # revoked: when an admin revoked the vendor's credentials (NULL: active)
+        """CREATE TABLE vendors (
+            pk INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            owner_id TEXT NOT NULL REFERENCES users (id),
+            token_hash TEXT NOT NULL UNIQUE,
+            cik_hash TEXT NOT NULL UNIQUE,
+            created REAL NOT NULL,
+            revoked REAL
+        )""",
+        # options: a JSON array of the document's flags, stored and echoed
+        """CREATE TABLE prov_models (
+            pk INTEGER PRIMARY KEY,
+            vendor_pk INTEGER NOT NULL REFERENCES vendors (pk) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            rid TEXT NOT NULL,
+            options TEXT NOT NULL,
+            created REAL NOT NULL,
+            UNIQUE (vendor_pk, name)
+        )""",
+        """CREATE TABLE serial_numbers (
+            pk INTEGER PRIMARY KEY,
+            model_pk INTEGER NOT NULL REFERENCES prov_models (pk) ON DELETE CASCADE,
+            sn TEXT NOT NULL,
+            extra TEXT NOT NULL,
+            UNIQUE (model_pk, sn)
+        )""",
+        # The client made of a serial number (make client): status enabled (until enable_expires),
+        # activated or disabled; enabled_by: the vendor that enabled it (a shared vendor sees only
+        # its own); thing_id: set at the first activation; cik_hash: only while activated.
+        """CREATE TABLE sn_clients (
+            sn_pk INTEGER PRIMARY KEY REFERENCES serial_numbers (pk) ON DELETE CASCADE,
+            rid TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL,
+            enable_expires REAL NOT NULL,
+            enabled_by INTEGER NOT NULL REFERENCES vendors (pk) ON DELETE CASCADE,
+            thing_id TEXT UNIQUE REFERENCES things (id) ON DELETE CASCADE,
+            cik_hash TEXT UNIQUE
+        )""",
+        "CREATE INDEX sn_clients_enabled_by ON sn_clients (enabled_by)",
+        # Append-only, the last entries of each serial number kept; AUTOINCREMENT keeps the order.
+        """CREATE TABLE sn_log (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            sn_pk INTEGER NOT NULL REFERENCES serial_numbers (pk) ON DELETE CASCADE,
+            ts REAL NOT NULL,
+            remote TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            entry TEXT NOT NULL
+        )""",
+        "CREATE INDEX sn_log_sn ON sn_log (sn_pk, seq)",
+        # sha256: the blob's file name (NULL until the first upload); several entities may share one
+        """CREATE TABLE prov_content (
+            pk INTEGER PRIMARY KEY,
+            model_pk INTEGER NOT NULL REFERENCES prov_models (pk) ON DELETE CASCADE,
+            id TEXT NOT NULL,
+            description TEXT NOT NULL,
+            protected INTEGER NOT NULL,
+            content_type TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT,
+            updated REAL NOT NULL,
+            UNIQUE (model_pk, id)
+        )""",
+        "CREATE INDEX prov_content_sha256 ON prov_content (sha256)",
+        """CREATE TABLE prov_groups (
+            pk INTEGER PRIMARY KEY,
+            model_pk INTEGER NOT NULL REFERENCES prov_models (pk) ON DELETE CASCADE,
+            id TEXT NOT NULL,
+            description TEXT NOT NULL,
+            UNIQUE (model_pk, id)
+        )""",
+        # A member is exactly one of a serial number, a content entity or a group, so that deleting
+        # any of them removes its memberships; expire: epoch seconds, 0 = never.
+        """CREATE TABLE group_members (
+            pk INTEGER PRIMARY KEY,
+            group_pk INTEGER NOT NULL REFERENCES prov_groups (pk) ON DELETE CASCADE,
+            sn_pk INTEGER REFERENCES serial_numbers (pk) ON DELETE CASCADE,
+            content_pk INTEGER REFERENCES prov_content (pk) ON DELETE CASCADE,
+            member_group_pk INTEGER REFERENCES prov_groups (pk) ON DELETE CASCADE,
+            expire INTEGER NOT NULL,
+            description TEXT NOT NULL,
+            CHECK ((CASE WHEN sn_pk IS NULL THEN 0 ELSE 1 END)
+                 + (CASE WHEN content_pk IS NULL THEN 0 ELSE 1 END)
+                 + (CASE WHEN member_group_pk IS NULL THEN 0 ELSE 1 END) = 1),
+            UNIQUE (group_pk, sn_pk),
+            UNIQUE (group_pk, content_pk),
+            UNIQUE (group_pk, member_group_pk)
+        )""",
+        # The groups a member is in (authorisation walks upwards from a serial number and a content).
+        "CREATE INDEX group_members_sn ON group_members (sn_pk)",
+        "CREATE INDEX group_members_content ON group_members (content_pk)",
+        "CREATE INDEX group_members_group ON group_members (member_group_pk)",
+        """CREATE TABLE prov_shares (
+            model_pk INTEGER NOT NULL REFERENCES prov_models (pk) ON DELETE CASCADE,
+            vendor_pk INTEGER NOT NULL REFERENCES vendors (pk) ON DELETE CASCADE,
+            PRIMARY KEY (model_pk, vendor_pk)
+        )""",
+        "CREATE INDEX prov_shares_vendor ON prov_shares (vendor_pk)",
+    ):
+        conn.execute(statement)
+
+
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[tuple[int, Migration]] = [(1, baseline), (2, cascade), (3, upgrades)]
+MIGRATIONS: list[tuple[int, Migration]] = [(1, baseline), (2, cascade), (3, upgrades), (4, provisioning)]
 LATEST = MIGRATIONS[-1][0]
 
 
