@@ -396,3 +396,64 @@ def test_vendor_commands(tmp_path: Path) -> None:
     asyncio.run(check(False))
     assert not thingbridge(config, "vendor", "list").stdout.splitlines()[1].endswith(" -")
     assert thingbridge(config, "vendor", "revoke", "nobody").returncode == 1
+
+
+# ---- shares ---------------------------------------------------------------------------------------
+async def test_a_shared_vendor_enables_and_disables_but_sees_only_its_own(world: World) -> None:
+    acme, partner, stranger = (
+        await world.vendor("acme"),
+        await world.vendor("partner"),
+        await world.vendor("x"),
+    )
+    serials, shares = world.prov.serials, world.prov.shares
+    await serials.create_model(acme, "m", "r" * 40)
+    await serials.add_serials(acme, "m", [("own", "secret extra"), ("p1", "extra"), ("p2", "")])
+    await serials.make_client(acme, "m", "own", "o" * 40)
+    with pytest.raises(NotFound):  # not shared yet
+        await serials.make_client(partner, "m", "p1", "o" * 40, as_vendor="acme")
+
+    assert await shares.list(acme, "m") == []
+    await shares.add(acme, "m", "partner")
+    await shares.add(acme, "m", "partner")  # again: done already
+    assert await shares.list(acme, "m") == ["partner"]
+    assert await shares.shared_with(acme, "m", "partner") and not await shares.shared_with(acme, "m", "x")
+    assert await serials.list_shared_models(partner) == [("acme", "m")]
+    with pytest.raises(Invalid):
+        await shares.add(acme, "m", "acme")
+    with pytest.raises(NotFound):
+        await shares.add(acme, "m", "nobody")
+    with pytest.raises(NotFound):
+        await shares.list(partner, "m")  # the share is acme's to manage
+
+    # Enable, disable, re-enable: allowed, on the serial numbers it enabled; the thing is acme's owner's.
+    shared = {"as_vendor": "acme"}
+    rid = await serials.make_client(partner, "m", "p1", "o" * 40, **shared)
+    cik = await activate(world, "p1")
+    assert (await serials.identify_cik(cik)).owner_id == acme.owner_id
+    await serials.disable(partner, "m", "p1", **shared)
+    await serials.regenerate(partner, "m", "p1", **shared)
+    assert await serials.info(partner, "m", "p1", **shared) == SerialInfo("enabled", rid, "")  # no extra
+    assert await serials.list_serials(partner, "m", Page(), **shared) == [SerialNumber("p1", rid, "")]
+    assert [s.sn for s in await serials.list_serials(acme, "m", Page(), enabled_by="partner")] == ["p1"]
+    assert len(await serials.log(partner, "m", "p1", **shared)) == 1
+    for call in (  # acme's own serial number does not exist for the partner
+        serials.info(partner, "m", "own", **shared),
+        serials.disable(partner, "m", "own", **shared),
+        serials.regenerate(partner, "m", "own", **shared),
+        serials.log(partner, "m", "own", **shared),
+    ):
+        with pytest.raises(NotFound):
+            await call
+    # Nothing else: the owner's operations take no X-Exosite-Vendor, and the partner has no "m".
+    with pytest.raises(NotFound):
+        await serials.add_serials(partner, "m", [("p9", "")])
+    with pytest.raises(NotFound):
+        await serials.remove_serials(partner, "m", ["p1"])
+    with pytest.raises(NotFound):
+        await serials.make_client(stranger, "m", "p2", "o" * 40, **shared)
+
+    await shares.remove(acme, "m", "partner")
+    await shares.remove(acme, "m", "partner")  # gone already: done
+    with pytest.raises(NotFound):
+        await serials.info(partner, "m", "p1", **shared)
+    assert (await serials.info(acme, "m", "p1")).status == "enabled"  # stays, out of its reach

@@ -1,6 +1,6 @@
 """Provisioning by serial number (Exosite HTTP Provisioning v1.1, CATALOG.md 002), transport-free:
 vendors and their credentials (`vendors`), models, serial numbers, their clients and activation
-(`serials`). The HTTP dialect calls these; `Serials.identify_cik` is the device credential the
+(`serials`), shares of a model with other vendors (`shares`). The HTTP dialect calls these; `Serials.identify_cik` is the device credential the
 other dialects accept."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from bridge.config import ProvisioningConfig
 from bridge.core import ids
 from bridge.core.outbox import Outbox
 from bridge.core.provisioning.serials import Serials
+from bridge.core.provisioning.shares import Shares
 from bridge.core.provisioning.vendors import Vendors
 from bridge.core.things import Things
 from bridge.store import Store
@@ -36,3 +37,4 @@ class Provisioning:
             free_plan_things=free_plan_things,
             clock=clock,
         )
+        self.shares = Shares(store)

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
-from bridge.core.errors import Forbidden, Invalid, NotFound
+from bridge.core.errors import Invalid, NotFound
 
 # CSV fields may hold anything the document allows in a form value; path segments cannot hold '/'.
 _KEY = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
@@ -76,15 +76,12 @@ class Page:
 @dataclass(frozen=True)
 class Access:
     """A model as a vendor reaches it: `shared` when through another vendor's share (X-Exosite-Vendor),
-    which allows only enable/disable/re-enable, on the serial numbers it enabled itself."""
+    which allows only enable/disable/re-enable, on the serial numbers it enabled itself. Only the
+    operations a share allows take `as_vendor`: for the others the model is the caller's own."""
 
     model_pk: int
     vendor: Vendor
     shared: bool
-
-    def own(self, what: str) -> None:
-        if self.shared:
-            raise Forbidden(f"a shared model allows only enabling and disabling serial numbers, not {what}")
 
 
 def model_not_found(name: str) -> NotFound:

@@ -318,7 +318,6 @@ class Serials:
         self, conn: sqlite3.Connection, vendor: Vendor, model: str, chunks: Iterable[list[tuple[str, str]]]
     ) -> int:
         access = model_access(conn, vendor, model)
-        access.own("adding serial numbers")
         added = 0
         for chunk in chunks:
             before = conn.total_changes
@@ -341,7 +340,6 @@ class Serials:
 
         def delete(conn: sqlite3.Connection) -> list[str]:
             access = model_access(conn, vendor, model)
-            access.own("removing serial numbers")
             things: list[str] = []
             for start in range(0, len(names), 500):  # bound the number of SQL parameters
                 part = names[start : start + 500]
