@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import yaml
 
 CONFIG_ENV = "THINGBRIDGE_CONFIG"
 LOOKED_FOR = f"--config, ${CONFIG_ENV}, ./broker.yaml"
+MOUNT = re.compile(r"(/[A-Za-z0-9._~-]+)*")  # "" or /segments, no trailing slash
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,11 @@ class HttpConfig:
     # What a thing token's `aud` may name besides `urn:<namespace>:<its id>`; empty: the public
     # HTTP URLs (http://public_host:port, https://..., each also with /dev/v1).
     token_audiences: list[str] = field(default_factory=list)
+    # Where each HTTP dialect is served, by its name in bridge/http/registry.py: "" (the root) or a
+    # path that starts with "/" and does not end with one. A file names only the dialects it moves.
+    mounts: dict[str, str] = field(
+        default_factory=lambda: {"things_gateway": "/dev/v1", "portal": ""}, metadata={"mounts": True}
+    )
 
 
 @dataclass
@@ -136,6 +143,8 @@ def check(cls: type, name: str, value: Any, path: str) -> Any:
         if value < lo:
             raise ConfigError(f"{path}: must be at least {lo} (got {value})")
         return value
+    if spec.metadata.get("mounts"):
+        return _check_mounts(value, default, path)
     if isinstance(default, list):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: expected a list of strings")
@@ -150,6 +159,25 @@ def check(cls: type, name: str, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected {', '.join(choices[:-1])} or {choices[-1]} (got {value!r})")
         return value.upper()
     return value
+
+
+def _check_mounts(value: Any, default: dict[str, str], path: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping of dialect to path (got {value!r})")
+    unknown = sorted(map(str, set(value) - set(default)))
+    if unknown:
+        raise ConfigError(f"{path}: unknown dialect(s) {', '.join(unknown)}; known: {', '.join(default)}")
+    for name, mount in value.items():
+        if not isinstance(mount, str) or not MOUNT.fullmatch(mount):
+            raise ConfigError(
+                f'{path}.{name}: expected "" (the root) or a path like /dev/v1, starting with / and not '
+                f"ending with one (got {mount!r})"
+            )
+    mounts = {**default, **value}
+    taken = [m for m in mounts.values() if m]
+    if len(taken) != len(set(taken)):
+        raise ConfigError(f"{path}: two dialects share a mount ({', '.join(sorted(taken))})")
+    return mounts
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -1186,7 +1186,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/dev/v1/fleet/defaults/{thing_type}"): "tenant",
     ("PATCH", "/dev/v1/fleet/defaults/{thing_type}"): "tenant",
     ("GET", "/dev/v1/broker/stats"): "admin",
-    **{(method, path): "open" for path in portal.PATHS for method in ("GET", "POST")},
+    **{(op.method, op.path): "open" for op in portal.DIALECT.operations},
     ("GET", "/openapi.json"): "public",
     ("GET", "/docs"): "public",
 }

@@ -1,7 +1,9 @@
-"""The OpenAPI document (bridge/http/openapi.py) against the application: every routed operation is
-documented and nothing else is; the document is valid OpenAPI; /docs shows every operation; and a
-bounded, deterministic schemathesis run against the real `thingbridge serve` process checks every
-operation for server errors and for responses the document does not describe."""
+"""The OpenAPI document (generated from the operations' declarations, bridge/http/common/openapi.py)
+against the application: every routed operation is documented and nothing else is, wherever the
+dialects are mounted; the document is valid OpenAPI; /docs shows every operation; a bounded,
+deterministic schemathesis run against the real `thingbridge serve` process checks every operation
+for server errors and for responses the document does not describe; and the fields the live API
+answers and accepts are the fields the document names."""
 
 from __future__ import annotations
 
@@ -10,14 +12,17 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import jwt
 import orjson
 import pytest
 import requests
 import schemathesis
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -30,14 +35,18 @@ from schemathesis.checks import (
 )
 
 from bridge import __version__
-from bridge.config import Config, PkiConfig
+from bridge.config import Config, ConfigError, HttpConfig, PkiConfig, load
 from bridge.core.service import Core
-from bridge.http.app import make_app
-from bridge.http.openapi import DOCUMENT, NAME_PATTERN
+from bridge.core.status import DESIRED_FIELDS
+from bridge.http import registry
+from bridge.http.app import make_app, openapi_document
+from bridge.http.common.models import NAME_PATTERN
+from bridge.http.things_gateway import models as gateway_models
 from bridge.store import Store
 from tests.conftest import ADMIN_PASSWORD, Bridge, basic
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+DOCUMENT = openapi_document(HttpConfig().mounts)  # what a bridge with the default mounts serves
 Operation = tuple[str, str]  # (METHOD, path) with aiohttp's {param} syntax, which is OpenAPI's too
 
 
@@ -129,6 +138,62 @@ async def _probe(request: web.Request) -> web.Response:
     return web.Response()
 
 
+# ---- (a2) mounts: a dialect moved in broker.yaml takes its routes, document and error shape along ---------
+async def test_mounts_move_dialects_and_their_errors(tmp_path: Path) -> None:
+    cfg = Config(data_dir=tmp_path / "data", pki=PkiConfig(dir=tmp_path / "certs"))
+    cfg.http.mounts = {"things_gateway": "/gw/v2", "portal": "/portal"}
+    store = Store(cfg.db_path)
+    try:
+        app = make_app(Core(cfg, store))
+        async with TestClient(TestServer(app)) as client:
+            doc = await (await client.get("/openapi.json")).json()
+            assert doc == orjson.loads(orjson.dumps(openapi_document(cfg.http.mounts)))
+            assert route_drift(app, doc) == {"routed but not documented": [], "documented but not routed": []}
+            assert {"/gw/v2/things", "/portal/GetURL", "/openapi.json"} <= set(doc["paths"])
+            assert not [path for path in doc["paths"] if path.startswith("/dev/v1") or path == "/GetURL"]
+            # each failure in the shape of the dialect whose mount the path is under
+            for method, path, status in (
+                ("GET", "/gw/v2/things", 401),
+                ("GET", "/gw/v2/nope", 404),
+                ("PUT", "/gw/v2/things", 405),
+            ):
+                r = await client.request(method, path)
+                assert (r.status, (await r.json())["code"]) == (status, status), (method, path)
+            for method, path, status in (
+                ("GET", "/portal/GetURL", 400),
+                ("PUT", "/portal/GetURL", 405),
+                ("GET", "/GetURL", 404),
+                ("GET", "/dev/v1/things", 404),
+            ):
+                r = await client.request(method, path)
+                assert r.status == status and set(await r.json()) == {"error"}, (method, path)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("mounts", "error"),
+    [
+        ({"portal": "portal"}, 'http.mounts.portal: expected "" (the root) or a path like /dev/v1'),
+        ({"portal": "/portal/"}, "http.mounts.portal: expected"),
+        ({"portal": "/a b"}, "http.mounts.portal: expected"),
+        ({"portal": 5}, "http.mounts.portal: expected"),
+        ({"upgrader": "/v2"}, "http.mounts: unknown dialect(s) upgrader; known: things_gateway, portal"),
+        ({"portal": "/dev/v1"}, "http.mounts: two dialects share a mount"),
+        (["/dev/v1"], "http.mounts: expected a mapping"),
+    ],
+)
+def test_mounts_are_checked_at_load(tmp_path: Path, mounts: Any, error: str) -> None:
+    path = tmp_path / "broker.yaml"
+    path.write_bytes(orjson.dumps({"http": {"mounts": mounts}}))
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        load(path)
+
+
+def test_every_dialect_has_a_mount() -> None:
+    assert set(HttpConfig().mounts) == set(registry.DIALECTS)
+
+
 # ---- (b) the document is valid OpenAPI --------------------------------------------------------------------
 def _refs(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
@@ -143,7 +208,7 @@ def _refs(node: Any) -> Iterator[str]:
 
 def test_document_is_valid_openapi(bridge: Bridge, served: dict[str, Any]) -> None:
     schema = schemathesis.openapi.from_url(f"{bridge.http}/openapi.json")
-    schema.validate()  # the OpenAPI 3.0 meta-schema; raises on a malformed document
+    schema.validate()  # the OpenAPI 3.1 meta-schema; raises on a malformed document
     # schemathesis leaves out the operation that served the schema itself
     assert {op.ok().label for op in schema.get_all_operations()} == {
         f"{method} {path}" for method, path in documented_operations(served)
@@ -158,7 +223,7 @@ def test_document_is_valid_openapi(bridge: Bridge, served: dict[str, Any]) -> No
             node = node[part]  # a dangling $ref raises KeyError
     broken = copy.deepcopy(served)
     del broken["paths"]["/dev/v1/things"]["get"]["responses"]["200"]["description"]
-    with pytest.raises(Exception, match="not valid"):
+    with pytest.raises(Exception, match='"description" is a required property'):
         schemathesis.openapi.from_dict(broken).validate()
 
 
@@ -446,3 +511,133 @@ def test_fuzz_covers_every_operation() -> None:
         assert f"positive-{method} {path}" in ids
         assert (f"negative-{method} {path}" in ids) == _has_inputs(method, path)
     assert sum(_has_inputs(method, path) for method, path in documented_operations(DOCUMENT)) >= 20
+
+
+# ---- (e) fields: the document's properties against what the live API answers and accepts -----------------
+def _schema_of(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    return schema
+
+
+def field_drift(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str = "$") -> list[str]:
+    """Where a live answer has a field its schema does not name, or lacks one the schema requires,
+    at any depth (objects, arrays, and the alternative of an anyOf that fits the value)."""
+    schema = _schema_of(doc, schema)
+    alternatives = [_schema_of(doc, s) for s in schema.get("anyOf", ())]
+    if alternatives:
+        kind = {dict: "object", list: "array"}.get(type(value))
+        schema = next((s for s in alternatives if s.get("type") == kind), schema)
+    if isinstance(value, list):
+        return [
+            d
+            for i, v in enumerate(value)
+            for d in field_drift(doc, schema.get("items", {}), v, f"{where}[{i}]")
+        ]
+    if not isinstance(value, dict) or "properties" not in schema:
+        return []
+    named = schema["properties"]
+    drift = [f"{where}.{k}: not documented" for k in sorted(set(value) - set(named))]
+    drift += [
+        f"{where}.{k}: documented as required, not answered"
+        for k in schema.get("required", ())
+        if k not in value
+    ]
+    return drift + [
+        d
+        for k in sorted(set(value) & set(named))
+        for d in field_drift(doc, named[k], value[k], f"{where}.{k}")
+    ]
+
+
+def test_field_check_sees_drift_both_ways() -> None:
+    schema = {"$ref": "#/components/schemas/RestResponseThing"}
+    answer = {
+        "status": "OK",
+        "code": 200,
+        "messages": [{"key": "message", "value": "OK"}],
+        "result": {"flthingspk": "t", "extra": 1},
+    }
+    drift = field_drift(DOCUMENT, schema, answer)
+    assert "$.result.extra: not documented" in drift
+    assert "$.result.keyType: documented as required, not answered" in drift
+
+
+def _json_gets(doc: dict[str, Any]) -> list[str]:
+    return sorted(
+        path
+        for path, item in doc["paths"].items()
+        if "get" in item
+        and "application/json" in item["get"]["responses"]["200"].get("content", {})
+        and path != "/openapi.json"
+    )
+
+
+def test_answers_have_the_documented_fields(world: World) -> None:
+    """Every GET that answers JSON, asked for real resources: the fields it answers are the fields
+    the document names, at every depth."""
+    drift = {}
+    for path in _json_gets(DOCUMENT):
+        op = DOCUMENT["paths"][path]["get"]
+        url = world.base + path.format(**world.path_parameters("GET", path))
+        credential = _credential(world, "GET", path, 2)
+        required = {p["name"] for p in op.get("parameters", []) if p["in"] == "query" and p["required"]}
+        query = {
+            name: value
+            for name, value in {"regId": world.thing, "status": "Alive"}.items()
+            if name in required
+        }
+        response = world.session.get(
+            url,
+            params=query,
+            headers={"Authorization": credential} if credential else {},
+            timeout=REQUEST_TIMEOUT,
+        )
+        assert response.status_code == 200, (path, response.text)
+        schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+        drift[path] = field_drift(DOCUMENT, schema, response.json())
+    assert {path: d for path, d in drift.items() if d} == {}
+    assert len(drift) >= 15
+
+
+def _not_allowed(schema: dict[str, Any]) -> Any:
+    """A value the property's schema refuses (its type is wrong)."""
+    validator = jsonschema.Draft202012Validator(schema)
+    return next(v for v in ([], "x", 1.5) if not validator.is_valid(v))
+
+
+def test_bodies_take_the_documented_fields(world: World) -> None:
+    """Every documented JSON request field is known to the live API by that name (a wrong value is
+    refused naming the field, not as an unknown one); a closed body refuses a field the document
+    does not name."""
+    checked = 0
+    for path, item in DOCUMENT["paths"].items():
+        for method, op in item.items():
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if body is None or "$ref" not in body:
+                continue  # collect and publish take any JSON value
+            schema = _schema_of(DOCUMENT, body)
+            probes = {name: {name: _not_allowed(prop)} for name, prop in schema["properties"].items()}
+            if schema.get("additionalProperties") is False:
+                probes["undocumentedField"] = {"undocumentedField": 1}
+            url = world.base + path.format(**world.path_parameters(method.upper(), path))
+            credential = _credential(world, method.upper(), path, 2)
+            for name, probe in probes.items():
+                response = world.session.request(
+                    method,
+                    url,
+                    json=probe,
+                    headers={"Authorization": credential} if credential else {},
+                    timeout=REQUEST_TIMEOUT,
+                )
+                assert response.status_code == 400, (method, path, probe, response.text)
+                message = response.text
+                assert name in message, (method, path, probe, message)
+                assert ("unknown field" in message) == (name == "undocumentedField"), (method, path, message)
+                checked += 1
+    assert checked >= 25
+
+
+def test_twin_fields_are_the_cores() -> None:
+    """The device twin's fields are declared once in the HTTP models; the core stores the same names."""
+    assert gateway_models.DESIRED.keys() == DESIRED_FIELDS.keys()

@@ -1,1 +1,3 @@
-"""The HTTP adapter: one aiohttp sub-application per API dialect, each with its own error table."""
+"""The HTTP adapter: one package per API dialect (its operations, models, credentials and error
+shape), mounted where broker.yaml's http.mounts says (bridge/http/registry.py), and the OpenAPI
+document generated from their declarations."""

@@ -1,42 +1,44 @@
-"""The root aiohttp application: dialects mounted under their base paths, one error middleware
-that renders every failure in the dialect of the path it hit."""
+"""The root aiohttp application: every dialect's operations routed under its mount, the OpenAPI
+document generated from them, and one error middleware that renders each failure in the shape and
+with the status table of the dialect whose mount the path is under."""
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
+import msgspec
 from aiohttp import web
 
+from bridge import __version__
 from bridge.core.errors import DomainError
 from bridge.core.service import Core
-from bridge.http import envelope, openapi, operator, portal, things_gateway
-from bridge.http.auth import CORE
+from bridge.http import docs, registry
+from bridge.http.common.auth import CORE
+from bridge.http.common.dialect import Dialect, Mounted
+from bridge.http.common.openapi import document
 
 log = logging.getLogger(__name__)
-Renderer = Callable[[int, str, Exception | None], web.Response]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PLAIN = Dialect("plain", "", ())  # paths of no dialect: {"error": "..."}
+SUMMARY = "An MQTT-first IoT bridge."
 
 
-def _plain_error(status: int, message: str, exc: Exception | None) -> web.Response:
-    return envelope.json_response({"error": message}, status)
+def error_middleware(mounted: Sequence[Mounted], max_body: int) -> Any:
+    claims = [(place.claims(), place.dialect) for place in mounted]
 
-
-def error_middleware(dialects: list[tuple[str, Renderer]], max_body: int) -> object:
-    def renderer_for(path: str) -> Renderer:
-        for prefix, render in dialects:
-            if path == prefix or path.startswith(prefix + "/"):
-                return render
-        return _plain_error
+    def dialect_of(path: str) -> Dialect:
+        return next((dialect for pattern, dialect in claims if pattern.fullmatch(path)), PLAIN)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        render = renderer_for(request.path)
+        dialect = dialect_of(request.path)
         try:
             return await handler(request)
         except DomainError as exc:
-            return render(envelope.status_of(exc), str(exc), exc)
+            return dialect.render_error(dialect.errors.status_of(exc), str(exc), exc)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -48,32 +50,36 @@ def error_middleware(dialects: list[tuple[str, Renderer]], max_body: int) -> obj
                 message = f"method {request.method} is not allowed on {request.path}"
             else:
                 message = exc.reason
-            response = render(exc.status, message, None)
+            response = dialect.render_error(exc.status, message, None)
             if "Allow" in exc.headers:
                 response.headers["Allow"] = exc.headers["Allow"]
             return response
         except Exception as exc:
             log.exception("unhandled error in %s %s", request.method, request.path)
-            return render(500, "internal error", exc)
+            return dialect.render_error(500, "internal error", exc)
 
     return middleware
 
 
+def openapi_document(mounts: Mapping[str, str]) -> dict[str, Any]:
+    """The OpenAPI document of the application `make_app` builds for these mounts."""
+    return document(registry.mount(mounts), title="thingbridge", version=__version__, summary=SUMMARY)
+
+
 def make_app(core: Core) -> web.Application:
     max_body = core.cfg.http.max_body
-    dialects: list[tuple[str, Renderer]] = [
-        ("/dev/v1", envelope.render_error),
-        *((path, portal.render_error) for path in portal.PATHS),
-    ]
-    app = web.Application(middlewares=[error_middleware(dialects, max_body)], client_max_size=max_body)
+    mounted = registry.mount(core.cfg.http.mounts)
+    app = web.Application(middlewares=[error_middleware(mounted, max_body)], client_max_size=max_body)
     app[CORE] = core
-    gateway = web.Application()
-    gateway[CORE] = core
-    gateway.add_routes(things_gateway.routes)
-    gateway.add_routes(operator.routes)
-    app.add_subapp("/dev/v1", gateway)
-    app.add_routes(portal.routes)
-    app.add_routes(openapi.routes)  # GET /openapi.json and /docs (errors: the plain renderer)
+    for place in mounted:
+        for op, path, handler in place.routes():
+            if op.method == "GET":
+                app.router.add_get(path, handler)  # and HEAD
+            else:
+                app.router.add_route(op.method, path, handler)
+    doc = openapi_document(core.cfg.http.mounts)
+    app[docs.OPENAPI_JSON] = msgspec.json.encode(doc)
+    app[docs.DOCS_HTML] = docs.render_html(doc)
     return app
 
 

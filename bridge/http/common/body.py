@@ -1,0 +1,50 @@
+"""Requests decoded by their models: a JSON body, a query string, path parameters. What is wrong
+is said in one sentence (an Invalid, which each dialect answers with its own status and shape)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
+
+import msgspec
+
+from bridge.core import jsonvalue
+from bridge.core.errors import Invalid
+
+T = TypeVar("T")
+
+
+def decode_json(raw: bytes, model: type[T], *, required: bool) -> T:
+    """The body as `model`; an empty body is a model with every field absent unless `required`.
+    The JSON is read by the core's rule (jsonvalue: what can be stored and read back; msgspec alone
+    would take integers beyond 64 bits and nesting deeper than orjson writes), then validated."""
+    if not raw.strip():
+        if required:
+            raise Invalid("a JSON body is required")
+        return msgspec.convert({}, model)
+    try:
+        return msgspec.convert(jsonvalue.loads(raw), model)
+    except msgspec.ValidationError as exc:
+        raise Invalid(_explain(str(exc), model)) from None
+
+
+def decode_query(query: Mapping[str, str], model: type[T]) -> T:
+    """Query parameters as `model` (numbers from their text); an empty value counts as absent."""
+    try:
+        return msgspec.convert({k: v for k, v in query.items() if v != ""}, model, strict=False)
+    except msgspec.ValidationError as exc:
+        raise Invalid(f"query: {exc}") from None
+
+
+def decode_path(match_info: Mapping[str, str], model: type[T]) -> T:
+    try:
+        return msgspec.convert(match_info, model)
+    except msgspec.ValidationError as exc:
+        raise Invalid(f"path: {exc}") from None
+
+
+def _explain(message: str, model: type) -> str:
+    """msgspec's sentence, plus what is allowed when the object itself has an unknown field."""
+    if message.startswith("Object contains unknown field") and " - at " not in message:
+        return f"{message}; allowed: {', '.join(getattr(model, '__struct_fields__', ()))}"
+    return message

@@ -1,0 +1,133 @@
+"""The OpenAPI 3.1 document, generated from the operations of the mounted dialects: their models
+become components (msgspec.json.schema_components, JSON Schema 2020-12 as OpenAPI 3.1 uses it),
+their declarations the paths. Nothing here is written beside a handler.
+
+Every GET route also answers HEAD (aiohttp adds it): same status and headers, no body. HEAD is
+not listed separately."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from bridge.http.common.dialect import Dialect, Mounted, ResponseDoc
+from bridge.http.common.models import Schema
+from bridge.http.common.operation import Media, Operation, RawBody
+
+OPENAPI_VERSION = "3.1.0"
+REF = "#/components/schemas/{name}"
+NULL: Schema = {"type": "null"}
+
+
+class _Schemas:
+    """Models collected while the paths are written; one schema_components call at the end fills
+    in every place a model was used (a $ref, or the schema inline)."""
+
+    def __init__(self) -> None:
+        self._models: list[Any] = []
+        self._slots: list[Schema] = []
+
+    def __call__(self, model: Any) -> Schema:
+        slot: Schema = {}
+        self._models.append(model)
+        self._slots.append(slot)
+        return slot
+
+    def components(self) -> dict[str, Schema]:
+        schemas, components = msgspec.json.schema_components(self._models, ref_template=REF)
+        for slot, schema in zip(self._slots, schemas, strict=True):
+            slot.update(schema)
+        return dict(sorted(components.items()))
+
+
+def document(mounted: Sequence[Mounted], *, title: str, version: str, summary: str) -> dict[str, Any]:
+    """`summary` opens the description; each dialect adds its sentence, with its mount."""
+    schemas = _Schemas()
+    paths: dict[str, dict[str, Schema]] = {}
+    security_schemes: dict[str, Schema] = {}
+    tags: dict[str, None] = {}
+    for place in mounted:
+        for op in place.dialect.operations:
+            paths.setdefault(place.mount + op.path, {})[op.method.lower()] = _operation(
+                place.dialect, op, schemas
+            )
+            security_schemes.update(op.auth.schemes)
+            tags[op.tag] = None
+    described = " ".join(
+        p.dialect.describe.format(mount=p.mount or "the root") for p in mounted if p.dialect.describe
+    )
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": title, "version": version, "description": f"{summary} {described}"},
+        "servers": [{"url": "/"}],
+        "tags": [{"name": name} for name in tags],
+        "paths": paths,
+        "components": {"schemas": schemas.components(), "securitySchemes": security_schemes},
+    }
+
+
+def _operation(dialect: Dialect, op: Operation, schemas: _Schemas) -> Schema:
+    doc: Schema = {"operationId": op.operation_id, "tags": [op.tag], "summary": op.summary}
+    if op.description:
+        doc["description"] = op.description
+    doc["security"] = list(op.auth.security)
+    parameters = [p for where, model in op.parameters() for p in _parameters(where, model)]
+    if parameters:
+        doc["parameters"] = parameters
+    if isinstance(op.body, RawBody):
+        doc["requestBody"] = {
+            "description": op.body.description,
+            "required": True,
+            "content": {media: {"schema": schema} for media, schema in op.body.content.items()},
+        }
+    elif op.body is not None:
+        doc["requestBody"] = {
+            "description": op.body_description,
+            "required": op.body_required,
+            "content": {"application/json": {"schema": schemas(op.body)}},
+        }
+    if isinstance(op.answer, Media):
+        ok = {
+            "description": op.answer.description,
+            "content": {op.answer.media_type: {"schema": op.answer.schema}},
+        }
+        if op.answer.headers:
+            ok["headers"] = op.answer.headers
+    else:
+        model = dialect.answer_model(op) if op.wrap else op.answer
+        ok = _response(ResponseDoc(model, f"{op.message}." if op.message != "OK" else "Success."), schemas)
+    doc["responses"] = {"200": ok} | {
+        str(error.status): _response(dialect.error_response(error), schemas) for error in op.errors
+    }
+    return doc
+
+
+def _response(response: ResponseDoc, schemas: _Schemas) -> Schema:
+    out: Schema = {
+        "description": response.description,
+        "content": {"application/json": {"schema": schemas(response.model)}},
+    }
+    if response.headers:
+        out["headers"] = response.headers
+    return out
+
+
+def _parameters(where: str, model: type) -> list[Schema]:
+    """One parameter per field of a path or query model. A parameter is absent or a value (never
+    null), so the null alternative of an optional field is left out."""
+    (schema,), components = msgspec.json.schema_components([model], ref_template=REF)
+    fields = components[schema["$ref"].rsplit("/", 1)[-1]]
+    required = set(fields.get("required", ()))
+    out = []
+    for name, prop in fields["properties"].items():
+        prop = {k: v for k, v in prop.items() if k != "default"}
+        alternatives = [s for s in prop.pop("anyOf", ()) if s != NULL]
+        if alternatives:
+            prop |= alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+        parameter: Schema = {"name": name, "in": where, "required": where == "path" or name in required}
+        if "description" in prop:
+            parameter["description"] = prop.pop("description")
+        out.append(parameter | {"schema": prop})
+    return out

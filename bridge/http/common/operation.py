@@ -1,0 +1,207 @@
+"""One declaration per HTTP operation. The decorator records method, path, summary, credential,
+models and documented statuses; the same record registers the aiohttp route (bridge/http/app.py)
+and becomes the operation's OpenAPI entry (bridge/http/common/openapi.py):
+
+    api = Operations()
+
+    @api.get("/things/{thing_id}", "One thing", tag="things", auth=USER, path=ThingPath,
+             answer=models.Thing, errors=(401, 404))
+    async def get_thing(call: Call[User, ThingPath, None, None]) -> models.Thing:
+        return models.thing(await call.core.things.get(call.principal, call.path.thing_id))
+
+Before the handler runs: the credential is checked (Auth.resolve), then the path parameters, the
+query string and the body are decoded by their models (bad input: Invalid, 400 in most dialects).
+The handler returns an instance of `answer`, which the dialect encodes (in its envelope), or a
+finished web.Response for a `Media` answer (a file)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from aiohttp import web
+
+from bridge.core.service import Core
+from bridge.http.common.auth import CORE, NO_AUTH, Auth
+from bridge.http.common.body import decode_json, decode_path, decode_query
+from bridge.http.common.models import Schema
+
+A = TypeVar("A")  # the principal Auth.resolve returns
+P = TypeVar("P")  # path parameters
+Q = TypeVar("Q")  # query string
+B = TypeVar("B")  # body
+Handler = Callable[["Call[Any, Any, Any, Any]"], Awaitable[Any]]
+H = TypeVar("H", bound=Handler)
+
+
+@dataclass(slots=True)
+class Call(Generic[A, P, Q, B]):
+    """What a handler receives: the request, decoded."""
+
+    request: web.Request
+    principal: A
+    path: P
+    query: Q
+    body: B
+
+    @property
+    def core(self) -> Core:
+        return self.request.app[CORE]
+
+
+@dataclass(frozen=True)
+class RawBody:
+    """A body the handler takes as bytes, whatever it holds (things-gateway collect and publish:
+    JSON, free text or binary); `content` documents each media type."""
+
+    description: str
+    content: dict[str, Schema]
+
+
+@dataclass(frozen=True)
+class Media:
+    """An answer the handler builds itself (a file, a page), documented by media type."""
+
+    media_type: str
+    description: str
+    schema: Schema = field(default_factory=lambda: {"type": "string", "format": "binary"})
+    headers: dict[str, Schema] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ErrorDoc:
+    """A documented error status; `result` and `description` override what the dialect says for
+    that status in general (a things-gateway 403 over quota carries the subscription policy)."""
+
+    status: int
+    description: str | None = None
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str  # below the dialect's mount
+    summary: str
+    tag: str
+    handler: Handler
+    operation_id: str
+    auth: Auth
+    path_model: type | None
+    query: type | None
+    body: type | RawBody | None
+    body_required: bool
+    body_description: str
+    answer: Any  # a model (or list of one, or None: no result), or a Media
+    wrap: bool  # the answer goes inside the dialect's envelope (if it has one)
+    message: str  # what the dialect's envelope says on success (things-gateway: messages[0])
+    errors: tuple[ErrorDoc, ...]
+    description: str | None
+
+    def parameters(self) -> list[tuple[str, type]]:
+        """(where, model) of the path and query models, in OpenAPI's terms."""
+        return [(where, m) for where, m in (("path", self.path_model), ("query", self.query)) if m]
+
+
+class Operations:
+    """The operations of one module of a dialect, in declaration order."""
+
+    def __init__(self) -> None:
+        self._all: list[Operation] = []
+
+    def __iter__(self) -> Iterator[Operation]:
+        return iter(self._all)
+
+    def get(self, path: str, summary: str, **kw: Any) -> Callable[[H], H]:
+        return self.operation("GET", path, summary, **kw)
+
+    def post(self, path: str, summary: str, **kw: Any) -> Callable[[H], H]:
+        return self.operation("POST", path, summary, **kw)
+
+    def patch(self, path: str, summary: str, **kw: Any) -> Callable[[H], H]:
+        return self.operation("PATCH", path, summary, **kw)
+
+    def delete(self, path: str, summary: str, **kw: Any) -> Callable[[H], H]:
+        return self.operation("DELETE", path, summary, **kw)
+
+    def operation(
+        self,
+        method: str,
+        path: str,
+        summary: str,
+        *,
+        tag: str,
+        auth: Auth = NO_AUTH,
+        path_model: type | None = None,
+        query: type | None = None,
+        body: type | RawBody | None = None,
+        body_required: bool = False,
+        body_description: str = "",
+        answer: Any = None,
+        wrap: bool = True,
+        message: str = "OK",
+        errors: tuple[int | ErrorDoc, ...] = (),
+        description: str | None = None,
+        operation_id: str | None = None,
+    ) -> Callable[[H], H]:
+        named = set(re.findall(r"{(\w+)}", path))
+        declared = set(path_model.__struct_fields__) if path_model is not None else set()
+        if named != declared:  # a declaration error: fail at import, not at the first request
+            raise TypeError(f"{method} {path}: path parameters {sorted(named)}, model has {sorted(declared)}")
+
+        def register(handler: H) -> H:
+            self._all.append(
+                Operation(
+                    method,
+                    path,
+                    summary,
+                    tag,
+                    handler,
+                    operation_id or _camel(handler.__name__),
+                    auth,
+                    path_model,
+                    query,
+                    body,
+                    body_required,
+                    body_description,
+                    answer,
+                    wrap,
+                    message,
+                    tuple(e if isinstance(e, ErrorDoc) else ErrorDoc(e) for e in errors),
+                    description,
+                )
+            )
+            return handler
+
+        return register
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(word.title() for word in rest)
+
+
+Answer = Callable[[Operation, Any], web.StreamResponse]
+
+
+def route_handler(op: Operation, answer: Answer) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler of `op`: credential, then path, query and body, then the handler; its
+    result encoded by `answer` (the dialect's) unless it is a response already."""
+    resolve, path_model, query_model, body = op.auth.resolve, op.path_model, op.query, op.body
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        principal = await resolve(request) if resolve is not None else None
+        path = decode_path(request.match_info, path_model) if path_model is not None else None
+        query = decode_query(request.query, query_model) if query_model is not None else None
+        if body is None:
+            decoded = None
+        elif isinstance(body, RawBody):
+            decoded = await request.read()
+        else:
+            decoded = decode_json(await request.read(), body, required=op.body_required)
+        result = await op.handler(Call(request, principal, path, query, decoded))
+        return result if isinstance(result, web.StreamResponse) else answer(op, result)
+
+    return handle

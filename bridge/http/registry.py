@@ -1,0 +1,20 @@
+"""The HTTP dialects this bridge serves, by the name broker.yaml's http.mounts gives them (the
+defaults are in bridge/config.py). Adding a dialect: a package under bridge/http/ exporting a
+`DIALECT` (see README, "Adding a dialect"), a line here, a default mount in the config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from bridge.http import docs, portal, things_gateway
+from bridge.http.common.dialect import Dialect, Mounted
+
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (things_gateway.DIALECT, portal.DIALECT)}
+
+
+def mount(mounts: Mapping[str, str]) -> list[Mounted]:
+    """Every dialect where `mounts` puts it, and the API's own description at the root; the
+    deepest mount first, so that it claims its paths before a mount above it does."""
+    placed = [Mounted(DIALECTS[name], where) for name, where in mounts.items()]
+    placed.append(Mounted(docs.META, ""))
+    return sorted(placed, key=lambda m: -len(m.mount))
