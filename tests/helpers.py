@@ -1,14 +1,25 @@
-"""Small clients for the tests: users, tokens and things over the real HTTP API."""
+"""The tests' shared helpers, the one place test modules import from (they never import each
+other): users, tokens and things over the real HTTP API, small HTTP and MQTT clients, thing JWTs."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import time
 import zipfile
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import aiomqtt
+import jwt
+import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import ADMIN_PASSWORD, Bridge, basic
 
@@ -69,3 +80,131 @@ async def create_thing(bridge: Bridge, tok: str, folder: Path, **body: object) -
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(zf.read(name))
     return ThingFiles(record["flthingspk"], folder / record["flthingspk"], record)
+
+
+ENVELOPE_FIELDS = {"status", "code", "messages", "result"}
+
+
+# ---- small clients ---------------------------------------------------------------------------------
+@dataclass
+class Resp:
+    status: int
+    headers: Any
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+async def call(method: str, url: str, tok: str | None = None, *, auth: str | None = None, **kw: Any) -> Resp:
+    """One request; `tok` goes in `Authorization: Bearer`, `auth` is a raw Authorization value."""
+    headers = dict(kw.pop("headers", {}))
+    if tok is not None:
+        headers["Authorization"] = f"Bearer {tok}"
+    if auth is not None:
+        headers["Authorization"] = auth
+    async with aiohttp.ClientSession() as s, s.request(method, url, headers=headers, **kw) as r:
+        return Resp(r.status, r.headers, await r.read())
+
+
+def ok(resp: Resp) -> Any:
+    """The result of a 200 envelope."""
+    assert resp.status == 200, resp.body
+    assert resp.headers["Content-Type"].startswith("application/json")
+    body = resp.json
+    assert set(body) == ENVELOPE_FIELDS
+    assert body["code"] == 200 and body["status"] == "OK"
+    return body["result"]
+
+
+def error(resp: Resp, status: int) -> str:
+    """Check an error envelope with code = HTTP status; return its message."""
+    assert resp.status != 500, resp.body
+    assert resp.status == status, resp.body
+    assert resp.headers["Content-Type"].startswith("application/json")
+    body = resp.json
+    assert set(body) == ENVELOPE_FIELDS, body
+    assert body["code"] == status
+    assert isinstance(body["status"], str) and body["status"] not in ("", "OK")
+    assert isinstance(body["messages"], list) and body["messages"]
+    assert set(body["messages"][0]) == {"key", "value"}
+    message = body["messages"][0]["value"]
+    assert isinstance(message, str) and len(message) > 5
+    return message
+
+
+def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine from a sync (module-scoped) fixture without touching the test's event loop."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@dataclass
+class Account:
+    name: str
+    password: str
+    token: str
+
+    @property
+    def sub(self) -> str:
+        return jwt.decode(self.token, options={"verify_signature": False})["sub"]
+
+
+def account(bridge: Bridge) -> Account:
+    name, password = new_user(bridge)
+    return Account(name, password, run_sync(token(bridge, name, password)))
+
+
+# ---- MQTT clients ----------------------------------------------------------------------------------
+def thing_client(bridge: Bridge, thing, client_id: str | None = None, **kw) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "127.0.0.1",
+        bridge.ports["mqtt_tls"],
+        identifier=client_id or thing.id,
+        tls_context=bridge.client_tls(thing.cert, thing.key),
+        **{"timeout": 5, **kw},
+    )
+
+
+def app_client(bridge: Bridge, name: str, password: str, client_id: str | None = None) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "127.0.0.1",
+        bridge.ports["mqtt_plain"],
+        identifier=client_id or f"app:{name}",
+        username=name,
+        password=password,
+        timeout=5,
+    )
+
+
+async def next_message(client: aiomqtt.Client, timeout: float = 5) -> aiomqtt.Message:
+    async with asyncio.timeout(timeout):
+        async for message in client.messages:
+            return message
+    raise AssertionError("no message")
+
+
+# ---- thing credentials ------------------------------------------------------------------------------
+def thing_jwt(
+    thing: ThingFiles,
+    *,
+    signer: ThingFiles | None = None,
+    lifetime: float | None = 300,
+    issued: float | None = None,
+    kid: bool = True,
+    iss: bool = True,
+    iss_of: ThingFiles | None = None,
+) -> str:
+    """verifyThing: a JWT naming `thing` (header kid and/or claim iss = urn:thing:<id>), signed with
+    the private key of `signer` (default: the thing itself), RS256 for RSA keys and ES256 for EC
+    keys. `lifetime` None: no exp claim; `iss_of`: the thing the iss claim names instead."""
+    key = serialization.load_pem_private_key((signer or thing).key.read_bytes(), password=None)
+    algorithm = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
+    now = time.time() if issued is None else issued
+    claims: dict[str, Any] = {"iat": int(now)}
+    if lifetime is not None:
+        claims["exp"] = int(now + lifetime)
+    if iss:
+        claims["iss"] = f"urn:thing:{(iss_of or thing).id}"
+    return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": thing.id} if kid else None)

@@ -40,10 +40,20 @@ from bridge.keyring import Keyring
 from bridge.store import Store
 from tests import mqttraw
 from tests.conftest import ADMIN_PASSWORD, Bridge, basic, write_config
-from tests.helpers import ThingFiles, create_thing, unique
-from tests.test_http_things import Account, Resp, account, call, ok, run_sync
-from tests.test_messages import thing_jwt
-from tests.test_mqtt_identity import app_client, thing_client
+from tests.helpers import (
+    Account,
+    Resp,
+    ThingFiles,
+    account,
+    app_client,
+    call,
+    create_thing,
+    ok,
+    run_sync,
+    thing_client,
+    thing_jwt,
+    unique,
+)
 
 APP_PASSWORD = "app-password-1"
 CONNACK_ACCEPTED = b"\x20\x02\x00\x00"

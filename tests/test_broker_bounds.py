@@ -12,9 +12,20 @@ import aiomqtt
 import pytest
 
 from tests.conftest import Bridge, _bridge
-from tests.helpers import ThingFiles, create_thing, token, unique
-from tests.test_http_things import Account, account, call, ok, run_sync
-from tests.test_mqtt_identity import app_client, next_message, thing_client
+from tests.helpers import (
+    Account,
+    ThingFiles,
+    account,
+    app_client,
+    call,
+    create_thing,
+    next_message,
+    ok,
+    run_sync,
+    thing_client,
+    token,
+    unique,
+)
 
 APP_PASSWORD = "app-password-1"
 QUEUE_MESSAGES = 40

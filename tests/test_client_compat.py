@@ -17,8 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import Bridge, _bridge
-from tests.helpers import ThingFiles, create_thing
-from tests.test_http_things import Account, account, call, error, ok, run_sync
+from tests.helpers import Account, ThingFiles, account, call, create_thing, error, ok, run_sync
 
 FREE_FORM = b"FOO|BAR|This is a message."
 

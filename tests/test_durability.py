@@ -12,8 +12,7 @@ import aiohttp
 import jwt
 
 from tests.conftest import Bridge
-from tests.helpers import create_thing, new_user, token
-from tests.test_mqtt_identity import thing_client
+from tests.helpers import create_thing, new_user, thing_client, token
 
 N_MQTT = 1500
 N_HTTP = 300

@@ -11,14 +11,11 @@ import os
 import time
 import uuid
 import zipfile
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import jwt
 import orjson
 import pytest
@@ -28,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import ADMIN_PASSWORD, Bridge, basic, write_config
-from tests.helpers import new_user, token
+from tests.helpers import Account, account, call, error, new_user, ok, run_sync, token
 
 SUBSCRIPTION_FIELDS = {
     "flsubscriptionspk",
@@ -58,78 +55,6 @@ THING_FIELDS = {
     "thingName",
     "thingType",
 }
-ENVELOPE_FIELDS = {"status", "code", "messages", "result"}
-
-
-# ---- small clients ---------------------------------------------------------------------------------
-@dataclass
-class Resp:
-    status: int
-    headers: Any
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-async def call(method: str, url: str, tok: str | None = None, *, auth: str | None = None, **kw: Any) -> Resp:
-    """One request; `tok` goes in `Authorization: Bearer`, `auth` is a raw Authorization value."""
-    headers = dict(kw.pop("headers", {}))
-    if tok is not None:
-        headers["Authorization"] = f"Bearer {tok}"
-    if auth is not None:
-        headers["Authorization"] = auth
-    async with aiohttp.ClientSession() as s, s.request(method, url, headers=headers, **kw) as r:
-        return Resp(r.status, r.headers, await r.read())
-
-
-def ok(resp: Resp) -> Any:
-    """The result of a 200 envelope."""
-    assert resp.status == 200, resp.body
-    assert resp.headers["Content-Type"].startswith("application/json")
-    body = resp.json
-    assert set(body) == ENVELOPE_FIELDS
-    assert body["code"] == 200 and body["status"] == "OK"
-    return body["result"]
-
-
-def error(resp: Resp, status: int) -> str:
-    """Check an error envelope with code = HTTP status; return its message."""
-    assert resp.status != 500, resp.body
-    assert resp.status == status, resp.body
-    assert resp.headers["Content-Type"].startswith("application/json")
-    body = resp.json
-    assert set(body) == ENVELOPE_FIELDS, body
-    assert body["code"] == status
-    assert isinstance(body["status"], str) and body["status"] not in ("", "OK")
-    assert isinstance(body["messages"], list) and body["messages"]
-    assert set(body["messages"][0]) == {"key", "value"}
-    message = body["messages"][0]["value"]
-    assert isinstance(message, str) and len(message) > 5
-    return message
-
-
-def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine from a sync (module-scoped) fixture without touching the test's event loop."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-@dataclass
-class Account:
-    name: str
-    password: str
-    token: str
-
-    @property
-    def sub(self) -> str:
-        return jwt.decode(self.token, options={"verify_signature": False})["sub"]
-
-
-def account(bridge: Bridge) -> Account:
-    name, password = new_user(bridge)
-    return Account(name, password, run_sync(token(bridge, name, password)))
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,25 @@ import aiomqtt
 import jwt
 import orjson
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests import mqttraw
 from tests.conftest import Bridge
-from tests.helpers import ThingFiles, create_thing, unique
-from tests.test_http_things import Account, Resp, account, call, error, ok, run_sync
-from tests.test_mqtt_identity import app_client, next_message, thing_client
+from tests.helpers import (
+    Account,
+    Resp,
+    ThingFiles,
+    account,
+    app_client,
+    call,
+    create_thing,
+    error,
+    next_message,
+    ok,
+    run_sync,
+    thing_client,
+    thing_jwt,
+    unique,
+)
 
 CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
 APP_PASSWORD = "app-password-1"
@@ -109,30 +120,6 @@ def app(bridge: Bridge, name: str) -> aiomqtt.Client:
 
 
 # ---- thing credentials ------------------------------------------------------------------------------
-def thing_jwt(
-    thing: ThingFiles,
-    *,
-    signer: ThingFiles | None = None,
-    lifetime: float | None = 300,
-    issued: float | None = None,
-    kid: bool = True,
-    iss: bool = True,
-    iss_of: ThingFiles | None = None,
-) -> str:
-    """verifyThing: a JWT naming `thing` (header kid and/or claim iss = urn:thing:<id>), signed with
-    the private key of `signer` (default: the thing itself), RS256 for RSA keys and ES256 for EC
-    keys. `lifetime` None: no exp claim; `iss_of`: the thing the iss claim names instead."""
-    key = serialization.load_pem_private_key((signer or thing).key.read_bytes(), password=None)
-    algorithm = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
-    now = time.time() if issued is None else issued
-    claims: dict[str, Any] = {"iat": int(now)}
-    if lifetime is not None:
-        claims["exp"] = int(now + lifetime)
-    if iss:
-        claims["iss"] = f"urn:thing:{(iss_of or thing).id}"
-    return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": thing.id} if kid else None)
-
-
 def hs256_with_public_key(thing: ThingFiles) -> str:
     """The algorithm-confusion forgery: HS256 keyed with the thing's *public* key, which anyone has."""
 

@@ -14,35 +14,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import Bridge
-from tests.helpers import create_thing, new_user, token, unique
-
-
-def thing_client(bridge: Bridge, thing, client_id: str | None = None, **kw) -> aiomqtt.Client:
-    return aiomqtt.Client(
-        "127.0.0.1",
-        bridge.ports["mqtt_tls"],
-        identifier=client_id or thing.id,
-        tls_context=bridge.client_tls(thing.cert, thing.key),
-        **{"timeout": 5, **kw},
-    )
-
-
-def app_client(bridge: Bridge, name: str, password: str, client_id: str | None = None) -> aiomqtt.Client:
-    return aiomqtt.Client(
-        "127.0.0.1",
-        bridge.ports["mqtt_plain"],
-        identifier=client_id or f"app:{name}",
-        username=name,
-        password=password,
-        timeout=5,
-    )
-
-
-async def next_message(client: aiomqtt.Client, timeout: float = 5) -> aiomqtt.Message:
-    async with asyncio.timeout(timeout):
-        async for message in client.messages:
-            return message
-    raise AssertionError("no message")
+from tests.helpers import app_client, create_thing, new_user, next_message, thing_client, token, unique
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests import mqttraw
 from tests.conftest import Bridge
-from tests.helpers import ThingFiles, create_thing, token, unique
-from tests.test_http_things import Account, Resp, account, ok, run_sync
+from tests.helpers import Account, Resp, ThingFiles, account, create_thing, ok, run_sync, token, unique
 
 # 20 in a local run (THINGBRIDGE_RACE_ROUNDS=20); 5 keeps the file near a minute in the suite.
 ROUNDS = int(os.environ.get("THINGBRIDGE_RACE_ROUNDS", "5"))

@@ -19,8 +19,7 @@ import orjson
 import pytest
 
 from tests.conftest import Bridge
-from tests.helpers import ThingFiles, create_thing, new_user, token, unique
-from tests.test_mqtt_identity import app_client, thing_client
+from tests.helpers import ThingFiles, app_client, create_thing, new_user, thing_client, token, unique
 
 DEFAULT_DOC = {"UpdateRate": 24, "AppParam": {}, "data": {}, "packageUrl": "", "version": 0}
 ERROR_ENVELOPE_KEYS = {"status", "code", "messages", "result"}

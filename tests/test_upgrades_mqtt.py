@@ -24,8 +24,7 @@ from bridge.core.service import Core
 from bridge.core.things import NewThing
 from bridge.store import Store
 from tests.conftest import Bridge, write_config
-from tests.helpers import ThingFiles
-from tests.test_mqtt_identity import app_client, next_message, thing_client
+from tests.helpers import ThingFiles, app_client, next_message, thing_client
 
 APP_PASSWORD = "app-password-1"
 
