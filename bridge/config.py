@@ -75,9 +75,16 @@ class HttpConfig:
     # HTTP URLs (http://public_host:port, https://..., each also with /dev/v1).
     token_audiences: list[str] = field(default_factory=list)
     # Where each HTTP dialect is served, by its name in bridge/http/registry.py: "" (the root) or a
-    # path that starts with "/" and does not end with one. A file names only the dialects it moves.
-    mounts: dict[str, str] = field(
-        default_factory=lambda: {"things_gateway": "/dev/v1", "portal": ""}, metadata={"mounts": True}
+    # path that starts with "/" and does not end with one, or a list of such paths (the same
+    # operations at each: the upgrader's document names two bases). A file names only the dialects
+    # it moves.
+    mounts: dict[str, str | list[str]] = field(
+        default_factory=lambda: {
+            "things_gateway": "/dev/v1",
+            "portal": "",
+            "upgrader": ["/Upgrade/v2", "/v2"],
+        },
+        metadata={"mounts": True},
     )
 
 
@@ -161,20 +168,26 @@ def check(cls: type, name: str, value: Any, path: str) -> Any:
     return value
 
 
-def _check_mounts(value: Any, default: dict[str, str], path: str) -> dict[str, str]:
+def mount_paths(mount: str | list[str]) -> list[str]:
+    """Where one dialect is served: its mount, or each of its list of mounts."""
+    return [mount] if isinstance(mount, str) else list(mount)
+
+
+def _check_mounts(value: Any, default: dict[str, str | list[str]], path: str) -> dict[str, str | list[str]]:
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: expected a mapping of dialect to path (got {value!r})")
     unknown = sorted(map(str, set(value) - set(default)))
     if unknown:
         raise ConfigError(f"{path}: unknown dialect(s) {', '.join(unknown)}; known: {', '.join(default)}")
     for name, mount in value.items():
-        if not isinstance(mount, str) or not MOUNT.fullmatch(mount):
+        places = mount if isinstance(mount, list) and mount else [mount]
+        if not all(isinstance(m, str) and MOUNT.fullmatch(m) for m in places):
             raise ConfigError(
                 f'{path}.{name}: expected "" (the root) or a path like /dev/v1, starting with / and not '
-                f"ending with one (got {mount!r})"
+                f"ending with one, or a non-empty list of them (got {mount!r})"
             )
     mounts = {**default, **value}
-    taken = [m for m in mounts.values() if m]
+    taken = [m for name in mounts for m in mount_paths(mounts[name]) if m]
     if len(taken) != len(set(taken)):
         raise ConfigError(f"{path}: two dialects share a mount ({', '.join(sorted(taken))})")
     return mounts

@@ -34,8 +34,9 @@ from yarl import URL
 
 from bridge import config as bridge_config
 from bridge.core.service import Core
-from bridge.http import portal
+from bridge.http import portal, upgrader
 from bridge.http.app import make_app
+from bridge.http.upgrader.auth import DEVICE as UPGRADER_DEVICE
 from bridge.keyring import Keyring
 from bridge.store import Store
 from tests import mqttraw
@@ -1171,6 +1172,11 @@ async def test_malformed_utf8_in_topics_closes_the_connection(
 #   device  verifyThing: the thing's own JWT or client certificate
 #   either  the owner (history) or the thing itself (its egress)
 #   open    partner-portal dialect: no credentials by design (the device is named by regId)
+#   operator  an upgrader operation on a named object of the caller's catalog: another user's -> 404
+#   catalog   an upgrader operation on the caller's whole catalog (lists, creates, pendingUpdate)
+#   updevice  an upgrader device operation on {deviceId}: its token header or client certificate;
+#             another thing's certificate -> 403
+#   anydevice checkForUpgrade: whichever thing's own credential (it names no device)
 #   public  the API's own description (/openapi.json, /docs): no credentials, no user data
 ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/dev/v1/token"): "basic",
@@ -1197,6 +1203,17 @@ ROUTES: dict[tuple[str, str], str] = {
     ("PATCH", "/dev/v1/fleet/defaults/{thing_type}"): "tenant",
     ("GET", "/dev/v1/broker/stats"): "admin",
     **{(op.method, op.path): "open" for op in portal.DIALECT.operations},
+    **{
+        (op.method, mount + op.path): (
+            ("operator" if "{" in op.path else "catalog")
+            if op.auth is not UPGRADER_DEVICE
+            else "updevice"
+            if "{deviceId}" in op.path
+            else "anydevice"
+        )
+        for mount in bridge_config.mount_paths(bridge_config.HttpConfig().mounts["upgrader"])
+        for op in upgrader.DIALECT.operations
+    },
     ("GET", "/openapi.json"): "public",
     ("GET", "/docs"): "public",
 }
@@ -1214,6 +1231,8 @@ BODIES: dict[tuple[str, str], dict] = {
 CONTROL_BODIES = {**BODIES, ("PATCH", "/dev/v1/things/{thing_id}"): {"json": {"enabled": True}}}
 CONTROL_BODIES[("PATCH", "/dev/v1/things/{thing_id}/desired")] = {"json": {"UpdateRate": 7}}
 BASIC, DEVICE = frozenset({"basic"}), frozenset({"device", "either"})
+# Their successes (the controls below) are tested in tests/test_upgrader_http.py.
+UPGRADER_KINDS = frozenset({"operator", "catalog", "updevice", "anydevice"})
 DESTRUCTIVE = {
     ("DELETE", "/dev/v1/token"),
     ("DELETE", "/dev/v1/things/{thing_id}"),
@@ -1267,6 +1286,14 @@ def expected(kind: str, cred: Credential, device: ThingFiles) -> set[int] | str:
     or "own" when the request acts only on the caller's own data (then checked for leaks)."""
     if kind == "basic":
         return {401}
+    if kind in ("updevice", "anydevice"):  # a thing JWT goes in the token header, not Authorization
+        if cred.cert is not None and cred.thing is not None:
+            return {403} if kind == "updevice" else {400}  # another thing, itself: no body -> 400
+        return {401}
+    if kind == "operator":
+        return {400, 404} if cred.user else {401}  # bob: alice's names are not his (or no body)
+    if kind == "catalog":
+        return {200, 202, 400} if cred.user else {401}  # bob's own (empty) catalog, checked for leaks
     if kind in ("device", "either") and cred.thing is not None:
         assert cred.thing is not device  # the matrix holds only other things' credentials
         return {401}
@@ -1309,7 +1336,7 @@ async def test_http_authorization_matrix(
         Credential("expired", auth=f"Bearer {expired}"),
         Credential("revoked", auth=f"Bearer {revoked}"),
         Credential("the target's own JWT", auth=f"Bearer {thing_jwt(target)}", right_for=DEVICE),
-        Credential("the target's own certificate", cert=target, right_for=DEVICE),
+        Credential("the target's own certificate", cert=target, right_for=DEVICE | {"updevice", "anydevice"}),
         Credential("sibling's JWT", auth=f"Bearer {thing_jwt(sibling)}", thing=sibling),
         Credential("sibling's certificate", cert=sibling, thing=sibling),
         Credential("foreign thing's JWT", auth=f"Bearer {thing_jwt(foreign)}", thing=foreign),
@@ -1322,6 +1349,12 @@ async def test_http_authorization_matrix(
         Credential("another user's token", auth=f"Bearer {bob.token}", user=True),
     ]
     params = {
+        "{deviceId}": target.id,
+        "{rolloutProfileId}": "abuse-profile",
+        "{accountId}": "abuse-account",
+        "{softwareName}": "abuse-fw",
+        "{versionNumber}": "1",
+        "{rolloutId}": "abuse-rollout",
         "{thing_id}": target.id,
         "{sub}": alice.sub,
         "{subscription_id}": subscription_id,
@@ -1355,7 +1388,7 @@ async def test_http_authorization_matrix(
             r = await request(method, path, cred, BODIES)
         if r.status == 500 or (want != "own" and r.status not in want) or (want == "own" and r.status != 200):
             failures.append((method, path, cred.name, r.status, r.body[:120]))
-        elif want == "own" and (target.id.encode() in r.body or b"alice-only" in r.body):
+        elif r.status < 300 and (target.id.encode() in r.body or b"alice-only" in r.body):
             failures.append((method, path, cred.name, "leaks alice's data", r.body[:120]))
 
     with unchanged(bridge, alice.sub):
@@ -1393,7 +1426,7 @@ async def test_http_authorization_matrix(
     owner = Credential("owner", auth=f"Bearer {alice.token}")
     controls: list[tuple[str, str, Credential]] = []
     for (method, path), kind in sorted(ROUTES.items()):
-        if kind in ("open", "public") or (method, path) in DESTRUCTIVE:
+        if kind in ("open", "public") or kind in UPGRADER_KINDS or (method, path) in DESTRUCTIVE:
             continue
         if kind == "basic":
             controls.append(

@@ -114,6 +114,10 @@ class Mounted:
 
     dialect: Dialect
     mount: str
+    alias: bool = False  # a further mount of the dialect: operation ids get the mount as a suffix
+
+    def operation_id(self, op: Operation) -> str:
+        return op.operation_id + (re.sub(r"\W", "_", self.mount) if self.alias else "")
 
     def routes(self) -> Iterable[tuple[Operation, str, Any]]:
         """(operation, full path, aiohttp handler) of every operation."""

@@ -50,13 +50,16 @@ def document(mounted: Sequence[Mounted], *, title: str, version: str, summary: s
     tags: dict[str, None] = {}
     for place in mounted:
         for op in place.dialect.operations:
-            paths.setdefault(place.mount + op.path, {})[op.method.lower()] = _operation(
-                place.dialect, op, schemas
-            )
+            paths.setdefault(place.mount + op.path, {})[op.method.lower()] = _operation(place, op, schemas)
             security_schemes.update(op.auth.schemes)
             tags[op.tag] = None
+    mounts_of: dict[Dialect, list[str]] = {}
+    for place in mounted:
+        mounts_of.setdefault(place.dialect, []).append(place.mount or "the root")
     described = " ".join(
-        p.dialect.describe.format(mount=p.mount or "the root") for p in mounted if p.dialect.describe
+        dialect.describe.format(mount=" and ".join(where))
+        for dialect, where in mounts_of.items()
+        if dialect.describe
     )
     return {
         "openapi": OPENAPI_VERSION,
@@ -68,8 +71,9 @@ def document(mounted: Sequence[Mounted], *, title: str, version: str, summary: s
     }
 
 
-def _operation(dialect: Dialect, op: Operation, schemas: _Schemas) -> Schema:
-    doc: Schema = {"operationId": op.operation_id, "tags": [op.tag], "summary": op.summary}
+def _operation(place: Mounted, op: Operation, schemas: _Schemas) -> Schema:
+    dialect = place.dialect
+    doc: Schema = {"operationId": place.operation_id(op), "tags": [op.tag], "summary": op.summary}
     if op.description:
         doc["description"] = op.description
     doc["security"] = list(op.auth.security)
@@ -98,7 +102,11 @@ def _operation(dialect: Dialect, op: Operation, schemas: _Schemas) -> Schema:
     else:
         model = dialect.answer_model(op) if op.wrap else op.answer
         ok = _response(ResponseDoc(model, f"{op.message}." if op.message != "OK" else "Success."), schemas)
-    doc["responses"] = {"200": ok} | {
+    successes = {str(op.status): ok} | {
+        str(status): _response(ResponseDoc(model, "Success."), schemas)
+        for status, model in op.alternatives.items()
+    }
+    doc["responses"] = successes | {
         str(error.status): _response(dialect.error_response(error), schemas) for error in op.errors
     }
     return doc

@@ -71,6 +71,15 @@ class Media:
 
 
 @dataclass(frozen=True)
+class Answered:
+    """A handler's result with a success status other than the operation's usual one (an upsert
+    that created: 201 instead of 200); the status must be declared in `alternatives`."""
+
+    status: int
+    result: Any
+
+
+@dataclass(frozen=True)
 class ErrorDoc:
     """A documented error status; `result` and `description` override what the dialect says for
     that status in general (a things-gateway 403 over quota carries the subscription policy)."""
@@ -99,6 +108,8 @@ class Operation:
     message: str  # what the dialect's envelope says on success (things-gateway: messages[0])
     errors: tuple[ErrorDoc, ...]
     description: str | None
+    status: int  # of a success (200, 201 created, 202 accepted)
+    alternatives: dict[int, Any]  # other success statuses a handler may answer (Answered): model
 
     def parameters(self) -> list[tuple[str, type]]:
         """(where, model) of the path and query models, in OpenAPI's terms."""
@@ -126,6 +137,9 @@ class Operations:
     def delete(self, path: str, summary: str, **kw: Any) -> Callable[[H], H]:
         return self.operation("DELETE", path, summary, **kw)
 
+    def put(self, path: str, summary: str, **kw: Any) -> Callable[[H], H]:
+        return self.operation("PUT", path, summary, **kw)
+
     def operation(
         self,
         method: str,
@@ -145,6 +159,8 @@ class Operations:
         errors: tuple[int | ErrorDoc, ...] = (),
         description: str | None = None,
         operation_id: str | None = None,
+        status: int = 200,
+        alternatives: dict[int, Any] | None = None,
     ) -> Callable[[H], H]:
         named = set(re.findall(r"{(\w+)}", path))
         declared = set(path_model.__struct_fields__) if path_model is not None else set()
@@ -171,6 +187,8 @@ class Operations:
                     message,
                     tuple(e if isinstance(e, ErrorDoc) else ErrorDoc(e) for e in errors),
                     description,
+                    status,
+                    alternatives or {},
                 )
             )
             return handler
@@ -202,6 +220,13 @@ def route_handler(op: Operation, answer: Answer) -> Callable[[web.Request], Awai
         else:
             decoded = decode_json(await request.read(), body, required=op.body_required)
         result = await op.handler(Call(request, principal, path, query, decoded))
-        return result if isinstance(result, web.StreamResponse) else answer(op, result)
+        if isinstance(result, web.StreamResponse):
+            return result
+        status = op.status
+        if isinstance(result, Answered):
+            status, result = result.status, result.result
+        response = answer(op, result)
+        response.set_status(status)
+        return response
 
     return handle

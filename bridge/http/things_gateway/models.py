@@ -456,6 +456,19 @@ class ThingState(Model):
     presence: Presence
 
 
+class RunningVersion(Model):
+    softwareName: str
+    currentVersionNumber: str
+    timestamp: IsoTime
+
+
+class ThingTwin(ThingState, kw_only=True):
+    """One thing's device twin, with the software versions it last reported (Upgrader V2
+    currentVersionNumbers, HTTP or MQTT)."""
+
+    currentVersionNumbers: list[RunningVersion]
+
+
 class FleetDefaults(Model):
     thingType: str
     defaults: DesiredValues

@@ -33,12 +33,14 @@ def _changes(body: msgspec.Struct) -> dict[str, Any]:
     tag="device twin",
     auth=USER,
     path_model=ThingPath,
-    answer=models.ThingState,
+    answer=models.ThingTwin,
     errors=(401, 404),
 )
-async def thing_state(call: Call[User, ThingPath, None, None]) -> models.ThingState:
-    state = await call.core.status.state(call.principal.id, call.path.thing_id)
-    return msgspec.convert(state, models.ThingState)
+async def thing_state(call: Call[User, ThingPath, None, None]) -> models.ThingTwin:
+    core, owner, thing_id = call.core, call.principal.id, call.path.thing_id
+    state = await core.status.state(owner, thing_id)
+    versions = await core.upgrades.reported_versions(owner, thing_id)
+    return msgspec.convert({**state, "currentVersionNumbers": versions}, models.ThingTwin)
 
 
 @api.patch(
