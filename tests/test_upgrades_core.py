@@ -168,6 +168,15 @@ async def test_catalog_round_trip_upserts_and_tenancy(core: Core) -> None:
         {"softwareName": "Gravity_ION", "name": "Gravity_ION", "versionNumber": "Beta_124"}
     ]
 
+    # An update of top-level fields counts as a modification; the same body again does not.
+    renamed = {"id": "Beta", "name": "Beta testers (renamed)"}
+    assert await up.update_profile(alice.id, "Beta", renamed) == Put(1, 1)
+    assert await up.update_profile(alice.id, "Beta", renamed) == Put(1, 0)
+    described = {**software, "description": "gravity sensor firmware"}
+    assert await up.update_software(alice.id, "ion", described) == Put(1, 1)
+    assert await up.update_software(alice.id, "ion", described) == Put(1, 0)
+    assert (await up.get_software(alice.id, "ion"))["description"] == "gravity sensor firmware"
+
     # PUT of a version upserts; the same body again changes nothing.
     v2 = version("Beta_125", 5, ["Beta"])
     assert await up.put_version(alice.id, "Gravity_ION", "Beta_125", v2) == Put(0, 0, created=True)

@@ -12,6 +12,7 @@ import logging
 import sqlite3
 
 from bridge.core import topics
+from bridge.core.background import Background
 from bridge.core.ports import DeviceLink
 from bridge.store import Store
 
@@ -28,7 +29,7 @@ def forget_thing(conn: sqlite3.Connection, thing_id: str) -> None:
     conn.execute("DELETE FROM outbox WHERE substr(topic, 1, ?) = ?", (len(prefix), prefix))
 
 
-class Outbox:
+class Outbox(Background):
     def __init__(self, store: Store, link: DeviceLink, poll: float = 1.0) -> None:
         self.store = store
         self.poll = poll
@@ -37,20 +38,9 @@ class Outbox:
         # under it, so no document read before the delete is published after that clean-up.
         self.lock = asyncio.Lock()
         self._kick = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def kick(self) -> None:
         self._kick.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def drain(self) -> int:
         async with self.lock:

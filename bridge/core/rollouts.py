@@ -17,7 +17,6 @@ core (`start`/`stop`) for timeouts; `advance(now)` is that timer's step, callabl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import logging
@@ -28,6 +27,7 @@ from typing import Any
 import orjson
 
 from bridge.core import ids, topics
+from bridge.core.background import Background
 from bridge.core.errors import Conflict, Invalid, NotFound
 from bridge.core.listing import ListQuery, Record
 from bridge.core.messages import Messages
@@ -224,14 +224,13 @@ def _too_many(wave: int, failed: int, of: int, threshold: float) -> str:
     return f"wave {wave + 1}: {failed} of {of} devices failed, above the error threshold {threshold:g}"
 
 
-class Rollouts:
+class Rollouts(Background):
     def __init__(self, store: Store, outbox: Outbox, messages: Messages, tick: float = 1.0) -> None:
         self.store = store
         self.outbox = outbox
         self.messages = messages
         self.tick = tick  # seconds between timeout checks
         self._owners: dict[str, str] = {}  # rollout id -> owner, for per-delivery tenancy checks
-        self._task: asyncio.Task[None] | None = None
 
     async def _change(self, fn: Any, *args: Any) -> Any:
         result = await self.store.write(fn, *args)
@@ -398,18 +397,8 @@ class Rollouts:
             owner = self._owners[rollout_id] = row["owner_id"]  # ids are never reused
         return owner
 
-    def start(self) -> None:
-        """The serving process's timer (after the outbox started): re-publish, then check timeouts."""
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
     async def _run(self) -> None:
+        """The serving process's timer (started after the outbox): re-publish, then check timeouts."""
         await self.republish()
         while True:
             await asyncio.sleep(self.tick)

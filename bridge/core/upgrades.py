@@ -678,7 +678,9 @@ class Upgrades:
                         (_text(body, key, limit=limit), profile["pk"]),
                     )
             self._link_versions(conn, owner_id, profile, body)
-            return Put(1, int(_profile_doc(conn, profile) != before))
+            # the row as it is now: `profile` still holds the values read before the update
+            after = conn.execute("SELECT * FROM rollout_profiles WHERE pk = ?", (profile["pk"],)).fetchone()
+            return Put(1, int(_profile_doc(conn, after) != before))
 
         return await self.store.write(update)
 
@@ -928,7 +930,8 @@ class Upgrades:
                     _delete_version(conn, owner_id, row["pk"])
                 for version in spec.versions:
                     _upsert_version(conn, owner_id, software, version)
-            return Put(1, int(_software_doc(conn, software) != before))
+            after = conn.execute("SELECT * FROM software WHERE pk = ?", (software["pk"],)).fetchone()
+            return Put(1, int(_software_doc(conn, after) != before))
 
         return await self._change(update)
 
