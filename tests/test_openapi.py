@@ -269,9 +269,13 @@ def test_docs_page_shows_every_operation(bridge: Bridge, served: dict[str, Any])
 # the explicit cases below (positive only), then schemathesis' coverage cases (deterministic boundary
 # and type-violation values for every parameter and body field), then EXAMPLES Hypothesis-generated
 # cases, derandomized so every run sends the same requests.
-EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 15}
+# One budget for the whole run, shared by the operations, so that the suite's time stays bounded as
+# dialects add operations: generated examples per (operation, mode) = the mode's total / the number
+# of (operation, mode) pairs, between MIN_EXAMPLES and MAX_EXAMPLES; the same for seconds.
+EXAMPLES_TOTAL = {GenerationMode.POSITIVE: 1500, GenerationMode.NEGATIVE: 700}
+MIN_EXAMPLES, MAX_EXAMPLES = 5, 25
+SECONDS_TOTAL = 300  # a safety net: the examples above are what bounds the run
 REQUEST_TIMEOUT = 15  # seconds; a hung request fails the run instead of stalling it
-OPERATION_BUDGET = 45  # seconds per operation and mode: past it, no more requests are sent
 MAX_WAIT = 0.2  # long-poll `wait` is capped for the run (the document allows up to 60 s)
 CHECKS = [
     not_a_server_error,
@@ -324,7 +328,7 @@ def _fuzz_params() -> list[Any]:
         for method in (m.upper() for m in item if m in METHODS):
             if (method, path) in ALIASED:
                 continue
-            for mode in EXAMPLES:
+            for mode in EXAMPLES_TOTAL:
                 if mode is GenerationMode.NEGATIVE and not _has_inputs(method, path):
                     continue
                 reason = KNOWN_BUGS.get((mode.value, method, path))
@@ -333,6 +337,18 @@ def _fuzz_params() -> list[Any]:
                     pytest.param(mode, method, path, marks=marks, id=f"{mode.value}-{method} {path}")
                 )
     return params
+
+
+def _per_pair(total: float, pairs: int, low: float, high: float) -> float:
+    return max(low, min(high, total / max(pairs, 1)))
+
+
+_PAIRS = {mode: sum(1 for p in _fuzz_params() if p.values[0] is mode) for mode in EXAMPLES_TOTAL}
+EXAMPLES = {
+    mode: int(_per_pair(EXAMPLES_TOTAL[mode], _PAIRS[mode], MIN_EXAMPLES, MAX_EXAMPLES))
+    for mode in EXAMPLES_TOTAL
+}
+OPERATION_BUDGET = _per_pair(SECONDS_TOTAL, sum(_PAIRS.values()), 3, 45)  # seconds per (operation, mode)
 
 
 @dataclass
