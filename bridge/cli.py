@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import getpass
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from bridge.core.accounts import generate_password
 from bridge.core.bundle import thing_files
 from bridge.core.errors import DomainError, Invalid
 from bridge.core.service import Core
+from bridge.core.status import DESIRED_FIELDS
 from bridge.core.things import NewThing
 
 
@@ -89,17 +91,21 @@ def _parser() -> argparse.ArgumentParser:
     for p in (cset, cdef):
         _common(p)
         p.add_argument("--owner", required=True)
-        p.add_argument("--update-rate", type=int, help="UpdateRate: hours between SetStatus calls")
-        p.add_argument("--app-param", help="AppParam: a JSON object")
-        p.add_argument("--data", help="data (GetURL extras): a JSON object")
-        p.add_argument("--package-url", help="packageUrl")
-        p.add_argument("--version", type=int, help="package version (integer)")
+        for name, (_column, kind) in DESIRED_FIELDS.items():
+            p.add_argument(
+                _twin_option(name),
+                dest=name,
+                type=int if kind is int else str,
+                metavar={int: "N", dict: "JSON"}.get(kind, "TEXT"),
+                help=f"{name} ({'a JSON object' if kind is dict else _kind(kind)})",
+            )
         p.add_argument(
             "--clear",
             action="append",
             default=[],
+            choices=list(DESIRED_FIELDS),
             metavar="FIELD",
-            help="inherit FIELD again (UpdateRate, AppParam, data, packageUrl, version)",
+            help=f"inherit FIELD again ({', '.join(DESIRED_FIELDS)})",
         )
     cset.add_argument("--reg-id", help="regId alias of the thing")
 
@@ -230,22 +236,26 @@ async def _vendor_revoke(core: Core, a: argparse.Namespace) -> None:
     print(f"revoked vendor {a.name}: its token and CIK are no longer accepted")
 
 
+def _twin_option(name: str) -> str:
+    """A device-twin field's option: UpdateRate -> --update-rate, packageUrl -> --package-url."""
+    return "--" + re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
+
+
+def _kind(kind: type) -> str:
+    return {int: "an integer", str: "a string"}.get(kind, kind.__name__)
+
+
 def _config_changes(a: argparse.Namespace) -> dict[str, Any]:
     changes: dict[str, Any] = {name: None for name in a.clear}
-    for name, option, value in (
-        ("UpdateRate", "--update-rate", a.update_rate),
-        ("AppParam", "--app-param", a.app_param),
-        ("data", "--data", a.data),
-        ("packageUrl", "--package-url", a.package_url),
-        ("version", "--version", a.version),
-    ):
+    for name, (_column, kind) in DESIRED_FIELDS.items():
+        value = getattr(a, name)
         if value is None:
             continue
-        if name in ("AppParam", "data"):
+        if kind is dict:
             try:
                 value = orjson.loads(value)
             except orjson.JSONDecodeError as exc:
-                raise Invalid(f"{option}: not valid JSON: {exc}") from exc
+                raise Invalid(f"{_twin_option(name)}: not valid JSON: {exc}") from exc
         changes[name] = value
     if getattr(a, "reg_id", None) is not None:
         changes["regId"] = a.reg_id

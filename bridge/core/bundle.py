@@ -19,6 +19,15 @@ class Endpoints:
     mqtt_tls_port: int
     http_port: int
     https_port: int | None
+    # Where the device routes (collect, the egress long-poll) are mounted: http.mounts.things_gateway.
+    api_path: str = "/dev/v1"
+
+    def http_urls(self) -> list[str]:
+        """The device API's public URLs: plain HTTP, and HTTPS when it is served."""
+        urls = [f"http://{self.host}:{self.http_port}{self.api_path}"]
+        if self.https_port:
+            urls.append(f"https://{self.host}:{self.https_port}{self.api_path}")
+        return urls
 
 
 def thing_files(thing: Thing, ca_pem: str, ep: Endpoints) -> dict[str, bytes]:
@@ -27,8 +36,7 @@ def thing_files(thing: Thing, ca_pem: str, ep: Endpoints) -> dict[str, bytes]:
         "thingId": thing.id,
         "clientId": thing.id,
         "mqtt": {"host": ep.host, "port": ep.mqtt_tls_port, "tls": True, "protocol": "MQTT 3.1.1"},
-        "http": {"url": f"http://{ep.host}:{ep.http_port}/dev/v1"}
-        | ({"httpsUrl": f"https://{ep.host}:{ep.https_port}/dev/v1"} if ep.https_port else {}),
+        "http": dict(zip(("url", "httpsUrl"), ep.http_urls(), strict=False)),
         "files": {"ca": "ca.pem", "certificate": "certificate.pem", "privateKey": key_file},
         "topics": {
             "publishTo": {flow: topics.topic(thing.id, flow) for flow in topics.DEVICE_TOPICS},

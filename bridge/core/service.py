@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bridge import pki
-from bridge.config import Config
+from bridge.config import Config, mount_paths
 from bridge.core.accounts import Accounts, App
 from bridge.core.bundle import Endpoints
 from bridge.core.messages import Messages
@@ -62,6 +62,7 @@ class Core:
             cfg.mqtt.tls.port,
             cfg.http.http.port,
             cfg.http.https.port if cfg.http.https.enabled else None,
+            mount_paths(cfg.http.mounts["things_gateway"])[0],
         )
 
     def token_audiences(self) -> list[str]:
@@ -69,11 +70,9 @@ class Core:
         ones, else the bridge's public HTTP URLs (with and without the things-gateway mount)."""
         if self.cfg.http.token_audiences:
             return self.cfg.http.token_audiences
-        ep = self.endpoints
-        bases = [f"http://{ep.host}:{ep.http_port}"]
-        if ep.https_port:
-            bases.append(f"https://{ep.host}:{ep.https_port}")
-        return [url for base in bases for url in (base, f"{base}/dev/v1")]
+        urls = self.endpoints.http_urls()
+        bases = [url.removesuffix(self.endpoints.api_path) for url in urls]
+        return bases + urls
 
     async def issue_app_certificate(self, app: App) -> dict[str, bytes]:
         """A client certificate (CN `app:<name>`) so the application can use the TLS listener too.

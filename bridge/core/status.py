@@ -20,6 +20,7 @@ from bridge.core.ports import DeviceLink
 from bridge.store import Store
 
 DEFAULT_UPDATE_RATE = 24  # hours between SetStatus calls when nobody set one
+UPDATE_RATE_MIN, UPDATE_RATE_MAX = 1, 24 * 365  # hours
 API_VERSION = 2
 # Desired fields: API name -> (column, type). None as a value clears it (inherit the fleet default).
 DESIRED_FIELDS: dict[str, tuple[str, type]] = {
@@ -122,8 +123,8 @@ def parse_changes(body: dict[str, Any], allowed: dict[str, tuple[str, type]]) ->
         column, kind = allowed[name]
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise Invalid(f"{name} must be {'an' if kind in (int, dict) else 'a'} {_kind(kind)} or null")
-        if name == "UpdateRate" and value is not None and not 1 <= value <= 24 * 365:
-            raise Invalid("UpdateRate must be between 1 and 8760 hours")
+        if name == "UpdateRate" and value is not None and not UPDATE_RATE_MIN <= value <= UPDATE_RATE_MAX:
+            raise Invalid(f"UpdateRate must be between {UPDATE_RATE_MIN} and {UPDATE_RATE_MAX} hours")
         if name == "version" and value is not None and not 0 <= value <= MAX_VERSION:
             raise Invalid(f"version must be between 0 and {MAX_VERSION}")
         changes[column] = (

@@ -11,7 +11,7 @@ import msgspec
 from msgspec import UNSET, Meta
 
 from bridge.core import ids
-from bridge.core.status import MAX_VERSION
+from bridge.core.status import MAX_VERSION, UPDATE_RATE_MAX, UPDATE_RATE_MIN
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True):
@@ -47,7 +47,9 @@ JsonObject = dict[str, Any]
 Schema = dict[str, Any]  # a JSON Schema or OpenAPI object, as written into the document
 
 # The device twin's fields, as the things-gateway twin and the partner portal both show them.
-UpdateRate = Annotated[int, Meta(ge=1, le=24 * 365, description="hours between SetStatus calls")]
+UpdateRate = Annotated[
+    int, Meta(ge=UPDATE_RATE_MIN, le=UPDATE_RATE_MAX, description="hours between SetStatus calls")
+]
 AppParam = Annotated[JsonObject, Meta(description="the device's desired configuration")]
 PackageData = Annotated[JsonObject, Meta(description="extra parameters GetURL returns")]
 PackageUrl = Annotated[str, Meta(description="URL of the application package")]
