@@ -3,6 +3,9 @@ each checked here case by case (milliseconds, no server)."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from amqtt.broker import RetainedApplicationMessage
 from amqtt.session import Session
@@ -151,3 +154,53 @@ def test_a_full_offline_queue_drops_its_oldest() -> None:
     for n in range(3):  # the byte bound: 3 x 4 bytes > 10
         limits.enqueue(session, RetainedApplicationMessage(None, "things/t/publish", bytes([n]) * 4, 1))
     assert queue.qsize() == 2 and queue.bytes == 8 and limits.dropped_queued == 3
+
+
+# ---- the architecture ----------------------------------------------------------------------------------
+def _imports_of(path: Path, package: str, modules: frozenset[str] = frozenset()) -> set[str]:
+    """What a module imports under `package` (at any level, TYPE_CHECKING blocks included);
+    `from pkg import sub` counts as importing the module pkg.sub when it is one of `modules`."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = {f"{node.module}.{alias.name}" for alias in node.names} & modules
+            names = subs if subs and len(subs) == len(node.names) else {node.module, *subs}
+        elif isinstance(node, ast.Import):
+            names = {alias.name for alias in node.names}
+        else:
+            continue
+        found.update(n for n in names if n == package or n.startswith(package + "."))
+    return found
+
+
+def test_no_import_cycle_and_no_upward_import() -> None:
+    """The layering of the README's design notes: core imports no adapter (and no aiohttp or
+    amqtt), and no module imports, however indirectly, a module that imports it."""
+    root = Path(__file__).resolve().parent.parent
+    modules = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (root / "bridge").rglob("*.py")
+    }
+    known = frozenset(modules)
+    graph = {name: _imports_of(path, "bridge", known) & known - {name} for name, path in modules.items()}
+    for name, path in modules.items():
+        if name.startswith("bridge.core"):
+            assert not _imports_of(path, "aiohttp") | _imports_of(path, "amqtt"), name
+            assert not any(
+                m.startswith(("bridge.http", "bridge.mqtt", "bridge.app", "bridge.cli")) for m in graph[name]
+            ), name
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*trail, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*trail, nxt]))
+        return None
+
+    cycles = [c for c in map(cycle_from, sorted(graph)) if c]
+    assert cycles == [], cycles[:3]

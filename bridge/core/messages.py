@@ -10,18 +10,16 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from bridge.core import ids, jsonvalue, topics
 from bridge.core.errors import Invalid, Revoked, TooLarge
+from bridge.core.identity import DeviceIdentity
 from bridge.core.lookup import owned_thing, thing_not_found
 from bridge.core.ports import DeviceLink
 from bridge.store import Store
-
-if TYPE_CHECKING:  # things.py imports this module (through status.py)
-    from bridge.core.things import DeviceIdentity
 
 INGRESS, EGRESS, STATUS = "ingress", "egress", "status"
 # Software upgrades: an offer told to the device (`upgrade`, read by HTTP-only devices with their

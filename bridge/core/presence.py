@@ -9,8 +9,8 @@ import sqlite3
 import orjson
 
 from bridge.core import ids, topics
+from bridge.core.identity import DeviceIdentity
 from bridge.core.outbox import Outbox, enqueue
-from bridge.core.things import DeviceIdentity
 from bridge.store import Store
 
 

@@ -16,6 +16,7 @@ from bridge import pki
 from bridge.core import ids
 from bridge.core.accounts import SubscriptionPolicy, User, active_policy
 from bridge.core.errors import Conflict, Invalid, QuotaExceeded, Unauthorized
+from bridge.core.identity import DeviceIdentity
 from bridge.core.lookup import owned_thing, thing_not_found
 from bridge.core.outbox import Outbox, forget_thing
 from bridge.core.ports import DeviceLink
@@ -56,15 +57,6 @@ class NewThing:
     dist: str = "mosquitto"
     key_type: str | None = None
     csr: str | None = None
-
-
-@dataclass(frozen=True)
-class DeviceIdentity:
-    thing_id: str
-    owner_id: str
-    # The certificate currently issued to the thing: which incarnation of the id this is. Writes
-    # made on its behalf are committed only while it is still the thing's enabled certificate.
-    cert_id: str
 
 
 class Things:

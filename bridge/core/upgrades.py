@@ -25,11 +25,11 @@ import orjson
 
 from bridge.core import ids, topics
 from bridge.core.errors import Conflict, Invalid, NotFound
+from bridge.core.identity import DeviceIdentity
 from bridge.core.listing import ListQuery, Record
 from bridge.core.messages import UPGRADE, VERSIONS, Messages, insert_message
 from bridge.core.outbox import Outbox, enqueue
 from bridge.core.ports import DeviceLink
-from bridge.core.things import DeviceIdentity
 from bridge.store import Store
 
 VERSION_STATUSES = ("OK", "REQUIRED", "RECOMMENDED")

@@ -18,7 +18,7 @@ from amqtt.session import Session
 from bridge import pki
 from bridge.core import topics
 from bridge.core.errors import TooManyRequests
-from bridge.core.things import DeviceIdentity
+from bridge.core.identity import DeviceIdentity
 
 log = logging.getLogger(__name__)
 PRINCIPAL = "thingbridge.principal"

@@ -14,9 +14,9 @@ from amqtt.session import Session
 
 from bridge.core import jsonvalue, topics
 from bridge.core.errors import DomainError, Invalid, NotFound, Revoked
+from bridge.core.identity import DeviceIdentity
 from bridge.core.service import Core
 from bridge.core.status import DeviceRef
-from bridge.core.things import DeviceIdentity
 from bridge.mqtt.auth import PRINCIPAL, Counters, Principal
 from bridge.mqtt.hardened import REVOKED, ClientRevoked
 

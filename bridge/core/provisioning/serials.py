@@ -28,6 +28,7 @@ import orjson
 from bridge.core import ids
 from bridge.core.accounts import active_policy
 from bridge.core.errors import Conflict, DomainError, Invalid, NotFound, QuotaExceeded, Unauthorized
+from bridge.core.identity import DeviceIdentity
 from bridge.core.outbox import Outbox, forget_thing
 from bridge.core.provisioning.common import (
     Access,
@@ -41,7 +42,7 @@ from bridge.core.provisioning.common import (
     text,
 )
 from bridge.core.provisioning.vendors import new_cik
-from bridge.core.things import DeviceIdentity, Thing, Things, insert_thing
+from bridge.core.things import Thing, Things, insert_thing
 from bridge.store import Store
 
 OPTIONS = ("noaliases", "nocomments", "nohistorical")

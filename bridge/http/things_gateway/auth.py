@@ -11,7 +11,8 @@ from aiohttp import web
 from bridge import pki
 from bridge.core.accounts import User
 from bridge.core.errors import Unauthorized
-from bridge.core.things import TOKEN_ISSUER_PREFIX, DeviceIdentity
+from bridge.core.identity import DeviceIdentity
+from bridge.core.things import TOKEN_ISSUER_PREFIX
 from bridge.http.common.auth import (
     CORE,
     USER,

@@ -13,9 +13,9 @@ from aiohttp import web
 from bridge.core.accounts import User
 from bridge.core.bundle import thing_files, zip_bytes
 from bridge.core.errors import Forbidden, Invalid, Revoked
+from bridge.core.identity import DeviceIdentity
 from bridge.core.messages import EGRESS, Query
 from bridge.core.messages import Message as StoredMessage
-from bridge.core.things import DeviceIdentity
 from bridge.http.common.auth import USER, bearer
 from bridge.http.common.operation import Call, Media, Operations, RawBody
 from bridge.http.things_gateway import models

@@ -13,7 +13,8 @@ from aiohttp import web
 
 from bridge import pki
 from bridge.core.errors import Forbidden, NotFound, Unauthorized
-from bridge.core.things import TOKEN_ISSUER_PREFIX, DeviceIdentity
+from bridge.core.identity import DeviceIdentity
+from bridge.core.things import TOKEN_ISSUER_PREFIX
 from bridge.http.common.auth import CORE, Auth, peer_certificate
 
 
