@@ -8,6 +8,8 @@ remapped, disabled or deleted. The `vendor` commands through the real `python -m
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import re
 import subprocess
 import sys
@@ -54,18 +56,26 @@ class World:
         return (await self.prov.vendors.add(name, await self.user(f"{name}-owner", things))).vendor
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
+@contextlib.asynccontextmanager
+async def open_world(tmp_path: Path, **settings: int) -> AsyncIterator[World]:
+    """`settings`: provisioning settings other than the defaults."""
     cfg = bridge_config.load(write_config(tmp_path))
     store = Store(cfg.db_path, "OFF")
     store.open()
     core = Core(cfg, store)
     clock = Clock()
-    prov = Provisioning(store, core.things, core.outbox, cfg.provisioning, free_plan_things=10, clock=clock)
+    provisioning = dataclasses.replace(cfg.provisioning, **settings)
+    prov = Provisioning(store, core.things, core.outbox, provisioning, free_plan_things=10, clock=clock)
     try:
         yield World(core, prov, clock)
     finally:
         await asyncio.to_thread(store.close)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with open_world(tmp_path) as opened:
+        yield opened
 
 
 async def body(data: bytes, size: int = 7) -> AsyncIterator[bytes]:

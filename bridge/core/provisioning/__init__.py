@@ -1,7 +1,8 @@
 """Provisioning by serial number (Exosite HTTP Provisioning v1.1, CATALOG.md 002), transport-free:
 vendors and their credentials (`vendors`), models, serial numbers, their clients and activation
-(`serials`), shares of a model with other vendors (`shares`). The HTTP dialect calls these; `Serials.identify_cik` is the device credential the
-other dialects accept."""
+(`serials`), content entities and their blobs on disk (`content`, `blobs`), shares of a model with
+other vendors (`shares`). The HTTP dialect calls these; `Serials.identify_cik` is the device
+credential the other dialects accept."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Callable
 from bridge.config import ProvisioningConfig
 from bridge.core import ids
 from bridge.core.outbox import Outbox
+from bridge.core.provisioning.blobs import Blobs
+from bridge.core.provisioning.content import Content
 from bridge.core.provisioning.serials import Serials
 from bridge.core.provisioning.shares import Shares
 from bridge.core.provisioning.vendors import Vendors
@@ -29,12 +32,16 @@ class Provisioning:
         clock: Callable[[], float] = ids.now,
     ) -> None:
         self.vendors = Vendors(store)
+        # Blobs live beside the database, under the data directory (`<data_dir>/content/`).
+        self.blobs = Blobs(store.path.parent / "content", store, cfg.max_content_size)
         self.serials = Serials(
             store,
             things,
             outbox,
+            self.blobs,
             enable_expiry=cfg.enable_expiry,
             free_plan_things=free_plan_things,
             clock=clock,
         )
         self.shares = Shares(store)
+        self.content = Content(store, self.blobs, self.serials, clock)

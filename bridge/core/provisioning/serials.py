@@ -30,6 +30,7 @@ from bridge.core.accounts import active_policy
 from bridge.core.errors import Conflict, DomainError, Invalid, NotFound, QuotaExceeded, Unauthorized
 from bridge.core.identity import DeviceIdentity
 from bridge.core.outbox import Outbox, forget_thing
+from bridge.core.provisioning.blobs import Blobs
 from bridge.core.provisioning.common import (
     Access,
     Page,
@@ -176,6 +177,7 @@ class Serials:
         store: Store,
         things: Things,
         outbox: Outbox,
+        blobs: Blobs,
         *,
         enable_expiry: int,
         free_plan_things: int,
@@ -184,6 +186,7 @@ class Serials:
         self.store = store
         self.things = things
         self.outbox = outbox
+        self.blobs = blobs
         self.enable_expiry = enable_expiry
         self.free_plan_things = free_plan_things
         self.clock = clock
@@ -252,19 +255,28 @@ class Serials:
         return model
 
     async def delete_model(self, vendor: Vendor, name: str) -> None:
-        """With its serial numbers (and the things they became), content, groups and shares.
+        """With its serial numbers (and the things they became), content (and blobs), groups and shares.
         Deleting a missing model is done already (CATALOG 002 #13)."""
 
-        def delete(conn: sqlite3.Connection) -> list[str]:
+        def delete(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
             try:
                 access = model_access(conn, vendor, name)
             except NotFound:
-                return []
+                return [], []
             things = _delete_things(conn, "s.model_pk = ?", (access.model_pk,))
+            blobs = [
+                r["sha256"]
+                for r in conn.execute(
+                    "SELECT DISTINCT sha256 FROM prov_content WHERE model_pk = ? AND sha256 IS NOT NULL",
+                    (access.model_pk,),
+                )
+            ]
             conn.execute("DELETE FROM prov_models WHERE pk = ?", (access.model_pk,))
-            return things
+            return things, blobs
 
-        await self._revoke(await self.store.write(delete), deleted=True)
+        things, blobs = await self.store.write(delete)
+        await self.blobs.release(blobs)  # those another model's content does not share
+        await self._revoke(things, deleted=True)
 
     # ---- serial numbers -------------------------------------------------------------------------
     async def list_serials(
