@@ -1,7 +1,7 @@
 """Provisioning content and groups in-process: a real Store and real blob files in a temporary data
 directory, no mocks, the clock injected. Streamed uploads (written as they arrive, refused as soon
 as they pass the bound), replace and blob clean-up (a blob two entities share survives the
-deletion of one), and what a device may download (its model's unprotected content, protected
+deletion of one), groups (typed members, nesting, cycles refused, expiry), and what a device may download (its model's unprotected content, protected
 content only through a shared group, its own vendor and model only)."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from bridge.core.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge, Unauthorized
-from bridge.core.provisioning.common import Vendor
+from bridge.core.provisioning.common import Page, Vendor
 from bridge.core.provisioning.content import ContentInfo
+from bridge.core.provisioning.groups import GroupInfo, Member
 from tests.test_provisioning_core import World, activate, body, open_world
 
 MAX = 4 * 1024 * 1024 + 5  # the configured bound of these tests: a few MiB
@@ -174,3 +175,87 @@ async def test_a_device_downloads_its_models_content_only(world: World) -> None:
         await content.device_content("0" * 40, "acme", "m")
     with pytest.raises(NotFound):
         await content.authorized(acme, "m", "nosuch")
+
+
+# ---- groups ---------------------------------------------------------------------------------------
+async def test_groups_members_nesting_cycles_and_expiry(world: World) -> None:
+    acme = await model_with_content(world)
+    groups, now = world.prov.groups, int(world.clock.t)
+    await world.prov.serials.add_serials(acme, "m", [("sn1", ""), ("sn2", "")])
+    for group in ("a", "b", "c"):
+        await groups.create(acme, "m", group, f"group {group}")
+    with pytest.raises(Conflict):
+        await groups.create(acme, "m", "a", "again")
+    assert await groups.list(acme, "m", Page(0, 5)) == [("a", "group a"), ("b", "group b"), ("c", "group c")]
+    assert await groups.list(acme, "m", Page(2, 5)) == [("c", "group c")]
+
+    await groups.add(acme, "m", "a", "sn", ["sn1", "sn2"], 0, "line 1")
+    await groups.add(acme, "m", "a", "sn", ["sn2"], now + 60, "until soon")  # an update
+    csv = b'content,fw,0,"firmware, pinned"\r\ngroup,b,0\r\n'
+    await groups.add_csv(acme, "m", "a", body(csv))
+    await groups.add(acme, "m", "b", "group", ["c"], 0, "")
+    assert await groups.members(acme, "m", "a", Page()) == [
+        Member("sn", "sn1", 0, "line 1"),
+        Member("sn", "sn2", now + 60, "until soon"),
+        Member("content", "fw", 0, "firmware, pinned"),
+        Member("group", "b", 0, ""),
+    ]
+    assert await groups.members(acme, "m", "a", Page(), type="sn", id="sn2") == [
+        Member("sn", "sn2", now + 60, "until soon")
+    ]
+    assert await groups.info(acme, "m", "a") == GroupInfo("group a", 4)
+    assert await groups.groups_of(acme, "m", "sn", "sn2", Page()) == ["a"]
+    assert await groups.groups_of(acme, "m", "group", "c", Page()) == ["b"]
+    assert await groups.groups_of(acme, "m", "content", "fw", Page()) == ["a"]
+
+    # cycles are refused, directly and through nesting; nothing of the request is kept
+    for inner, outer in (("a", "a"), ("a", "b"), ("a", "c")):
+        with pytest.raises(Conflict, match="cycle"):
+            await groups.add(acme, "m", outer, "group", [inner], 0, "")
+    with pytest.raises(Conflict):
+        await groups.add_csv(acme, "m", "c", body(b"sn,sn1,0,x\r\ngroup,a,0,x\r\n"))
+    assert await groups.members(acme, "m", "c", Page()) == []
+    with pytest.raises(NotFound):
+        await groups.add(acme, "m", "a", "sn", ["nosuch"], 0, "")
+    with pytest.raises(Invalid):
+        await groups.add(acme, "m", "a", "thing", ["sn1"], 0, "")
+
+    # an expired member counts as absent
+    world.clock.t = now + 60
+    assert await groups.groups_of(acme, "m", "sn", "sn2", Page()) == []
+    assert await groups.info(acme, "m", "a") == GroupInfo("group a", 3)
+
+    await groups.remove(acme, "m", "a", "sn", ["sn1", "nosuch"])
+    await groups.remove_csv(acme, "m", "a", body(b"content,fw\r\ngroup,b\r\n"))
+    assert await groups.members(acme, "m", "a", Page()) == []
+    await groups.delete(acme, "m", "b")
+    assert await groups.groups_of(acme, "m", "group", "c", Page()) == []
+    await groups.delete(acme, "m", "b")  # done already
+
+
+async def test_protected_content_through_nested_groups(world: World) -> None:
+    acme = await model_with_content(world)
+    serials, content, groups = world.prov.serials, world.prov.content, world.prov.groups
+    await serials.add_serials(acme, "m", [("sn1", ""), ("sn2", "")])
+    await serials.make_client(acme, "m", "sn1", "o" * 40)
+    cik = await activate(world, "sn1")
+    await content.create(acme, "m", "secret", "", protected=True)
+    await content.upload(acme, "m", "secret", "text/plain", body(b"secret-bytes"))
+    for group in ("fleet", "line", "beta"):
+        await groups.create(acme, "m", group, "")
+
+    # sn1 in `line`, nested in `fleet`, which holds `beta`, which holds the content
+    await groups.add(acme, "m", "line", "sn", ["sn1"], 0, "")
+    await groups.add(acme, "m", "fleet", "group", ["line", "beta"], 0, "")
+    await groups.add(acme, "m", "beta", "content", ["secret"], 0, "")
+    assert await content.device_content(cik, "acme", "m") == ["fw", "secret"]
+    assert (await content.device_download(cik, "acme", "m", "secret")).path.read_bytes() == b"secret-bytes"
+    assert await content.authorized(acme, "m", "sn2") == ["fw"]
+    assert (await content.info(acme, "m", "secret", sn="sn1")).protected
+
+    # the nesting expires: the shared group is gone
+    await groups.add(acme, "m", "fleet", "group", ["beta"], int(world.clock.t) + 10, "")
+    world.clock.t += 10
+    assert await content.device_content(cik, "acme", "m") == ["fw"]
+    with pytest.raises(NotFound):
+        await content.device_download(cik, "acme", "m", "secret")

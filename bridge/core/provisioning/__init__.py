@@ -1,8 +1,8 @@
 """Provisioning by serial number (Exosite HTTP Provisioning v1.1, CATALOG.md 002), transport-free:
 vendors and their credentials (`vendors`), models, serial numbers, their clients and activation
-(`serials`), content entities and their blobs on disk (`content`, `blobs`), shares of a model with
-other vendors (`shares`). The HTTP dialect calls these; `Serials.identify_cik` is the device
-credential the other dialects accept."""
+(`serials`), content entities and their blobs on disk (`content`, `blobs`), groups with typed and
+nested members (`groups`), shares of a model with other vendors (`shares`). The HTTP dialect calls
+these; `Serials.identify_cik` is the device credential the other dialects accept."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from bridge.core import ids
 from bridge.core.outbox import Outbox
 from bridge.core.provisioning.blobs import Blobs
 from bridge.core.provisioning.content import Content
+from bridge.core.provisioning.groups import Groups
 from bridge.core.provisioning.serials import Serials
 from bridge.core.provisioning.shares import Shares
 from bridge.core.provisioning.vendors import Vendors
@@ -45,3 +46,4 @@ class Provisioning:
         )
         self.shares = Shares(store)
         self.content = Content(store, self.blobs, self.serials, clock)
+        self.groups = Groups(store, clock)
