@@ -83,6 +83,7 @@ class HttpConfig:
             "things_gateway": "/dev/v1",
             "portal": "",
             "upgrader": ["/Upgrade/v2", "/v2"],
+            "provisioning": "/provision",
         },
         metadata={"mounts": True},
     )

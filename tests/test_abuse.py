@@ -13,6 +13,7 @@ import base64
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -34,7 +35,7 @@ from yarl import URL
 
 from bridge import config as bridge_config
 from bridge.core.service import Core
-from bridge.http import portal, upgrader
+from bridge.http import portal, provisioning, upgrader
 from bridge.http.app import make_app
 from bridge.http.upgrader.auth import DEVICE as UPGRADER_DEVICE
 from bridge.keyring import Keyring
@@ -1177,6 +1178,10 @@ async def test_malformed_utf8_in_topics_closes_the_connection(
 #   updevice  an upgrader device operation on {deviceId}: its token header or client certificate;
 #             another thing's certificate -> 403
 #   anydevice checkForUpgrade: whichever thing's own credential (it names no device)
+#   vendor  a provisioning operation (/provision/manage/...): X-Exosite-Token or X-Exosite-CIK of the
+#           model's vendor; another vendor's credential finds none of its models (404, or 400 for
+#           a request without the form it needs)
+#   activation  POST /provision/activate: no credential by design (the form names the client)
 #   public  the API's own description (/openapi.json, /docs): no credentials, no user data
 ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/dev/v1/token"): "basic",
@@ -1214,6 +1219,12 @@ ROUTES: dict[tuple[str, str], str] = {
         for mount in bridge_config.mount_paths(bridge_config.HttpConfig().mounts["upgrader"])
         for op in upgrader.DIALECT.operations
     },
+    **{
+        (op.method, bridge_config.HttpConfig().mounts["provisioning"] + op.path): (
+            "activation" if op.path == "/activate" else "vendor"
+        )
+        for op in provisioning.DIALECT.operations
+    },
     ("GET", "/openapi.json"): "public",
     ("GET", "/docs"): "public",
 }
@@ -1221,6 +1232,15 @@ ROUTES.update({("HEAD", path): kind for (method, path), kind in list(ROUTES.item
 TEXT = {"data": b"matrix", "headers": {"Content-Type": "text/plain"}}
 # What a refused request carries: a body that would change something if it were accepted.
 BODIES: dict[tuple[str, str], dict] = {
+    ("POST", "/provision/manage/model/"): {"data": {"model": "abuse-model", "delete": "true"}},
+    ("PUT", "/provision/manage/model/{model}"): {"data": {"rid": "1" * 40}},
+    ("POST", "/provision/manage/model/{model}/"): {"data": {"sn": "abuse-sn", "delete": "true"}},
+    ("DELETE", "/provision/manage/model/{model}/"): {
+        "data": b"abuse-sn",
+        "headers": {"Content-Type": "text/csv"},
+    },
+    ("POST", "/provision/manage/model/{model}/{sn}"): {"data": {"disable": "true"}},
+    ("POST", "/provision/manage/share/{model}/"): {"data": {"vendor": "abuse-other", "delete": "true"}},
     ("POST", "/dev/v1/things"): {"json": {"keyType": "EC"}},
     ("PATCH", "/dev/v1/things/{thing_id}"): {"json": {"enabled": False}},
     ("POST", "/dev/v1/things/{thing_id}/collect"): TEXT,
@@ -1230,9 +1250,10 @@ BODIES: dict[tuple[str, str], dict] = {
 }
 CONTROL_BODIES = {**BODIES, ("PATCH", "/dev/v1/things/{thing_id}"): {"json": {"enabled": True}}}
 CONTROL_BODIES[("PATCH", "/dev/v1/things/{thing_id}/desired")] = {"json": {"UpdateRate": 7}}
-BASIC, DEVICE = frozenset({"basic"}), frozenset({"device", "either"})
-# Their successes (the controls below) are tested in tests/test_upgrader_http.py.
-UPGRADER_KINDS = frozenset({"operator", "catalog", "updevice", "anydevice"})
+BASIC, DEVICE, VENDOR = frozenset({"basic"}), frozenset({"device", "either"}), frozenset({"vendor"})
+# Their successes (the controls below) are tested in tests/test_upgrader_http.py and
+# tests/test_provisioning_http.py.
+UPGRADER_KINDS = frozenset({"operator", "catalog", "updevice", "anydevice", "vendor"})
 DESTRUCTIVE = {
     ("DELETE", "/dev/v1/token"),
     ("DELETE", "/dev/v1/things/{thing_id}"),
@@ -1270,7 +1291,34 @@ class Credential:
     cert: ThingFiles | None = None  # a client certificate on the HTTPS listener
     user: bool = False  # a valid user token of someone other than the resource's owner
     thing: ThingFiles | None = None  # another thing this credential belongs to
+    headers: dict[str, str] = field(default_factory=dict)  # provisioning's X-Exosite-* headers
+    vendor: bool = False  # a valid vendor credential of another vendor than the model's
+    cik: bool = False  # the CIK of another (provisioned) thing
     right_for: frozenset[str] = frozenset()  # route kinds where this is the right credential
+
+
+def add_vendor(bridge: Bridge, owner: Account, name: str) -> tuple[str, str]:
+    """`thingbridge vendor add`, which prints the vendor's token and CIK once."""
+    out = bridge.cli("vendor", "add", name, "--owner", owner.name).stdout
+    found = re.search(r"^X-Exosite-Token: (\S+)\nX-Exosite-CIK: (\S+)$", out, re.M)
+    assert found, out
+    return found[1], found[2]
+
+
+async def provisioned_cik(bridge: Bridge, vendor: str, vendor_token: str) -> str:
+    """A device of the vendor's model abuse-model (serial number abuse-sn), activated: its CIK."""
+    base, manage = f"{bridge.http}/provision", {"X-Exosite-Token": vendor_token}
+    for path, form in (
+        ("/manage/model/", {"model": "abuse-model", "rid": "0" * 40}),
+        ("/manage/model/abuse-model/", {"sn": "abuse-sn"}),
+        ("/manage/model/abuse-model/abuse-sn", {"enable": "true", "owner": "0" * 40}),
+    ):
+        assert (await call("POST", base + path, headers=manage, data=form)).status in (200, 205)
+    activated = await call(
+        "POST", base + "/activate", data={"vendor": vendor, "model": "abuse-model", "sn": "abuse-sn"}
+    )
+    assert activated.status == 200, activated.body
+    return activated.body.decode()
 
 
 def mint_user_token(bridge: Bridge, real: str, **claims: Any) -> str:
@@ -1281,10 +1329,16 @@ def mint_user_token(bridge: Bridge, real: str, **claims: Any) -> str:
     return jwt.encode(body, key, algorithm="HS256")
 
 
-def expected(kind: str, cred: Credential, device: ThingFiles) -> set[int] | str:
+def expected(kind: str, cred: Credential, device: ThingFiles, path: str) -> set[int] | str:
     """The documented refusal for `cred` on a route of `kind` (whose path names alice's things),
     or "own" when the request acts only on the caller's own data (then checked for leaks)."""
     if kind == "basic":
+        return {401}
+    if kind == "vendor" and cred.vendor:
+        # Alice's model is none of its own: not found, or (a delete of a model it lacks, its own empty
+        # list) done already; `unchanged` shows that alice's data stayed as it was.
+        return {205, 400, 404} if "{model}" in path else {204, 205}
+    if kind == "vendor":
         return {401}
     if kind in ("updevice", "anydevice"):  # a thing JWT goes in the token header, not Authorization
         if cred.cert is not None and cred.thing is not None:
@@ -1294,7 +1348,7 @@ def expected(kind: str, cred: Credential, device: ThingFiles) -> set[int] | str:
         return {400, 404} if cred.user else {401}  # bob: alice's names are not his (or no body)
     if kind == "catalog":
         return {200, 202, 400} if cred.user else {401}  # bob's own (empty) catalog, checked for leaks
-    if kind in ("device", "either") and cred.thing is not None:
+    if kind in ("device", "either") and (cred.thing is not None or cred.cik):
         assert cred.thing is not device  # the matrix holds only other things' credentials
         return {401}
     if kind == "device":
@@ -1327,6 +1381,10 @@ async def test_http_authorization_matrix(
     forged = jwt.encode(
         jwt.decode(alice.token, options={"verify_signature": False}), "x" * 32, algorithm="HS256"
     )
+    bob_vendor, _ = add_vendor(bridge, bob, "abuse-other")
+    alice_vendor = unique("abuse-vendor")
+    alice_vendor_token, alice_vendor_cik = add_vendor(bridge, alice, alice_vendor)
+    device_cik = await provisioned_cik(bridge, alice_vendor, alice_vendor_token)
     creds = [
         Credential("none"),
         Credential("garbage", auth="Bearer garbage"),
@@ -1347,6 +1405,12 @@ async def test_http_authorization_matrix(
             thing=sibling,
         ),
         Credential("another user's token", auth=f"Bearer {bob.token}", user=True),
+        Credential("garbage vendor token", headers={"X-Exosite-Token": "garbage"}),
+        Credential("another vendor's token", headers={"X-Exosite-Token": bob_vendor}, vendor=True),
+        Credential("a provisioned thing's CIK", headers={"X-Exosite-CIK": device_cik}, cik=True),
+        Credential(
+            "alice's vendor CIK as a thing's", headers={"X-Exosite-CIK": alice_vendor_cik}, right_for=VENDOR
+        ),
     ]
     params = {
         "{deviceId}": target.id,
@@ -1359,6 +1423,9 @@ async def test_http_authorization_matrix(
         "{sub}": alice.sub,
         "{subscription_id}": subscription_id,
         "{thing_type}": "abusetype",
+        "{model}": "abuse-model",
+        "{sn}": "abuse-sn",
+        "{vendorname}": "abuse-other",
     }
 
     def url_of(path: str, cred: Credential | None = None) -> str:
@@ -1368,6 +1435,7 @@ async def test_http_authorization_matrix(
 
     async def request(method: str, path: str, cred: Credential, bodies: dict) -> Resp:
         kw = dict(bodies.get((method, path), {}))
+        kw["headers"] = {**kw.get("headers", {}), **cred.headers}
         if cred.cert is not None:
             kw["ssl"] = bridge.client_tls(cred.cert.cert, cred.cert.key)
         return await call(method, url_of(path, cred), auth=cred.auth, **kw)
@@ -1378,7 +1446,7 @@ async def test_http_authorization_matrix(
     gate = asyncio.Semaphore(12)
 
     async def check(method: str, path: str, kind: str, cred: Credential) -> None:
-        want = expected(kind, cred, target)
+        want = expected(kind, cred, target, path)
         if kind in cred.right_for:
             return  # the legitimate use: checked with the controls below
         checked.append((method, path, cred.name))
@@ -1396,7 +1464,7 @@ async def test_http_authorization_matrix(
             *(
                 check(method, path, kind, cred)
                 for (method, path), kind in sorted(ROUTES.items())
-                if kind not in ("open", "public")
+                if kind not in ("open", "public", "activation")
                 for cred in creds
             )
         )
@@ -1413,6 +1481,9 @@ async def test_http_authorization_matrix(
             kw = {"json": {"regId": "no-such-regid", "status": "x"}} if method == "POST" else {}
             r = await call(method, f"{bridge.http}{path}", params={"regId": "no-such-regid"}, **kw)
             assert r.status == 400, (method, path, r.status)
+        elif kind == "activation":  # for anyone: a client nobody enrolled is not found
+            form = {"vendor": "nobody", "model": "abuse-model", "sn": "abuse-sn"}
+            assert (await call(method, f"{bridge.http}{path}", data=form)).status == 404
         elif kind == "public":  # the API description, for anyone, with nobody's data in it
             r = await call(method, f"{bridge.http}{path}")
             assert r.status == 200, (method, path, r.status)
@@ -1426,7 +1497,11 @@ async def test_http_authorization_matrix(
     owner = Credential("owner", auth=f"Bearer {alice.token}")
     controls: list[tuple[str, str, Credential]] = []
     for (method, path), kind in sorted(ROUTES.items()):
-        if kind in ("open", "public") or kind in UPGRADER_KINDS or (method, path) in DESTRUCTIVE:
+        if (
+            kind in ("open", "public", "activation")
+            or kind in UPGRADER_KINDS
+            or (method, path) in DESTRUCTIVE
+        ):
             continue
         if kind == "basic":
             controls.append(

@@ -44,6 +44,7 @@ from bridge.http.common.models import NAME_PATTERN
 from bridge.http.things_gateway import models as gateway_models
 from bridge.store import Store
 from tests.conftest import ADMIN_PASSWORD, Bridge, basic
+from tests.helpers import unique
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 DOCUMENT = openapi_document(HttpConfig().mounts)  # what a bridge with the default mounts serves
@@ -193,8 +194,8 @@ async def test_mounts_move_dialects_and_their_errors(tmp_path: Path) -> None:
         ({"portal": "/a b"}, "http.mounts.portal: expected"),
         ({"portal": 5}, "http.mounts.portal: expected"),
         (
-            {"provisioning": "/provision"},
-            "http.mounts: unknown dialect(s) provisioning; known: things_gateway, portal, upgrader",
+            {"firmware": "/fw"},
+            "http.mounts: unknown dialect(s) firmware; known: things_gateway, portal, upgrader, provisioning",
         ),
         ({"portal": "/dev/v1"}, "http.mounts: two dialects share a mount"),
         ({"upgrader": []}, "http.mounts.upgrader: expected"),
@@ -366,6 +367,8 @@ class World:
     thing_jwt: str
     message_id: str
     rollouts: dict[str, str]  # upgrader world -> its rollout's id
+    vendor_token: str  # X-Exosite-Token of the provisioning vendor owning fuzz-model
+    other_vendor: str  # a vendor fuzz-model is shared with
 
     def fresh_token(self) -> str:
         response = self.session.get(
@@ -391,6 +394,9 @@ class World:
             "accountId": f"{world}-account",
             "deviceId": self.thing,
             "rolloutId": self.rollouts[world],
+            "model": "fuzz-model",
+            "sn": "fuzz-sn",
+            "vendorname": self.other_vendor,
         }
         return {name: value for name, value in candidates.items() if "{" + name + "}" in path}
 
@@ -461,6 +467,17 @@ def world(bridge: Bridge) -> Iterator[World]:
             assert response.status_code in (200, 201), response.text
         rollouts[prefix] = response.json()["id"]
     del session.headers["Authorization"]
+    vendor_token, other_vendor = _vendor(bridge), unique("vendor")
+    bridge.cli("vendor", "add", other_vendor, "--owner", "admin")
+    manage = {"X-Exosite-Token": vendor_token}
+    for path, form in (
+        ("/model/", {"model": "fuzz-model", "rid": "0" * 40}),
+        ("/model/fuzz-model/", {"sn[]": ["fuzz-sn", "fuzz-sn-2"]}),
+        ("/model/fuzz-model/fuzz-sn", {"enable": "true", "owner": "0" * 40}),
+        ("/share/fuzz-model/", {"vendor": other_vendor}),
+    ):
+        response = session.post(f"{base}/provision/manage{path}", data=form, headers=manage, timeout=10)
+        assert response.status_code in (200, 205), response.text
     yield World(
         base=base,
         session=session,
@@ -473,8 +490,18 @@ def world(bridge: Bridge) -> Iterator[World]:
         thing_jwt=thing_jwt,
         message_id=collected["flmessagespk"],
         rollouts=rollouts,
+        vendor_token=vendor_token,
+        other_vendor=other_vendor,
     )
     session.close()
+
+
+def _vendor(bridge: Bridge) -> str:
+    """A provisioning vendor of the admin (`thingbridge vendor add` prints its token once)."""
+    out = bridge.cli("vendor", "add", unique("vendor"), "--owner", "admin").stdout
+    found = re.search(r"^X-Exosite-Token: (\S+)$", out, re.M)
+    assert found, out
+    return found[1]
 
 
 @pytest.fixture(scope="module")
@@ -484,10 +511,14 @@ def live_schema(bridge: Bridge) -> Any:
 
 def _credential_headers(world: World, method: str, path: str, kind: int) -> dict[str, str]:
     """The credential headers of one request: the upgrader's device operations take the thing's JWT
-    in `token` (kind 0: a wrong one, 1: none), everything else Authorization (_credential)."""
+    in `token` and provisioning's vendor operations a vendor token in X-Exosite-Token (kind 0: a wrong
+    one, 1: none), everything else Authorization (_credential)."""
     op = DOCUMENT["paths"][path][method.lower()]
-    if "deviceToken" in {name for alternative in op["security"] for name in alternative}:
+    schemes = {name for alternative in op["security"] for name in alternative}
+    if "deviceToken" in schemes:
         return {} if kind == 1 else {"token": world.thing_jwt + ("x" if kind == 0 else "")}
+    if "vendorToken" in schemes:
+        return {} if kind == 1 else {"X-Exosite-Token": world.vendor_token + ("x" if kind == 0 else "")}
     credential = _credential(world, method, path, kind)
     return {"Authorization": credential} if credential else {}
 
@@ -503,7 +534,7 @@ def _credential(world: World, method: str, path: str, kind: int) -> str | None:
         return basic("admin", "not-the-password" if kind == 0 else ADMIN_PASSWORD)["Authorization"]
     if kind == 0:
         return f"Bearer {world.token}x"
-    if schemes == {"thingJwt"} or ("thingJwt" in schemes and kind == 4):
+    if schemes == {"thingJwt", "deviceCik"} or ("thingJwt" in schemes and kind == 4):
         return f"Bearer {world.thing_jwt}"
     token = world.fresh_token() if (method, path) == ("DELETE", "/dev/v1/token") else world.token
     return token if kind == 3 else f"Bearer {token}"
@@ -666,7 +697,7 @@ def _json_gets(doc: dict[str, Any]) -> list[str]:
         path
         for path, item in doc["paths"].items()
         if "get" in item
-        and "application/json" in item["get"]["responses"]["200"].get("content", {})
+        and "application/json" in item["get"]["responses"].get("200", {}).get("content", {})
         and path != "/openapi.json"
     )
 

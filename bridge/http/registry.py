@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from bridge.config import mount_paths
-from bridge.http import docs, portal, things_gateway, upgrader
+from bridge.http import docs, portal, provisioning, things_gateway, upgrader
 from bridge.http.common.dialect import Dialect, Mounted
 
-DIALECTS: dict[str, Dialect] = {d.name: d for d in (things_gateway.DIALECT, portal.DIALECT, upgrader.DIALECT)}
+DIALECTS: dict[str, Dialect] = {
+    d.name: d for d in (things_gateway.DIALECT, portal.DIALECT, upgrader.DIALECT, provisioning.DIALECT)
+}
 
 
 def mount(mounts: Mapping[str, str | list[str]]) -> list[Mounted]:

@@ -4,7 +4,8 @@ is said in one sentence (an Invalid, which each dialect answers with its own sta
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -26,6 +27,30 @@ def decode_json(raw: bytes, model: type[T], *, required: bool) -> T:
         return msgspec.convert(jsonvalue.loads(raw), model)
     except msgspec.ValidationError as exc:
         raise Invalid(_explain(str(exc), model)) from None
+
+
+def decode_form(raw: bytes, model: type[T]) -> T:
+    """An application/x-www-form-urlencoded body as `model`: a name ending in `[]` collects its
+    values into a list (the provisioning document's arrays), any other name must come once;
+    numbers and booleans from their text, as in a query string."""
+    try:
+        pairs = parse_qsl(
+            raw.decode(), keep_blank_values=True, strict_parsing=bool(raw), max_num_fields=10000
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Invalid(f"malformed form body: {exc}") from None
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        if name.endswith("[]"):
+            fields.setdefault(name, []).append(value)
+        elif name in fields:
+            raise Invalid(f"form field {name!r:.60} given more than once (arrays are named {name}[])")
+        else:
+            fields[name] = value
+    try:
+        return msgspec.convert(fields, model, strict=False)
+    except msgspec.ValidationError as exc:
+        raise Invalid(f"form: {_explain(str(exc), model)}") from None
 
 
 def decode_query(query: Mapping[str, str], model: type[T]) -> T:

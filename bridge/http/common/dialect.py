@@ -69,11 +69,13 @@ STANDARD_ERRORS = ErrorTable(
 
 @dataclass(frozen=True)
 class ResponseDoc:
-    """How one status of an operation is documented: the body's model, the headers."""
+    """How one status of an operation is documented: the body's model (`str`: plain text), the
+    headers, the media type."""
 
     model: Any
     description: str
     headers: dict[str, Schema] = field(default_factory=dict)
+    media_type: str = "application/json"
 
 
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

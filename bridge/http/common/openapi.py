@@ -14,7 +14,7 @@ import msgspec
 
 from bridge.http.common.dialect import Dialect, Mounted, ResponseDoc
 from bridge.http.common.models import Schema
-from bridge.http.common.operation import Media, Operation, RawBody
+from bridge.http.common.operation import FORM_MEDIA_TYPE, Empty, Form, Media, Operation, RawBody
 
 OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{name}"
@@ -86,24 +86,25 @@ def _operation(place: Mounted, op: Operation, schemas: _Schemas) -> Schema:
             "required": True,
             "content": {media: {"schema": schema} for media, schema in op.body.content.items()},
         }
+    elif isinstance(op.body, Form):
+        form = {FORM_MEDIA_TYPE: {"schema": schemas(op.body.model)}} if op.body.model is not None else {}
+        streams = {media: {"schema": schema} for media, schema in op.body.streams.items()}
+        doc["requestBody"] = {"description": op.body.description, "required": True, "content": form | streams}
     elif op.body is not None:
         doc["requestBody"] = {
             "description": op.body_description,
             "required": op.body_required,
             "content": {"application/json": {"schema": schemas(op.body)}},
         }
-    if isinstance(op.answer, Media):
-        ok = {
-            "description": op.answer.description,
-            "content": {op.answer.media_type: {"schema": op.answer.schema}},
-        }
-        if op.answer.headers:
-            ok["headers"] = op.answer.headers
+    if isinstance(op.answer, Media | Empty):
+        ok = _answer(op.answer)
     else:
         model = dialect.answer_model(op) if op.wrap else op.answer
         ok = _response(ResponseDoc(model, f"{op.message}." if op.message != "OK" else "Success."), schemas)
     successes = {str(op.status): ok} | {
-        str(status): _response(ResponseDoc(model, "Success."), schemas)
+        str(status): _answer(model)
+        if isinstance(model, Media | Empty)
+        else _response(ResponseDoc(model, "Success."), schemas)
         for status, model in op.alternatives.items()
     }
     doc["responses"] = successes | {
@@ -112,10 +113,23 @@ def _operation(place: Mounted, op: Operation, schemas: _Schemas) -> Schema:
     return doc
 
 
+def _answer(answer: Media | Empty) -> Schema:
+    """An answer the handler builds itself: its media type, or no body at all."""
+    if isinstance(answer, Empty):
+        return {"description": answer.description}
+    out: Schema = {
+        "description": answer.description,
+        "content": {answer.media_type: {"schema": answer.schema}},
+    }
+    if answer.headers:
+        out["headers"] = answer.headers
+    return out
+
+
 def _response(response: ResponseDoc, schemas: _Schemas) -> Schema:
     out: Schema = {
         "description": response.description,
-        "content": {"application/json": {"schema": schemas(response.model)}},
+        "content": {response.media_type: {"schema": schemas(response.model)}},
     }
     if response.headers:
         out["headers"] = response.headers

@@ -17,15 +17,16 @@ finished web.Response for a `Media` answer (a file)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
+from bridge.core.errors import Invalid
 from bridge.core.service import Core
 from bridge.http.common.auth import CORE, NO_AUTH, Auth
-from bridge.http.common.body import decode_json, decode_path, decode_query
+from bridge.http.common.body import decode_form, decode_json, decode_path, decode_query
 from bridge.http.common.models import Schema
 
 A = TypeVar("A")  # the principal Auth.resolve returns
@@ -34,6 +35,7 @@ Q = TypeVar("Q")  # query string
 B = TypeVar("B")  # body
 Handler = Callable[["Call[Any, Any, Any, Any]"], Awaitable[Any]]
 H = TypeVar("H", bound=Handler)
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
 
 
 @dataclass(slots=True)
@@ -58,6 +60,34 @@ class RawBody:
 
     description: str
     content: dict[str, Schema]
+
+
+@dataclass(frozen=True)
+class Form:
+    """A body of HTML-form fields (application/x-www-form-urlencoded; the provisioning document's
+    requests) decoded into `model` (None: no form is taken): a field whose wire name ends in `[]`
+    is an array (`sn[]=a&sn[]=b`), any other one value. `streams`: further media types (text/csv)
+    the handler reads as it arrives, of any size up to http.max_body; for those `call.body` is a
+    `Stream`. The media type of the request picks which."""
+
+    model: type | None
+    description: str
+    streams: dict[str, Schema] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A body of one of a Form's `streams` media types: its type, and its bytes as they arrive."""
+
+    media_type: str
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
+class Empty:
+    """An answer without a body (204 No Content, 205 Reset Content), documented as such."""
+
+    description: str
 
 
 @dataclass(frozen=True)
@@ -100,16 +130,18 @@ class Operation:
     auth: Auth
     path_model: type | None
     query: type | None
-    body: type | RawBody | None
+    body: type | RawBody | Form | None
     body_required: bool
     body_description: str
-    answer: Any  # a model (or list of one, or None: no result), or a Media
+    answer: Any  # a model (or list of one, or None: no result), a Media or Empty
     wrap: bool  # the answer goes inside the dialect's envelope (if it has one)
     message: str  # what the dialect's envelope says on success (things-gateway: messages[0])
     errors: tuple[ErrorDoc, ...]
     description: str | None
     status: int  # of a success (200, 201 created, 202 accepted)
-    alternatives: dict[int, Any]  # other success statuses a handler may answer (Answered): model
+    alternatives: dict[
+        int, Any
+    ]  # other success statuses a handler may answer (Answered): model, Media or Empty
 
     def parameters(self) -> list[tuple[str, type]]:
         """(where, model) of the path and query models, in OpenAPI's terms."""
@@ -150,7 +182,7 @@ class Operations:
         auth: Auth = NO_AUTH,
         path_model: type | None = None,
         query: type | None = None,
-        body: type | RawBody | None = None,
+        body: type | RawBody | Form | None = None,
         body_required: bool = False,
         body_description: str = "",
         answer: Any = None,
@@ -217,6 +249,8 @@ def route_handler(op: Operation, answer: Answer) -> Callable[[web.Request], Awai
             decoded = None
         elif isinstance(body, RawBody):
             decoded = await request.read()
+        elif isinstance(body, Form):
+            decoded = await _form_or_stream(request, body)
         else:
             decoded = decode_json(await request.read(), body, required=op.body_required)
         result = await op.handler(Call(request, principal, path, query, decoded))
@@ -230,3 +264,24 @@ def route_handler(op: Operation, answer: Answer) -> Callable[[web.Request], Awai
         return response
 
     return handle
+
+
+async def _form_or_stream(request: web.Request, form: Form) -> Any:
+    media_type = request.content_type
+    if media_type in form.streams:
+        return Stream(media_type, _bounded(request, request.app[CORE].cfg.http.max_body))
+    if form.model is not None and (media_type == FORM_MEDIA_TYPE or not request.body_exists):
+        return decode_form(await request.read(), form.model)
+    accepted = ([FORM_MEDIA_TYPE] if form.model is not None else []) + list(form.streams)
+    raise Invalid(f"Content-Type must be {' or '.join(accepted)}, not {media_type}")
+
+
+async def _bounded(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The body as it arrives; aiohttp's client_max_size bounds only bodies read whole, so a
+    streamed one is counted here against the same http.max_body (413 beyond it)."""
+    seen = 0
+    async for chunk in request.content.iter_any():
+        seen += len(chunk)
+        if seen > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=seen)
+        yield chunk

@@ -1,5 +1,6 @@
 """Credentials of the things-gateway dialect: Basic for GET /token, the user token (common) for
-most operations, and verifyThing, a thing's own credential, for collect and its egress messages."""
+most operations, and verifyThing, a thing's own credential, for collect and its egress messages:
+its certificate, its JWT, or the CIK a provisioned device got from activation (X-Exosite-CIK)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from bridge.http.common.auth import (
 )
 
 BASIC_CHALLENGE = 'Basic realm="thingbridge", charset="UTF-8"'
+CIK_HEADER = "X-Exosite-CIK"
 
 
 async def login(request: web.Request) -> User:
@@ -37,10 +39,16 @@ async def login(request: web.Request) -> User:
 
 
 async def require_thing(request: web.Request) -> DeviceIdentity:
-    """verifyThing: the client certificate of the thing in the path (HTTPS), else a JWT signed
-    with its own key."""
+    """verifyThing: the client certificate of the thing in the path (HTTPS), else the CIK of a
+    provisioned device, else a JWT signed with its own key."""
     thing_id = request.match_info["thing_id"]
     core = request.app[CORE]
+    cik = request.headers.get(CIK_HEADER)
+    if cik is not None:
+        identity = await core.provisioning.serials.identify_cik(cik.strip())
+        if identity.thing_id != thing_id:
+            raise Unauthorized("the CIK belongs to another thing")
+        return identity
     cn, der = peer_certificate(request)
     if der:
         identity = await core.things.identify_device(cn or "", pki.der_cert_id(der))
@@ -61,8 +69,8 @@ class ThingCaller:
 
 
 def presents_thing_credential(request: web.Request) -> bool:
-    """A client certificate (HTTPS), or a bearer JWT that names a thing rather than a user."""
-    if peer_certificate(request)[1]:
+    """A client certificate (HTTPS), a CIK, or a bearer JWT that names a thing rather than a user."""
+    if peer_certificate(request)[1] or CIK_HEADER in request.headers:
         return True
     try:
         token = bearer(request)
@@ -93,7 +101,7 @@ BASIC = Auth(
 )
 THING = Auth(
     require_thing,
-    ({"thingJwt": []},),
+    ({"thingJwt": []}, {"deviceCik": []}),
     {
         "thingJwt": {
             "type": "http",
@@ -104,7 +112,15 @@ THING = Auth(
             "required, `nbf` honoured, lifetime at most 24 h, naming the thing in the path. On the HTTPS "
             "port the thing's client certificate (issued by the bridge CA) is accepted instead of the "
             "token.",
-        }
+        },
+        "deviceCik": {
+            "type": "apiKey",
+            "in": "header",
+            "name": CIK_HEADER,
+            "description": "A provisioned device's CIK, from POST /provision/activate (40 hex characters); "
+            "it must belong to the thing in the path, and stops working when the vendor regenerates it, "
+            "disables or removes the serial number.",
+        },
     },
 )
 USER_OR_THING = Auth(user_or_thing, USER.security + THING.security, USER.schemes | THING.schemes)

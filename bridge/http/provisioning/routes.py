@@ -1,0 +1,379 @@
+"""The Provisioning v1.1 operations this bridge serves (CATALOG 002, numbers below), below the
+mount (default /provision). Where the document puts several operations on one method and path,
+one route takes them all and dispatches by the catalog's rules (form fields, media type), so each
+path is one OpenAPI operation whose description lists them. Trailing slashes are significant:
+model/{model} is the model, model/{model}/ its serial numbers."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from bridge.core.errors import Invalid, NotFound
+from bridge.http.common.operation import Call, Empty, Form, Media, Operations, Stream
+from bridge.http.provisioning import models
+from bridge.http.provisioning.answers import (
+    CSV,
+    NO_RECORDS,
+    RESET,
+    STRING,
+    TEXT,
+    csv_answer,
+    csv_media,
+    reset,
+    text_answer,
+)
+from bridge.http.provisioning.auth import VENDOR, VENDOR_OR_SHARE, VendorCaller
+
+api = Operations()
+TAG = "provisioning"
+WRITE = (400, 401, 403, 404)
+CSV_LINES = {"type": "string", "description": "RFC 4180 records, one a line"}
+
+
+# ---- activation ---------------------------------------------------------------------------------
+@api.post(
+    "/activate",
+    "Activate a device (#1)",
+    tag=TAG,
+    body=Form(models.ActivateForm, "The client: vendor, model and serial number."),
+    answer=Media(TEXT, "The device's CIK (40 hex characters), returned this once.", STRING),
+    errors=(400, 404, 409),
+    description="No credential: the form names the client (empty X-Exosite-CIK / X-Exosite-Token headers "
+    "are ignored). 404: no such client; 409: the serial number is not enabled for activation (no client, "
+    "enable expired, activated already, disabled). The CIK is the device's credential from now on.",
+)
+async def activate(call: Call[None, None, None, models.ActivateForm]) -> web.Response:
+    form, request = call.body, call.request
+    cik = await call.core.provisioning.serials.activate(
+        form.vendor,
+        form.model,
+        form.sn,
+        remote=request.remote or "",
+        agent=request.headers.get("User-Agent", ""),
+    )
+    return text_answer(cik)
+
+
+# ---- models -------------------------------------------------------------------------------------
+@api.get(
+    "/manage/model/",
+    "List models (#30, #31)",
+    tag=TAG,
+    auth=VENDOR,
+    query=models.ModelsQuery,
+    answer=csv_media("<model>; with show=shared <vendorname>,<model>"),
+    alternatives={204: NO_RECORDS},
+    errors=(400, 401, 403),
+)
+async def list_models(call: Call[VendorCaller, None, models.ModelsQuery, None]) -> web.Response:
+    serials = call.core.provisioning.serials
+    if call.query.show == "shared":
+        return csv_answer(await serials.list_shared_models(call.principal.vendor))
+    return csv_answer([name] for name in await serials.list_models(call.principal.vendor))
+
+
+@api.post(
+    "/manage/model/",
+    "Create a model (#32) or delete one (#33, delete=true)",
+    tag=TAG,
+    auth=VENDOR,
+    body=Form(models.ModelForm, "model, rid and options[] (create), or delete=true and model."),
+    status=205,
+    answer=RESET,
+    errors=(400, 401, 403, 409),
+)
+async def create_or_delete_model(call: Call[VendorCaller, None, None, models.ModelForm]) -> web.Response:
+    form, serials, vendor = call.body, call.core.provisioning.serials, call.principal.vendor
+    if form.delete:
+        await serials.delete_model(vendor, form.model)
+    elif form.rid is None:
+        raise Invalid("rid is required to create a model")
+    else:
+        await serials.create_model(vendor, form.model, form.rid, form.options)
+    return reset()
+
+
+@api.get(
+    "/manage/model/{model}",
+    "Model information (#34)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    answer=Media(CSV, "Form-encoded as the document shows it: rid=<rid>&options[]=<option>...", STRING),
+    errors=(400, 401, 403, 404),
+)
+async def model_info(call: Call[VendorCaller, models.ModelPath, None, None]) -> web.Response:
+    model = await call.core.provisioning.serials.model(call.principal.vendor, call.path.model)
+    fields = [("rid", model.rid)] + [("options[]", option) for option in model.options]
+    return text_answer(urlencode(fields), CSV)  # declared text/csv by the document (CATALOG 002 #10)
+
+
+@api.put(
+    "/manage/model/{model}",
+    "Update a model (#35)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    body=Form(models.ModelUpdate, "rid and options[] (replacing the stored ones)."),
+    status=205,
+    answer=RESET,
+    errors=WRITE,
+)
+async def update_model(call: Call[VendorCaller, models.ModelPath, None, models.ModelUpdate]) -> web.Response:
+    await call.core.provisioning.serials.update_model(
+        call.principal.vendor, call.path.model, call.body.rid, call.body.options
+    )
+    return reset()
+
+
+@api.delete(
+    "/manage/model/{model}",
+    "Delete a model (#36)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    status=205,
+    answer=RESET,
+    errors=(400, 401, 403),
+    description="With its serial numbers (the things they became are deleted) and shares; a missing model "
+    "is deleted already.",
+)
+async def delete_model(call: Call[VendorCaller, models.ModelPath, None, None]) -> web.Response:
+    await call.core.provisioning.serials.delete_model(call.principal.vendor, call.path.model)
+    return reset()
+
+
+# ---- serial numbers -----------------------------------------------------------------------------
+@api.get(
+    "/manage/model/{model}/",
+    "List serial numbers (#37)",
+    tag=TAG,
+    auth=VENDOR_OR_SHARE,
+    path_model=models.ModelPath,
+    query=models.SerialsQuery,
+    answer=csv_media("<sn>,<rid>,<extra> (rid empty without a client; extra empty through a share)"),
+    alternatives={204: NO_RECORDS},
+    errors=(400, 401, 403, 404),
+    description="X-Exosite-Vendor: <vendor> lists a model that vendor shared, with only the serial numbers "
+    "the caller enabled.",
+)
+async def list_serials(call: Call[VendorCaller, models.ModelPath, models.SerialsQuery, None]) -> web.Response:
+    serials = await call.core.provisioning.serials.list_serials(
+        call.principal.vendor,
+        call.path.model,
+        call.query.page(),
+        as_vendor=call.principal.as_vendor,
+        enabled_by=call.query.shared,
+    )
+    return csv_answer((s.sn, s.rid, s.extra) for s in serials)
+
+
+@api.post(
+    "/manage/model/{model}/",
+    "Add serial numbers (#38, #39, #40) or remove them (#41, #42, delete=true)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    body=Form(
+        models.SerialsForm,
+        "A form: sn (and extra) or sn[], with delete=true to remove them; or text/csv lines <sn>,<extra> "
+        "to add, all or none in one transaction.",
+        {CSV: CSV_LINES},
+    ),
+    status=205,
+    answer=RESET,
+    errors=(*WRITE, 409, 413),
+)
+async def add_or_remove_serials(
+    call: Call[VendorCaller, models.ModelPath, None, models.SerialsForm | Stream],
+) -> web.Response:
+    serials, vendor, model, body = (
+        call.core.provisioning.serials,
+        call.principal.vendor,
+        call.path.model,
+        call.body,
+    )
+    if isinstance(body, Stream):
+        await serials.import_csv(vendor, model, body.chunks)
+        return reset()
+    if (body.sn is None) == (body.sns is None):
+        raise Invalid("give either sn or sn[]")
+    names = [body.sn] if body.sn is not None else body.sns or []
+    if body.delete:
+        await serials.remove_serials(vendor, model, names)
+    else:
+        await serials.add_serials(vendor, model, [(sn, body.extra) for sn in names])
+    return reset()
+
+
+@api.delete(
+    "/manage/model/{model}/",
+    "Remove serial numbers (#43)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    body=Form(
+        None,
+        "text/csv lines <sn> (CATALOG 002 #1: DELETE, so that POST text/csv means add).",
+        {CSV: CSV_LINES},
+    ),
+    status=205,
+    answer=RESET,
+    errors=(*WRITE, 413),
+    description="Their clients go with them: CIKs stop working, the things they became are deleted.",
+)
+async def remove_serials_csv(call: Call[VendorCaller, models.ModelPath, None, Stream]) -> web.Response:
+    await call.core.provisioning.serials.remove_csv(call.principal.vendor, call.path.model, call.body.chunks)
+    return reset()
+
+
+@api.get(
+    "/manage/model/{model}/{sn}",
+    "Serial number information (#44) or activation log (#46, show=log)",
+    tag=TAG,
+    auth=VENDOR_OR_SHARE,
+    path_model=models.SerialPath,
+    query=models.SerialQuery,
+    answer=csv_media(
+        "<status>,<rid>,<extra> (status enabled, expired, activated or disabled); with show=log "
+        "<timestamp>,<connection-info>,<log-entry> (epoch seconds, remote address and user agent)"
+    ),
+    alternatives={204: NO_RECORDS},
+    errors=(400, 401, 403, 404),
+)
+async def serial_info(call: Call[VendorCaller, models.SerialPath, models.SerialQuery, None]) -> web.Response:
+    serials, caller, path = call.core.provisioning.serials, call.principal, call.path
+    if call.query.show == "log":
+        entries = await serials.log(caller.vendor, path.model, path.sn, as_vendor=caller.as_vendor)
+        return csv_answer((int(e.ts), f"{e.remote} {e.agent}".strip(), e.entry) for e in entries)
+    info = await serials.info(caller.vendor, path.model, path.sn, as_vendor=caller.as_vendor)
+    return csv_answer([] if info is None else [(info.status, info.rid, info.extra)])
+
+
+@api.post(
+    "/manage/model/{model}/{sn}",
+    "Make a client (#47), remap (#48), regenerate the CIK (#49) or disable (#50)",
+    tag=TAG,
+    auth=VENDOR_OR_SHARE,
+    path_model=models.SerialPath,
+    body=Form(
+        models.ClientForm,
+        "disable=true; or enable=true with owner=<rid> (make a client), with oldsn=<sn> (remap), or alone "
+        "(regenerate the CIK).",
+    ),
+    status=205,
+    answer=RESET,
+    alternatives={200: csv_media("<ClientRID> (make a client)")},
+    errors=(*WRITE, 409),
+    description="Each enable sets the serial number enabled for activation for provisioning.enable_expiry "
+    "seconds; regenerate, remap and disable revoke the current CIK at once.",
+)
+async def client_lifecycle(
+    call: Call[VendorCaller, models.SerialPath, None, models.ClientForm],
+) -> web.Response:
+    form, serials, caller, path = call.body, call.core.provisioning.serials, call.principal, call.path
+    vendor, model, sn, share = caller.vendor, path.model, path.sn, caller.as_vendor
+    if form.disable == form.enable:
+        raise Invalid("give enable=true or disable=true")
+    if form.disable:
+        await serials.disable(vendor, model, sn, as_vendor=share)
+    elif form.owner is not None:
+        return csv_answer([[await serials.make_client(vendor, model, sn, form.owner, as_vendor=share)]])
+    elif form.oldsn is not None:
+        await serials.remap(vendor, model, sn, form.oldsn, as_vendor=share)
+    else:
+        await serials.regenerate(vendor, model, sn, as_vendor=share)
+    return reset()
+
+
+@api.delete(
+    "/manage/model/{model}/{sn}",
+    "Remove a serial number (#51)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.SerialPath,
+    status=205,
+    answer=RESET,
+    errors=WRITE,
+)
+async def remove_serial(call: Call[VendorCaller, models.SerialPath, None, None]) -> web.Response:
+    await call.core.provisioning.serials.remove_serials(
+        call.principal.vendor, call.path.model, [call.path.sn]
+    )
+    return reset()
+
+
+# ---- shares -------------------------------------------------------------------------------------
+@api.get(
+    "/manage/share/{model}/",
+    "Vendors the model is shared with (#52)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    answer=csv_media("<vendorname>"),
+    alternatives={204: NO_RECORDS},
+    errors=(400, 401, 403, 404),
+)
+async def list_shares(call: Call[VendorCaller, models.ModelPath, None, None]) -> web.Response:
+    names = await call.core.provisioning.shares.list(call.principal.vendor, call.path.model)
+    return csv_answer([name] for name in names)
+
+
+@api.post(
+    "/manage/share/{model}/",
+    "Share the model with a vendor (#53), or stop (#54, delete=true)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    body=Form(models.ShareForm, "vendor, with delete=true to stop sharing."),
+    status=205,
+    answer=RESET,
+    errors=WRITE,
+    description="Sharing again, or stopping a share that does not exist, is done already.",
+)
+async def share_or_unshare(
+    call: Call[VendorCaller, models.ModelPath, None, models.ShareForm],
+) -> web.Response:
+    shares, vendor, model = call.core.provisioning.shares, call.principal.vendor, call.path.model
+    if call.body.delete:
+        await shares.remove(vendor, model, call.body.vendor)
+    else:
+        await shares.add(vendor, model, call.body.vendor)
+    return reset()
+
+
+@api.get(
+    "/manage/share/{model}/{vendorname}",
+    "Is the model shared with this vendor (#55)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.SharePath,
+    status=204,
+    answer=Empty("No Content: the model is shared with the vendor."),
+    errors=(400, 401, 403, 404),
+    description="404 when it is not (the document gives no status for it, CATALOG 002 #13).",
+)
+async def share_status(call: Call[VendorCaller, models.SharePath, None, None]) -> web.Response:
+    path = call.path
+    if not await call.core.provisioning.shares.shared_with(
+        call.principal.vendor, path.model, path.vendorname
+    ):
+        raise NotFound(f"model {path.model!r:.140} is not shared with {path.vendorname!r:.100}")
+    return web.Response(status=204)
+
+
+@api.delete(
+    "/manage/share/{model}/{vendorname}",
+    "Stop sharing the model with a vendor (#56)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.SharePath,
+    status=205,
+    answer=RESET,
+    errors=WRITE,
+)
+async def unshare(call: Call[VendorCaller, models.SharePath, None, None]) -> web.Response:
+    await call.core.provisioning.shares.remove(call.principal.vendor, call.path.model, call.path.vendorname)
+    return reset()

@@ -1,0 +1,375 @@
+"""The Provisioning v1.1 HTTP dialect against the real `thingbridge serve` process (one server for
+the module): every served operation's success and documented errors, CSV and text answers byte for
+byte, trailing-slash twins reaching different operations, and a device walk with plain aiohttp:
+a vendor enrols serial numbers by CSV, enables one, the device activates, collects with its CIK on
+the things-gateway, a second activation is refused, a regenerated CIK invalidates the old one at
+once, and a vendor the model is shared with enables and disables only its own serial numbers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.conftest import Bridge
+from tests.helpers import Account, Resp, account, call, unique
+
+FORM = "application/x-www-form-urlencoded"
+CSV = "text/csv; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Vendor:
+    name: str
+    token: str
+    cik: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Exosite-Token": self.token}
+
+
+def add_vendor(bridge: Bridge, owner: Account) -> Vendor:
+    """`thingbridge vendor add`, which prints the credentials once."""
+    name = unique("vendor")
+    out = bridge.cli("vendor", "add", name, "--owner", owner.name).stdout
+    token = re.search(r"^X-Exosite-Token: (\S+)$", out, re.M)
+    cik = re.search(r"^X-Exosite-CIK: (\S+)$", out, re.M)
+    assert token and cik, out
+    return Vendor(name, token[1], cik[1])
+
+
+@pytest.fixture(scope="module")
+def owner(bridge: Bridge) -> Account:
+    return account(bridge)
+
+
+@pytest.fixture(scope="module")
+def acme(bridge: Bridge, owner: Account) -> Vendor:
+    return add_vendor(bridge, owner)
+
+
+@pytest.fixture(scope="module")
+def other(bridge: Bridge) -> Vendor:
+    """Another user's vendor: the one models are shared with."""
+    return add_vendor(bridge, account(bridge))
+
+
+class Api:
+    def __init__(self, bridge: Bridge, vendor: Vendor | None = None, **headers: str) -> None:
+        self.base = f"{bridge.http}/provision"
+        self.headers = {**(vendor.headers if vendor else {}), **headers}
+
+    async def __call__(
+        self, method: str, path: str, *, form: Any = None, csv: bytes | None = None, **kw: Any
+    ) -> Resp:
+        headers = {**self.headers, **kw.pop("headers", {})}
+        if form is not None:
+            kw["data"] = form  # aiohttp form-encodes a dict or a list of pairs
+        if csv is not None:
+            kw["data"] = csv
+            headers["Content-Type"] = "text/csv"
+        return await call(method, self.base + path, headers=headers, **kw)
+
+
+def reset(resp: Resp) -> None:
+    """205 Reset Content, Content-Length 0, no body."""
+    assert (resp.status, resp.body) == (205, b""), (resp.status, resp.body)
+    assert resp.headers["Content-Length"] == "0"
+
+
+def csv_body(resp: Resp) -> bytes:
+    assert resp.status == 200, (resp.status, resp.body)
+    assert resp.headers["Content-Type"] == CSV
+    return resp.body
+
+
+def refused(resp: Resp, status: int, text: str) -> None:
+    """A documented error: the status and a readable plain-text sentence."""
+    assert resp.status == status, (resp.status, resp.body)
+    assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert text in resp.body.decode(), resp.body
+
+
+async def new_model(api: Api, rid: str = "0" * 40) -> str:
+    name = unique("model")
+    reset(await api("POST", "/manage/model/", form={"model": name, "rid": rid}))
+    return name
+
+
+# ---- vendor credential ------------------------------------------------------------------------------
+async def test_vendor_credential(bridge: Bridge, acme: Vendor) -> None:
+    path = "/manage/model/"
+    assert (await Api(bridge, acme)("GET", path)).status in (200, 204)
+    assert (await Api(bridge, **{"X-Exosite-CIK": acme.cik})("GET", path)).status in (200, 204)
+    refused(await Api(bridge)("GET", path), 401, "X-Exosite-Token or X-Exosite-CIK")
+    refused(await Api(bridge, **{"X-Exosite-Token": ""})("GET", path), 401, "required")
+    refused(await Api(bridge, **{"X-Exosite-Token": acme.token + "x"})("GET", path), 401, "unknown")
+    refused(await Api(bridge, **{"X-Exosite-CIK": acme.token})("GET", path), 401, "unknown")
+    # a device credential is not a vendor's: the vendor CIK is not a device CIK either way
+    refused(await Api(bridge, **{"X-Exosite-Vendor": acme.name})("GET", path), 401, "required")
+    refused(await Api(bridge, acme, **{"X-Exosite-Vendor": "someone"})("GET", path), 403, "shared model")
+
+
+async def test_revoked_vendor_is_refused_at_once(bridge: Bridge, owner: Account) -> None:
+    vendor = add_vendor(bridge, owner)
+    api = Api(bridge, vendor)
+    assert (await api("GET", "/manage/model/")).status == 204
+    bridge.cli("vendor", "revoke", vendor.name)
+    refused(await api("GET", "/manage/model/"), 401, "unknown or revoked")
+
+
+# ---- models -------------------------------------------------------------------------------------------
+async def test_models(bridge: Bridge, owner: Account) -> None:
+    api = Api(bridge, add_vendor(bridge, owner))
+    assert (await api("GET", "/manage/model/")).status == 204  # no models: 204, no body
+    rid = "a" * 40
+    form = [("model", "m,1"), ("rid", rid), ("options[]", "noaliases"), ("options[]", "nohistorical")]
+    reset(await api("POST", "/manage/model/", form=form))
+    reset(await api("POST", "/manage/model/", form={"model": "m2", "rid": rid}))
+    refused(await api("POST", "/manage/model/", form={"model": "m2", "rid": rid}), 409, "already exists")
+    refused(await api("POST", "/manage/model/", form={"model": "m3"}), 400, "rid is required")
+    refused(
+        await api("POST", "/manage/model/", form={"model": "m3", "rid": rid, "options[]": "x"}),
+        400,
+        "options[]",
+    )
+    refused(
+        await api("POST", "/manage/model/", form={"model": "m3", "rid": rid, "colour": "red"}), 400, "colour"
+    )
+    refused(await api("POST", "/manage/model/", csv=b"m3\r\n"), 400, "Content-Type")
+    assert csv_body(await api("GET", "/manage/model/")) == b'"m,1"\r\nm2\r\n'  # RFC 4180 quoting
+
+    info = await api("GET", "/manage/model/m,1")
+    assert info.status == 200 and info.headers["Content-Type"] == CSV
+    assert info.body == f"rid={rid}&options%5B%5D=noaliases&options%5B%5D=nohistorical".encode()
+    reset(await api("PUT", "/manage/model/m2", form={"rid": "b" * 40, "options[]": "nocomments"}))
+    assert (await api("GET", "/manage/model/m2")).body == b"rid=" + b"b" * 40 + b"&options%5B%5D=nocomments"
+    refused(await api("PUT", "/manage/model/nope", form={"rid": rid}), 404, "not found")
+    refused(await api("GET", "/manage/model/nope"), 404, "not found")
+
+    reset(await api("DELETE", "/manage/model/m2"))
+    reset(await api("DELETE", "/manage/model/m2"))  # deleted already: done
+    reset(await api("POST", "/manage/model/", form={"model": "m,1", "delete": "true"}))
+    assert (await api("GET", "/manage/model/")).status == 204
+
+
+async def test_trailing_slash_twins_are_different_operations(bridge: Bridge, acme: Vendor) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api, "c" * 40)
+    reset(await api("POST", f"/manage/model/{model}/", form={"sn": "sn1", "extra": "x"}))
+    assert csv_body(await api("GET", f"/manage/model/{model}")) == b"rid=" + b"c" * 40  # the model
+    assert csv_body(await api("GET", f"/manage/model/{model}/")) == b"sn1,,x\r\n"  # its serial numbers
+    reset(await api("DELETE", f"/manage/model/{model}/", csv=b"sn1\r\n"))  # serial numbers only
+    assert csv_body(await api("GET", f"/manage/model/{model}")) == b"rid=" + b"c" * 40
+    # the share twins: the list (204: none) and one vendor (404: not shared)
+    assert (await api("GET", f"/manage/share/{model}/")).status == 204
+    refused(await api("GET", f"/manage/share/{model}/somebody"), 404, "not shared")
+
+
+# ---- serial numbers ---------------------------------------------------------------------------------
+async def test_serial_numbers(bridge: Bridge, acme: Vendor) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    sns = f"/manage/model/{model}/"
+    assert (await api("GET", sns)).status == 204
+    reset(await api("POST", sns, form={"sn": "a1", "extra": 'with "quotes", commas'}))
+    reset(await api("POST", sns, form=[("sn[]", "a2"), ("sn[]", "a3")]))
+    reset(await api("POST", sns, csv=b'b1,one\r\nb2,"two, quoted"\nb3\r\n\r\nb4,"multi\r\nline"\r\n'))
+    refused(await api("POST", sns, form={"sn": "a1"}), 409, "'a1' already exists")
+    refused(await api("POST", sns, csv=b"c1\r\nb2\r\n"), 409, "'b2' already exists")  # all or none
+    refused(await api("POST", sns, csv=b'c1,"open\r\n'), 400, "quoted field")
+    refused(await api("POST", sns, csv=b"c1,x,y\r\n"), 400, "1 to 2 fields")
+    refused(await api("POST", sns, form={"sn": "a/b"}), 400, "sn must be")
+    refused(await api("POST", sns, form={"sn": "c1", "sn[]": "c2"}), 400, "either sn or sn[]")
+    refused(await api("POST", sns, form="sn=c1&sn=c2", headers={"Content-Type": FORM}), 400, "more than once")
+    refused(await api("POST", "/manage/model/nope/", form={"sn": "c1"}), 404, "not found")
+    refused(await api("POST", sns, csv=b"x" * (1024 * 1024 + 1)), 413, "larger than")
+
+    # paging: defaults 0 and 5, the limit clamped to 5..1000
+    expected = (
+        b'a1,,"with ""quotes"", commas"\r\na2,,\r\na3,,\r\nb1,,one\r\nb2,,"two, quoted"\r\n'
+        b'b3,,\r\nb4,,"multi\r\nline"\r\n'
+    )
+    lines = expected.split(b"\r\n")
+    assert csv_body(await api("GET", sns)) == b"\r\n".join(lines[:5]) + b"\r\n"
+    assert csv_body(await api("GET", sns, params={"limit": "1"})) == b"\r\n".join(lines[:5]) + b"\r\n"
+    assert csv_body(await api("GET", sns, params={"limit": "5000"})) == expected
+    assert csv_body(await api("GET", sns, params={"offset": "5"})) == expected.split(b"\r\n", 5)[5]
+    assert (await api("GET", sns, params={"offset": "7"})).status == 204
+    refused(await api("GET", sns, params={"offset": "-1"}), 400, "offset")
+    refused(await api("GET", sns, params={"limit": "many"}), 400, "limit")
+
+    # one serial number: 204 while unused
+    assert (await api("GET", f"{sns}a1")).status == 204
+    refused(await api("GET", f"{sns}zz"), 404, "not found")
+    assert (await api("GET", f"{sns}a1", params={"show": "log"})).status == 204
+
+    # removal: by form (one, many), by DELETE with a CSV body, by DELETE on the serial number
+    reset(await api("POST", sns, form={"sn": "a1", "delete": "true"}))
+    reset(await api("POST", sns, form=[("sn[]", "a2"), ("sn[]", "nothere"), ("delete", "true")]))
+    reset(await api("DELETE", sns, csv=b"b1\r\nb2\r\n"))
+    refused(await api("DELETE", sns, form={"sn": "b3"}), 400, "Content-Type must be text/csv")
+    reset(await api("DELETE", f"{sns}b3"))
+    assert csv_body(await api("GET", sns)) == b"a3,,\r\n" + b'b4,,"multi\r\nline"\r\n'
+
+
+async def test_client_lifecycle_errors(bridge: Bridge, acme: Vendor) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    reset(await api("POST", f"/manage/model/{model}/", csv=b"s1\r\ns2\r\n"))
+    one = f"/manage/model/{model}/s1"
+    refused(await api("POST", one, form={"enable": "true"}), 409, "has no client")
+    refused(await api("POST", one, form={"enable": "true", "disable": "true"}), 400, "enable=true or disable")
+    refused(await api("POST", one, form={}), 400, "enable=true or disable")
+    made = await api("POST", one, form={"enable": "true", "owner": "f" * 40})
+    rid = csv_body(made).decode().strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", rid)
+    assert csv_body(await api("GET", one)) == f"enabled,{rid},\r\n".encode()
+    refused(await api("POST", one, form={"enable": "true", "owner": "f" * 40}), 409, "has a client already")
+    refused(await api("POST", f"/manage/model/{model}/zz", form={"disable": "true"}), 404, "not found")
+    # remapping onto a serial number with a client is a conflict
+    csv_body(await api("POST", f"/manage/model/{model}/s2", form={"enable": "true", "owner": "f" * 40}))
+    refused(await api("POST", one, form={"enable": "true", "oldsn": "s2"}), 409, "has a client already")
+
+
+async def test_activation_errors(bridge: Bridge, acme: Vendor) -> None:
+    api, device = Api(bridge, acme), Api(bridge)
+    model = await new_model(api)
+    reset(await api("POST", f"/manage/model/{model}/", form={"sn": "s1"}))
+    form = {"vendor": acme.name, "model": model, "sn": "s1"}
+    refused(await device("POST", "/activate", form={**form, "sn": "s9"}), 404, "not found")
+    refused(await device("POST", "/activate", form={**form, "vendor": "nobody"}), 404, "not found")
+    refused(await device("POST", "/activate", form=form), 409, "not enabled for activation")
+    refused(await device("POST", "/activate", form={"vendor": acme.name}), 400, "model")
+
+
+# ---- the device walk ------------------------------------------------------------------------------------
+async def test_device_walk(bridge: Bridge, acme: Vendor, other: Vendor) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    sns = f"/manage/model/{model}/"
+    reset(await api("POST", sns, csv=b"dev-1,batch 7\r\ndev-2,batch 7\r\ndev-3,\r\n"))
+    rid = (
+        csv_body(await api("POST", f"{sns}dev-1", form={"enable": "true", "owner": "e" * 40}))
+        .decode()
+        .strip()
+    )
+    assert csv_body(await api("GET", f"{sns}dev-1")) == f"enabled,{rid},batch 7\r\n".encode()
+
+    # the device activates (empty credential headers tolerated) and gets its CIK as plain text
+    form = {"vendor": acme.name, "model": model, "sn": "dev-1"}
+    empty = {"X-Exosite-CIK": "", "X-Exosite-Token": "", "User-Agent": "walk-device/1.0"}
+    got = await Api(bridge)("POST", "/activate", form=form, headers=empty)
+    assert got.status == 200 and got.headers["Content-Type"] == "text/plain; charset=utf-8", got
+    cik = got.body.decode()
+    assert re.fullmatch(r"[0-9a-f]{40}", cik)
+    assert csv_body(await api("GET", f"{sns}dev-1")) == f"activated,{rid},batch 7\r\n".encode()
+    refused(await Api(bridge)("POST", "/activate", form=form), 409, "activated already")
+    log = csv_body(await api("GET", f"{sns}dev-1", params={"show": "log"})).decode().splitlines()
+    assert [line.split(",", 1)[1] for line in log] == [
+        "127.0.0.1 walk-device/1.0,activated",
+        "127.0.0.1 Python/3.11 aiohttp/" + log[1].split("aiohttp/")[1].split(",")[0] + ",activated already "
+        "(enable=true issues a new CIK)",
+    ]
+    assert all(abs(int(line.split(",")[0]) - int(__import__("time").time())) < 60 for line in log)
+
+    # the device collects on the things-gateway with its CIK; the thing is the vendor owner's
+    thing_id = f"sn-{model}-dev-1"
+    collect = f"{bridge.api}/things/{thing_id}/collect"
+    cik_header = {"X-Exosite-CIK": cik, "Content-Type": "text/plain"}
+    sent = await call("POST", collect, data=b"21.5", headers=cik_header)
+    assert sent.status == 200 and sent.json["result"]["flthingspk"] == thing_id, sent.body
+    refused_other = await call(
+        "POST", f"{bridge.api}/things/sn-{model}-dev-2/collect", data=b"x", headers=cik_header
+    )
+    assert refused_other.status == 401, refused_other.body
+    poll = await call(
+        "GET",
+        f"{bridge.api}/things/{thing_id}/messages",
+        params={"messagetype": "egress"},
+        headers=cik_header,
+    )
+    assert poll.status == 200 and poll.json["result"] == [], poll.body
+
+    # regenerating the CIK invalidates the old one at once; the next activation gets a new one
+    reset(await api("POST", f"{sns}dev-1", form={"enable": "true"}))
+    assert (await call("POST", collect, data=b"late", headers=cik_header)).status == 401
+    new_cik = (await Api(bridge)("POST", "/activate", form=form)).body.decode()
+    assert new_cik != cik
+    assert (
+        await call("POST", collect, data=b"22", headers={**cik_header, "X-Exosite-CIK": new_cik})
+    ).status == 200
+    assert (await call("POST", collect, data=b"old", headers=cik_header)).status == 401
+
+    # shares: the other vendor enables and disables, and sees only the serial numbers it enabled
+    shared = Api(bridge, other, **{"X-Exosite-Vendor": acme.name})
+    refused(await shared("GET", sns), 404, "not found")  # not shared yet
+    reset(await api("POST", f"/manage/share/{model}/", form={"vendor": other.name}))
+    reset(await api("POST", f"/manage/share/{model}/", form={"vendor": other.name}))  # shared already: done
+    assert csv_body(await api("GET", f"/manage/share/{model}/")) == f"{other.name}\r\n".encode()
+    share_one = await api("GET", f"/manage/share/{model}/{other.name}")
+    assert (share_one.status, share_one.body) == (204, b"")
+    assert csv_body(await Api(bridge, other)("GET", "/manage/model/", params={"show": "shared"})) == (
+        f"{acme.name},{model}\r\n".encode()
+    )
+    assert (await shared("GET", sns)).status == 204  # it enabled none yet
+    refused(await shared("GET", f"{sns}dev-1"), 404, "not found")  # acme's client
+    made = await shared("POST", f"{sns}dev-2", form={"enable": "true", "owner": "d" * 40})
+    other_rid = csv_body(made).removesuffix(b"\r\n")
+    assert (
+        csv_body(await shared("GET", sns)) == b"dev-2," + other_rid + b",\r\n"
+    )  # extra hidden through a share
+    assert csv_body(await shared("GET", f"{sns}dev-2")) == b"enabled," + other_rid + b",\r\n"
+    reset(await shared("POST", f"{sns}dev-2", form={"disable": "true"}))
+    assert csv_body(await shared("GET", f"{sns}dev-2")) == b"disabled," + other_rid + b",\r\n"
+    refused(await shared("POST", f"{sns}dev-1", form={"disable": "true"}), 404, "not found")
+    refused(await shared("POST", sns, form={"sn": "dev-9"}), 403, "shared model")  # owner-only operations
+    refused(await shared("DELETE", f"{sns}dev-2"), 403, "shared model")
+    refused(await shared("GET", f"/manage/model/{model}"), 403, "shared model")
+    assert (
+        csv_body(await api("GET", sns, params={"shared": other.name}))
+        == b"dev-2," + other_rid + b",batch 7\r\n"
+    )
+    # the owner still sees them all
+    assert csv_body(await api("GET", sns)).count(b"\r\n") == 3
+
+    # unsharing: by form and by DELETE; the other vendor loses access at once
+    reset(await api("DELETE", f"/manage/share/{model}/{other.name}"))
+    refused(await shared("GET", sns), 404, "not found")
+    reset(await api("POST", f"/manage/share/{model}/", form={"vendor": other.name}))
+    reset(await api("POST", f"/manage/share/{model}/", form={"vendor": other.name, "delete": "true"}))
+    assert (await api("GET", f"/manage/share/{model}/")).status == 204
+    refused(await api("POST", f"/manage/share/{model}/", form={"vendor": "nobody"}), 404, "not found")
+    refused(await api("POST", f"/manage/share/{model}/", form={"vendor": acme.name}), 400, "own vendor")
+
+    # disabling takes the CIK away; removing the serial number deletes the thing
+    reset(await api("POST", f"{sns}dev-1", form={"disable": "true"}))
+    assert (
+        await call("POST", collect, data=b"x", headers={**cik_header, "X-Exosite-CIK": new_cik})
+    ).status == 401
+    reset(await api("DELETE", f"{sns}dev-1"))
+    assert (await api("GET", f"{sns}dev-1")).status == 404
+
+
+async def test_remap_moves_the_thing(bridge: Bridge, acme: Vendor) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    sns = f"/manage/model/{model}/"
+    reset(await api("POST", sns, form=[("sn[]", "old"), ("sn[]", "new")]))
+    await api("POST", f"{sns}old", form={"enable": "true", "owner": "e" * 40})
+    cik = (
+        await Api(bridge)("POST", "/activate", form={"vendor": acme.name, "model": model, "sn": "old"})
+    ).body
+    reset(await api("POST", f"{sns}new", form={"enable": "true", "oldsn": "old"}))
+    collect = f"{bridge.api}/things/sn-{model}-old/collect"
+    assert (await call("POST", collect, data=b"x", headers={"X-Exosite-CIK": cik.decode()})).status == 401
+    assert (await api("GET", f"{sns}old")).status == 204  # unused now
+    again = await Api(bridge)("POST", "/activate", form={"vendor": acme.name, "model": model, "sn": "new"})
+    assert again.status == 200
+    # the thing keeps its id (and history) under the new serial number
+    assert (
+        await call("POST", collect, data=b"y", headers={"X-Exosite-CIK": again.body.decode()})
+    ).status == 200
