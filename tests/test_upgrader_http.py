@@ -95,7 +95,9 @@ def device_headers(
 
 @pytest.fixture(scope="module")
 def alice(bridge: Bridge) -> Account:
-    return account(bridge)
+    acct = account(bridge)
+    bridge.cli("plan", "set", acct.name, "--things", "100")  # the fleet walk's 20 and more
+    return acct
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +112,10 @@ def things_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(bridge: Bridge, alice: Account, things_dir: Path) -> list[ThingFiles]:
-    """Six EC things of alice's."""
+    """Twenty EC things of alice's (the fleet walk puts ten under each of two profiles)."""
 
     async def make() -> list[ThingFiles]:
-        return [await create_thing(bridge, alice.token, things_dir, keyType="EC") for _ in range(6)]
+        return [await create_thing(bridge, alice.token, things_dir, keyType="EC") for _ in range(20)]
 
     return run_sync(make())
 
@@ -415,7 +417,7 @@ async def test_fleet_walk_over_both_transports(
     bridge: Bridge, alice: Account, bob: Account, things_dir: Path, fleet: list[ThingFiles]
 ) -> None:
     api, bobs = Api(bridge, alice.token), Api(bridge, bob.token)
-    gold, silver = fleet[:4], fleet[4:]
+    gold, silver = fleet[:10], fleet[10:]
     bobs_thing = await create_thing(bridge, bob.token, things_dir, keyType="EC")
     for profile, members in (("gold", gold), ("silver", silver)):
         answer(await api("POST", "/rolloutProfile", json={"id": profile}), 201)
@@ -464,7 +466,7 @@ async def test_fleet_walk_over_both_transports(
         rollout["wave"],
         rollout["counts"]["targeted"],
         rollout["counts"]["offered"],
-    ) == ("running", 1, 4, 2)
+    ) == ("running", 1, len(gold), len(gold) // 2)
 
     async def http_offer(thing: ThingFiles) -> dict:
         resp = await call(
@@ -478,7 +480,7 @@ async def test_fleet_walk_over_both_transports(
     offers = {t.id: (await http_offer(t))["version"] for t in fleet}
     first_wave = [t for t in gold if offers[t.id] == "2.0"]
     later = [t for t in gold if offers[t.id] != "2.0"]
-    assert len(first_wave) == 2 and all(offers[t.id] == "1.0" for t in silver + later)
+    assert len(first_wave) == len(gold) // 2 and all(offers[t.id] == "1.0" for t in silver + later)
 
     # MQTT: the same answer for the same device; the first wave was told (retained) at the start
     online = first_wave[0]
@@ -531,8 +533,12 @@ async def test_fleet_walk_over_both_transports(
     for thing in first_wave:
         await report(thing, "2.0", "SUCCESS")
     moved = answer(await api("GET", f"/rollouts/{rollout['id']}"), 200)
-    assert (moved["wave"], moved["counts"]["offered"], moved["counts"]["succeeded"]) == (2, 4, 2)
-    assert [(await http_offer(t))["version"] for t in later] == ["2.0", "2.0"]
+    assert (moved["wave"], moved["counts"]["offered"], moved["counts"]["succeeded"]) == (
+        2,
+        len(gold),
+        len(first_wave),
+    )
+    assert [(await http_offer(t))["version"] for t in later] == ["2.0"] * len(later)
     listed = answer(await api("GET", "/rollouts", params={"fields": '["state"]'}), 200)
     assert listed["rolloutList"] == [{"id": rollout["id"], "state": "running"}]
 
@@ -544,9 +550,9 @@ async def test_fleet_walk_over_both_transports(
     for thing in first_wave:
         await report(thing, "3.0", "FAILED")
     stopped = answer(await api("GET", f"/rollouts/{failing['id']}"), 200)
-    assert (stopped["state"], stopped["wave"], stopped["counts"]["failed"]) == ("stopped", 1, 2)
+    assert (stopped["state"], stopped["wave"], stopped["counts"]["failed"]) == ("stopped", 1, len(first_wave))
     assert "error threshold" in stopped["reason"]
-    assert [(await http_offer(t))["version"] for t in later] == ["2.0", "2.0"]
+    assert [(await http_offer(t))["version"] for t in later] == ["2.0"] * len(later)
 
     # the 2.0 rollout: pause, resume, cancel, each only from its states
     path = f"/rollouts/{rollout['id']}"
