@@ -1182,6 +1182,7 @@ async def test_malformed_utf8_in_topics_closes_the_connection(
 #           model's vendor; another vendor's credential finds none of its models (404, or 400 for
 #           a request without the form it needs)
 #   activation  POST /provision/activate: no credential by design (the form names the client)
+#   provdevice  GET /provision/download: the device CIK activation returned (any other credential: 401)
 #   public  the API's own description (/openapi.json, /docs): no credentials, no user data
 ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/dev/v1/token"): "basic",
@@ -1221,7 +1222,7 @@ ROUTES: dict[tuple[str, str], str] = {
     },
     **{
         (op.method, bridge_config.HttpConfig().mounts["provisioning"] + op.path): (
-            "activation" if op.path == "/activate" else "vendor"
+            {"/activate": "activation", "/download": "provdevice"}.get(op.path, "vendor")
         )
         for op in provisioning.DIALECT.operations
     },
@@ -1306,12 +1307,14 @@ def add_vendor(bridge: Bridge, owner: Account, name: str) -> tuple[str, str]:
 
 
 async def provisioned_cik(bridge: Bridge, vendor: str, vendor_token: str) -> str:
-    """A device of the vendor's model abuse-model (serial number abuse-sn), activated: its CIK."""
+    """A device of the vendor's model abuse-model (serial number abuse-sn), activated: its CIK; the
+    model has the content abuse-content, which the device's list answers."""
     base, manage = f"{bridge.http}/provision", {"X-Exosite-Token": vendor_token}
     for path, form in (
         ("/manage/model/", {"model": "abuse-model", "rid": "0" * 40}),
         ("/manage/model/abuse-model/", {"sn": "abuse-sn"}),
         ("/manage/model/abuse-model/abuse-sn", {"enable": "true", "owner": "0" * 40}),
+        ("/manage/content/abuse-model/", {"id": "abuse-content", "description": ""}),
     ):
         assert (await call("POST", base + path, headers=manage, data=form)).status in (200, 205)
     activated = await call(
@@ -1338,7 +1341,7 @@ def expected(kind: str, cred: Credential, device: ThingFiles, path: str) -> set[
         # Alice's model is none of its own: not found, or (a delete of a model it lacks, its own empty
         # list) done already; `unchanged` shows that alice's data stayed as it was.
         return {205, 400, 404} if "{model}" in path else {204, 205}
-    if kind == "vendor":
+    if kind in ("vendor", "provdevice"):
         return {401}
     if kind in ("updevice", "anydevice"):  # a thing JWT goes in the token header, not Authorization
         if cred.cert is not None and cred.thing is not None:
@@ -1407,7 +1410,12 @@ async def test_http_authorization_matrix(
         Credential("another user's token", auth=f"Bearer {bob.token}", user=True),
         Credential("garbage vendor token", headers={"X-Exosite-Token": "garbage"}),
         Credential("another vendor's token", headers={"X-Exosite-Token": bob_vendor}, vendor=True),
-        Credential("a provisioned thing's CIK", headers={"X-Exosite-CIK": device_cik}, cik=True),
+        Credential(
+            "a provisioned thing's CIK",
+            headers={"X-Exosite-CIK": device_cik},
+            cik=True,
+            right_for=frozenset({"provdevice"}),
+        ),
         Credential(
             "alice's vendor CIK as a thing's", headers={"X-Exosite-CIK": alice_vendor_cik}, right_for=VENDOR
         ),
@@ -1425,6 +1433,7 @@ async def test_http_authorization_matrix(
         "{thing_type}": "abusetype",
         "{model}": "abuse-model",
         "{sn}": "abuse-sn",
+        "{id}": "abuse-content",
         "{vendorname}": "abuse-other",
     }
 
@@ -1512,13 +1521,18 @@ async def test_http_authorization_matrix(
         elif kind == "device":
             controls.append((method, path, Credential("own JWT", auth=f"Bearer {thing_jwt(target)}")))
             controls.append((method, path, Credential("own certificate", cert=target)))
+        elif kind == "provdevice":
+            controls.append((method, path, Credential("device CIK", headers={"X-Exosite-CIK": device_cik})))
         elif kind == "either":
             controls.append((method, path, owner))
             controls.append((method, path, Credential("own JWT", auth=f"Bearer {thing_jwt(target)}")))
             controls.append((method, path, Credential("own certificate", cert=target)))
         else:
             controls.append((method, path, owner))
-    statuses = [(m, p, c.name, (await request(m, p, c, CONTROL_BODIES)).status) for m, p, c in controls]
+    # the device's own vendor and model: its content list (abuse-content)
+    device_query = {"params": {"vendor": alice_vendor, "model": "abuse-model"}}
+    control_bodies = {**CONTROL_BODIES, **{(m, "/provision/download"): device_query for m in ("GET", "HEAD")}}
+    statuses = [(m, p, c.name, (await request(m, p, c, control_bodies)).status) for m, p, c in controls]
     assert [s for s in statuses if s[3] != 200] == []
     # and the destructive ones, last
     throwaway = (await call("GET", f"{api}/token", headers=basic(alice.name, alice.password))).json[

@@ -7,6 +7,8 @@ once, and a vendor the model is shared with enables and disables only its own se
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -373,3 +375,157 @@ async def test_remap_moves_the_thing(bridge: Bridge, acme: Vendor) -> None:
     assert (
         await call("POST", collect, data=b"y", headers={"X-Exosite-CIK": again.body.decode()})
     ).status == 200
+
+
+# ---- content ------------------------------------------------------------------------------------------
+async def activated(api: Api, bridge: Bridge, vendor: Vendor, model: str, sn: str) -> str:
+    """A serial number of `model` enabled and activated: its device CIK."""
+    reset(await api("POST", f"/manage/model/{model}/", form={"sn": sn}))
+    csv_body(await api("POST", f"/manage/model/{model}/{sn}", form={"enable": "true", "owner": "e" * 40}))
+    got = await Api(bridge)("POST", "/activate", form={"vendor": vendor.name, "model": model, "sn": sn})
+    assert got.status == 200, got
+    return got.body.decode()
+
+
+async def test_content_management(bridge: Bridge, acme: Vendor, other: Vendor) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    base = f"/manage/content/{model}/"
+    reset(await api("POST", f"/manage/model/{model}/", form={"sn": "s1"}))
+    assert (await api("GET", base)).status == 204
+    reset(await api("POST", base, form={"id": "fw,1", "description": "firmware, v1"}))
+    reset(await api("POST", base, form={"id": "secret", "description": "", "protected": "true"}))
+    refused(await api("POST", base, form={"id": "fw,1", "description": "again"}), 409, "already exists")
+    refused(await api("POST", base, form={"id": "x"}), 400, "description is required")
+    refused(await api("POST", base, form={"id": "a/b", "description": ""}), 400, "id must be")
+    assert csv_body(await api("GET", base)) == b'"fw,1"\r\nsecret\r\n'
+    assert csv_body(await api("GET", base, params={"sn": "s1"})) == b'"fw,1"\r\n'  # not the protected one
+    refused(await api("GET", base, params={"sn": "zz"}), 404, "serial number")
+
+    # info before any upload: size 0, the default type; CINFO5 for the vendor, CINFO4 with sn=
+    info = csv_body(await api("GET", f"{base}fw,1")).decode()
+    kind, size, updated, rest = info.split(",", 3)
+    assert (kind, size, rest) == ("application/octet-stream", "0", '"firmware, v1",false\r\n')
+    assert abs(int(updated) - int(__import__("time").time())) < 60
+    assert csv_body(await api("GET", f"{base}fw,1", params={"sn": "s1"})).endswith(b'"firmware, v1"\r\n')
+    refused(await api("GET", f"{base}secret", params={"sn": "s1"}), 404, "not found")  # not authorised
+    refused(await api("GET", f"{base}fw,1", params={"download": "true"}), 404, "no blob")
+
+    # upload replaces the blob and its type; download answers it with that type
+    up = await api("POST", f"{base}fw,1", data=b"first", headers={"Content-Type": "application/x-fw"})
+    reset(up)
+    reset(await api("POST", f"{base}fw,1", data=b"v1 bytes", headers={"Content-Type": "text/x-fw; v=1"}))
+    got = await api("GET", f"{base}fw,1", params={"download": "true"})
+    assert (got.status, got.body, got.headers["Content-Type"]) == (200, b"v1 bytes", "text/x-fw; v=1")
+    assert got.headers["ETag"] == '"' + hashlib.sha256(b"v1 bytes").hexdigest() + '"'
+    assert got.headers["Accept-Ranges"] == "bytes" and "Last-Modified" in got.headers
+    assert csv_body(await api("GET", f"{base}fw,1")).startswith(b"text/x-fw; v=1,8,")
+    via_sn = await api("GET", f"{base}fw,1", params={"download": "true", "sn": "s1"})
+    assert (via_sn.status, via_sn.body) == (200, b"v1 bytes")
+    refused(await api("GET", f"{base}secret", params={"download": "true", "sn": "s1"}), 404, "not found")
+    refused(await api("POST", f"{base}nope", data=b"x"), 404, "not found")
+    refused(
+        await api("POST", f"{base}fw,1", data=b"x", headers={"Content-Type": "\u00e9"}), 400, "content type"
+    )
+
+    # an invalid vendor/model pair: 400 on the lists and sn info, 403 on the downloads, 404 elsewhere
+    theirs = Api(bridge, other)
+    refused(await theirs("GET", base), 400, "not found for this vendor")
+    refused(await theirs("GET", base, params={"sn": "s1"}), 400, "not found for this vendor")
+    refused(await theirs("GET", f"{base}fw,1", params={"sn": "s1"}), 400, "not found for this vendor")
+    refused(await theirs("GET", f"{base}fw,1", params={"download": "true"}), 403, "not found for this vendor")
+    refused(
+        await theirs("GET", f"{base}fw,1", params={"download": "true", "sn": "s1"}),
+        403,
+        "not found for this vendor",
+    )
+    refused(await theirs("GET", f"{base}fw,1"), 404, "not found")
+    refused(await theirs("POST", f"{base}fw,1", data=b"x"), 404, "not found")
+    refused(await theirs("POST", base, form={"id": "x", "description": ""}), 404, "not found")
+    refused(await Api(bridge)("GET", base), 401, "X-Exosite-Token or X-Exosite-CIK")
+
+    # deletes: POST delete=true and DELETE; a missing one is done already
+    reset(await api("POST", base, form={"id": "secret", "delete": "true"}))
+    reset(await api("DELETE", f"{base}fw,1"))
+    reset(await api("DELETE", f"{base}fw,1"))
+    assert (await api("GET", base)).status == 204
+    refused(await api("GET", f"{base}fw,1"), 404, "not found")
+
+
+async def test_upload_refused_by_content_length_before_reading(bridge: Bridge, acme: Vendor) -> None:
+    """A declared Content-Length past provisioning.max_content_size (256 MiB by default) is answered
+    413 without sending the body: the server answers while the client has sent only the headers."""
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    reset(await api("POST", f"/manage/content/{model}/", form={"id": "big", "description": ""}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.ports["http"])
+    writer.write(
+        f"POST /provision/manage/content/{model}/big HTTP/1.1\r\nHost: x\r\nX-Exosite-Token: {acme.token}\r\n"
+        f"Content-Length: {256 * 1024 * 1024 + 1}\r\nConnection: close\r\n\r\n".encode()
+    )
+    await writer.drain()
+    answer = await reader.readuntil(b"\r\n\r\n")  # the head: the server need not close first
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    length = int(re.search(rb"Content-Length: (\d+)", answer)[1])  # type: ignore[index]
+    assert b"max_content_size" in await reader.readexactly(length)
+
+
+async def test_device_downloads_by_ranges(bridge: Bridge, acme: Vendor, other: Vendor) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    base = f"/manage/content/{model}/"
+    cik = await activated(api, bridge, acme, model, "dev")
+    blob = bytes(range(256)) * 4  # 1024 bytes
+    reset(await api("POST", base, form={"id": "fw", "description": "the firmware"}))
+    reset(await api("POST", f"{base}fw", data=blob, headers={"Content-Type": "application/x-fw"}))
+    reset(await api("POST", base, form={"id": "locked", "description": "", "protected": "true"}))
+    reset(await api("POST", f"{base}locked", data=b"private"))
+    device = Api(bridge, **{"X-Exosite-CIK": cik})
+    pair = {"vendor": acme.name, "model": model}
+
+    assert csv_body(await device("GET", "/download", params=pair)) == b"fw\r\n"
+    info = csv_body(await device("GET", "/download", params={**pair, "id": "fw", "info": "true"})).decode()
+    assert info.startswith("application/x-fw,1024,") and info.endswith(",the firmware\r\n")
+    whole = await device("GET", "/download", params={**pair, "id": "fw"})
+    assert (whole.status, whole.body, whole.headers["Content-Type"]) == (200, blob, "application/x-fw")
+    etag = whole.headers["ETag"]
+
+    async def ranged(rng: str, **headers: str) -> Any:
+        return await device(
+            "GET", "/download", params={**pair, "id": "fw"}, headers={"Range": rng, **headers}
+        )
+
+    part = await ranged("bytes=0-99")
+    assert (part.status, part.body, part.headers["Content-Range"]) == (206, blob[:100], "bytes 0-99/1024")
+    tail = await ranged("bytes=1000-")
+    assert (tail.status, tail.body, tail.headers["Content-Range"]) == (
+        206,
+        blob[1000:],
+        "bytes 1000-1023/1024",
+    )
+    last = await ranged("bytes=-24")
+    assert (last.status, last.body) == (206, blob[-24:])
+    beyond = await ranged("bytes=2000-")
+    assert (beyond.status, beyond.headers["Content-Range"]) == (416, "bytes */1024")
+    # a resume: the same ETag serves the range, a stale one the whole new blob
+    assert (await ranged("bytes=100-", **{"If-Range": etag})).body == blob[100:]
+    reset(await api("POST", f"{base}fw", data=blob[::-1], headers={"Content-Type": "application/x-fw"}))
+    stale = await ranged("bytes=100-", **{"If-Range": etag})
+    assert (stale.status, stale.body) == (200, blob[::-1])
+
+    # protected content: absent from the list and 404 as a missing id, for info and blob alike
+    refused(await device("GET", "/download", params={**pair, "id": "locked"}), 404, "not found")
+    refused(
+        await device("GET", "/download", params={**pair, "id": "locked", "info": "true"}), 404, "not found"
+    )
+    # the pair must be the device's: 403 for the list and the blob, 400 for the information
+    wrong = {"vendor": other.name, "model": model}
+    refused(await device("GET", "/download", params=wrong), 403, "pair")
+    refused(await device("GET", "/download", params={**wrong, "id": "fw"}), 403, "pair")
+    refused(await device("GET", "/download", params={**wrong, "id": "fw", "info": "true"}), 400, "pair")
+    refused(await Api(bridge)("GET", "/download", params=pair), 401, "X-Exosite-CIK")
+    refused(await Api(bridge, **{"X-Exosite-CIK": "0" * 40})("GET", "/download", params=pair), 401, "")
+    refused(await device("GET", "/download", params={"vendor": acme.name}), 400, "model")
+    # a vendor's credential is no device's
+    refused(await Api(bridge, **{"X-Exosite-CIK": acme.cik})("GET", "/download", params=pair), 401, "")

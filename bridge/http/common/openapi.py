@@ -119,7 +119,8 @@ def _answer(answer: Media | Empty) -> Schema:
         return {"description": answer.description}
     out: Schema = {
         "description": answer.description,
-        "content": {answer.media_type: {"schema": answer.schema}},
+        "content": {answer.media_type: {"schema": answer.schema}}
+        | {media: {"schema": schema} for media, schema in answer.more.items()},
     }
     if answer.headers:
         out["headers"] = answer.headers

@@ -56,10 +56,13 @@ class Call(Generic[A, P, Q, B]):
 @dataclass(frozen=True)
 class RawBody:
     """A body the handler takes as bytes, whatever it holds (things-gateway collect and publish:
-    JSON, free text or binary); `content` documents each media type."""
+    JSON, free text or binary); `content` documents each media type. `streamed`: the handler gets
+    a `Stream` of the bytes as they arrive instead, not bounded by http.max_body (a file upload,
+    whose consumer enforces its own limit)."""
 
     description: str
     content: dict[str, Schema]
+    streamed: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,14 @@ class Empty:
 
 @dataclass(frozen=True)
 class Media:
-    """An answer the handler builds itself (a file, a page), documented by media type."""
+    """An answer the handler builds itself (a file, a page), documented by media type; `more`:
+    further media types the same status may carry (one path answering an info or a download)."""
 
     media_type: str
     description: str
     schema: Schema = field(default_factory=lambda: {"type": "string", "format": "binary"})
     headers: dict[str, Schema] = field(default_factory=dict)
+    more: dict[str, Schema] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -248,7 +253,11 @@ def route_handler(op: Operation, answer: Answer) -> Callable[[web.Request], Awai
         if body is None:
             decoded = None
         elif isinstance(body, RawBody):
-            decoded = await request.read()
+            decoded = (
+                Stream(request.content_type, request.content.iter_any())
+                if body.streamed
+                else await request.read()
+            )
         elif isinstance(body, Form):
             decoded = await _form_or_stream(request, body)
         else:

@@ -1,6 +1,7 @@
 """The Exosite Provisioning v1.1 dialect (docs/dialects.md), mounted at /provision unless
 http.mounts says otherwise: vendors manage models, serial numbers and shares under /manage/...
-with their token or vendor CIK, devices activate and get their CIK (routes.py). Answers are CSV,
+and content with their token or vendor CIK, devices activate, get their CIK and download the
+content they may have with it (routes.py). Answers are CSV,
 plain text or empty (answers.py); errors are a status with a plain-text sentence, as the
 document's "Other Responses" show them."""
 
@@ -33,6 +34,7 @@ DIALECT = Provisioning(
     "provisioning",
     "Provisioning v1.1 dialect under {mount}: form-encoded and text/csv requests, CSV, plain-text or empty "
     "answers (205 for writes, 204 for empty lists), errors as plain text; vendors authenticate with "
-    "X-Exosite-Token or X-Exosite-CIK, devices activate without a credential.",
+    "X-Exosite-Token or X-Exosite-CIK, devices activate without a credential and download with their CIK "
+    "(Range, If-Range).",
     (routes.api,),
 )

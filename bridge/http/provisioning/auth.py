@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from bridge.core.errors import Forbidden
+from bridge.core.errors import Forbidden, Unauthorized
 from bridge.core.provisioning.common import Vendor
 from bridge.http.common.auth import CORE, Auth
 
@@ -45,6 +45,16 @@ async def require_vendor_or_share(request: web.Request) -> VendorCaller:
     return VendorCaller(vendor, request.headers.get(VENDOR_HEADER, "").strip() or None)
 
 
+async def require_device(request: web.Request) -> str:
+    """The device CIK of GET /download, checked to be a current one before the query is read (a
+    vendor's CIK or a revoked one is 401 whatever the request says)."""
+    cik = request.headers.get("X-Exosite-CIK", "").strip()
+    if not cik:
+        raise Unauthorized("X-Exosite-CIK (the device CIK from activation) is required")
+    await request.app[CORE].provisioning.serials.client(cik)
+    return cik
+
+
 _SCHEMES = {
     "vendorToken": {
         "type": "apiKey",
@@ -62,3 +72,16 @@ _SCHEMES = {
 _SECURITY = ({"vendorToken": []}, {"vendorCik": []})
 VENDOR = Auth(require_vendor, _SECURITY, _SCHEMES)
 VENDOR_OR_SHARE = Auth(require_vendor_or_share, _SECURITY, _SCHEMES)
+DEVICE = Auth(
+    require_device,
+    ({"provisionedCik": []},),
+    {
+        "provisionedCik": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Exosite-CIK",
+            "description": "The device CIK POST /provision/activate returned (40 hex characters); it stops "
+            "working when the vendor regenerates it, disables or removes the serial number.",
+        }
+    },
+)

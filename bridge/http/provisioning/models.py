@@ -107,3 +107,36 @@ class ClientForm(Model):
 class ShareForm(Model):
     vendor: Key
     delete: Flag = False
+
+
+# ---- content --------------------------------------------------------------------------------------
+class ContentPath(Model):
+    model: Segment
+    id: Segment
+
+
+class ContentListQuery(OpenModel):
+    sn: Annotated[Key | None, Meta(description="only the content this serial number may have")] = None
+
+
+class ContentQuery(OpenModel):
+    download: Annotated[bool, Meta(description="true: the blob instead of its information")] = False
+    sn: Annotated[Key | None, Meta(description="only if this serial number may have the content")] = None
+
+
+class DownloadQuery(OpenModel):
+    vendor: Key
+    model: Key
+    id: Annotated[
+        Key | None, Meta(description="a content id: its blob (or with info=true its information)")
+    ] = None
+    info: Annotated[bool, Meta(description="true: the content's information instead of its blob")] = False
+
+
+class ContentForm(Model):
+    """POST content/{model}/: create `id` (`description`, `protected`), or with `delete=true` delete it."""
+
+    id: Key
+    description: Text | None = None
+    protected: Flag = False
+    delete: Flag = False

@@ -6,25 +6,29 @@ model/{model} is the model, model/{model}/ its serial numbers."""
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlencode
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from bridge.core.errors import Invalid, NotFound
-from bridge.http.common.operation import Call, Empty, Form, Media, Operations, Stream
+from bridge.core.errors import DomainError, Forbidden, Invalid, NotFound, TooLarge
+from bridge.core.provisioning.content import ContentInfo
+from bridge.http.common.operation import Call, Empty, ErrorDoc, Form, Media, Operations, RawBody, Stream
 from bridge.http.provisioning import models
 from bridge.http.provisioning.answers import (
     CSV,
     NO_RECORDS,
+    OCTET,
     RESET,
     STRING,
     TEXT,
+    BlobResponse,
     csv_answer,
     csv_media,
     reset,
     text_answer,
 )
-from bridge.http.provisioning.auth import VENDOR, VENDOR_OR_SHARE, VendorCaller
+from bridge.http.provisioning.auth import DEVICE, VENDOR, VENDOR_OR_SHARE, VendorCaller
 
 api = Operations()
 TAG = "provisioning"
@@ -377,3 +381,203 @@ async def share_status(call: Call[VendorCaller, models.SharePath, None, None]) -
 async def unshare(call: Call[VendorCaller, models.SharePath, None, None]) -> web.Response:
     await call.core.provisioning.shares.remove(call.principal.vendor, call.path.model, call.path.vendorname)
     return reset()
+
+
+# ---- content ------------------------------------------------------------------------------------
+BLOB = {"type": "string", "format": "binary"}
+BLOB_HEADERS = {
+    "ETag": {"description": "The blob's SHA-256 (strong), for If-Range", "schema": {"type": "string"}},
+    "Last-Modified": {"schema": {"type": "string"}},
+    "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
+}
+DOWNLOAD = Media(OCTET, "The blob, with the Content-Type it was uploaded with.", BLOB, BLOB_HEADERS)
+PARTIAL = Media(
+    OCTET,
+    "Partial Content: the range asked for (Range: bytes=X-Y, X-, -Y; If-Range with the ETag or a date).",
+    BLOB,
+    {**BLOB_HEADERS, "Content-Range": {"description": "bytes <first>-<last>/<total>", "schema": STRING}},
+)
+UNSATISFIABLE = ErrorDoc(
+    416, "Range Not Satisfiable: it starts past the end (Content-Range: bytes */<size>)."
+)
+CINFO4 = "<content-type>,<byte-size>,<updated-timestamp>,<description>"
+
+
+async def _pair(call: Call[VendorCaller, Any, Any, Any], error: type[DomainError]) -> None:
+    """An invalid vendor/model pair answers `error`'s status where the document says so (400 on the
+    lists and sn info, 403 on the downloads: CATALOG 002 #4), not the dialect's 404."""
+    try:
+        await call.core.provisioning.serials.model(call.principal.vendor, call.path.model)
+    except NotFound as exc:
+        raise error(str(exc)) from None
+
+
+def _cinfo(info: ContentInfo, *, protected: bool) -> web.Response:
+    row: list[object] = [info.content_type, info.size, info.updated, info.description]
+    return csv_answer([[*row, str(info.protected).lower()] if protected else row])
+
+
+@api.get(
+    "/manage/content/{model}/",
+    "List content (#5), or the content a serial number may have (#6, sn=)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    query=models.ContentListQuery,
+    answer=csv_media("<id>"),
+    alternatives={204: NO_RECORDS},
+    errors=(400, 401, 403, 404),
+    description="400: the vendor/model pair is invalid (#5, #6); 404: no such serial number (sn=).",
+)
+async def list_content(
+    call: Call[VendorCaller, models.ModelPath, models.ContentListQuery, None],
+) -> web.Response:
+    await _pair(call, Invalid)
+    content, vendor, model = call.core.provisioning.content, call.principal.vendor, call.path.model
+    sn = call.query.sn
+    ids = await content.list(vendor, model) if sn is None else await content.authorized(vendor, model, sn)
+    return csv_answer([i] for i in ids)
+
+
+@api.post(
+    "/manage/content/{model}/",
+    "Create a content entity (#7), or delete one (#8, delete=true)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    body=Form(
+        models.ContentForm, "id and description (protected=true: only for its groups), or delete=true and id."
+    ),
+    status=205,
+    answer=RESET,
+    errors=(*WRITE, 409),
+    description="Without a blob until the first upload. Protected content is for the serial numbers sharing "
+    "a group with it (CATALOG 002 #7); deleting a missing one is done already.",
+)
+async def create_or_delete_content(
+    call: Call[VendorCaller, models.ModelPath, None, models.ContentForm],
+) -> web.Response:
+    form, content, vendor = call.body, call.core.provisioning.content, call.principal.vendor
+    if form.delete:
+        await content.delete(vendor, call.path.model, form.id)
+    elif form.description is None:
+        raise Invalid("description is required to create content")
+    else:
+        await content.create(vendor, call.path.model, form.id, form.description, form.protected)
+    return reset()
+
+
+@api.get(
+    "/manage/content/{model}/{id}",
+    "Content information (#9, #11 with sn=) or its blob (#10, #12: download=true)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ContentPath,
+    query=models.ContentQuery,
+    answer=Media(
+        CSV,
+        f"CSV (RFC 4180): {CINFO4},<protected> (#9), without <protected> with sn= (#11); with download=true "
+        "the blob, with the Content-Type it was uploaded with.",
+        STRING,
+        BLOB_HEADERS,
+        {OCTET: BLOB},
+    ),
+    alternatives={206: PARTIAL},
+    errors=(400, 401, 403, 404, UNSATISFIABLE),
+    description="An invalid vendor/model pair answers 400 with sn= (#11), 403 with download=true (#10, #12); "
+    "404: no such content, or not for that serial number, or no blob uploaded yet.",
+)
+async def content_info_or_download(
+    call: Call[VendorCaller, models.ContentPath, models.ContentQuery, None],
+) -> web.Response:
+    content, vendor, path, query = (
+        call.core.provisioning.content,
+        call.principal.vendor,
+        call.path,
+        call.query,
+    )
+    if query.download:
+        await _pair(call, Forbidden)
+        return BlobResponse(await content.download(vendor, path.model, path.id, sn=query.sn))
+    if query.sn is not None:
+        await _pair(call, Invalid)
+    info = await content.info(vendor, path.model, path.id, sn=query.sn)
+    return _cinfo(info, protected=query.sn is None)
+
+
+@api.post(
+    "/manage/content/{model}/{id}",
+    "Upload the blob (#14)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ContentPath,
+    body=RawBody(
+        "The blob; its Content-Type (any, application/octet-stream when absent) is stored and answered on "
+        "download. At most provisioning.max_content_size bytes.",
+        {OCTET: BLOB},
+        streamed=True,
+    ),
+    status=205,
+    answer=RESET,
+    errors=(*WRITE, 413),
+    description="Replaces the entity's blob (CATALOG 002 #9: overwrite); 404 for an entity not created.",
+)
+async def upload_content(call: Call[VendorCaller, models.ContentPath, None, Stream]) -> web.Response:
+    limit = call.core.cfg.provisioning.max_content_size
+    length = call.request.content_length
+    if length is not None and length > limit:  # refused before a byte is read
+        raise TooLarge(f"the content is larger than provisioning.max_content_size ({limit} bytes)")
+    content_type = call.request.headers.get(hdrs.CONTENT_TYPE, OCTET)
+    await call.core.provisioning.content.upload(
+        call.principal.vendor, call.path.model, call.path.id, content_type, call.body.chunks
+    )
+    return reset()
+
+
+@api.delete(
+    "/manage/content/{model}/{id}",
+    "Delete a content entity (#15)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ContentPath,
+    status=205,
+    answer=RESET,
+    errors=WRITE,
+    description="With its blob and group memberships; a missing one is deleted already.",
+)
+async def delete_content(call: Call[VendorCaller, models.ContentPath, None, None]) -> web.Response:
+    await call.core.provisioning.content.delete(call.principal.vendor, call.path.model, call.path.id)
+    return reset()
+
+
+# ---- the device's download ----------------------------------------------------------------------
+@api.get(
+    "/download",
+    "The device's content: list (#2), a blob (#3, id=) or its information (#4, id= and info=true)",
+    tag=TAG,
+    auth=DEVICE,
+    query=models.DownloadQuery,
+    answer=Media(
+        CSV,
+        f"CSV (RFC 4180): <id> per line (#2); {CINFO4} (#4); with id= alone the blob (#3).",
+        STRING,
+        BLOB_HEADERS,
+        {OCTET: BLOB},
+    ),
+    alternatives={204: NO_RECORDS, 206: PARTIAL},
+    errors=(400, 401, 403, 404, UNSATISFIABLE),
+    description="vendor and model must be the device's: 403 otherwise on the list and the blob (#2, #3), "
+    "400 on the information (#4). Protected content is for the serial numbers sharing a group with it; "
+    "content the device may not have answers 404 as a missing one does.",
+)
+async def device_download(call: Call[str, None, models.DownloadQuery, None]) -> web.Response:
+    content, cik, query = call.core.provisioning.content, call.principal, call.query
+    if query.id is None:
+        return csv_answer([i] for i in await content.device_content(cik, query.vendor, query.model))
+    if not query.info:
+        return BlobResponse(await content.device_download(cik, query.vendor, query.model, query.id))
+    try:
+        info = await content.device_info(cik, query.vendor, query.model, query.id)
+    except Forbidden as exc:
+        raise Invalid(str(exc)) from None  # the document's 400 for the information (#4)
+    return _cinfo(info, protected=False)
