@@ -347,7 +347,7 @@ async def test_g_publish_to_a_dollar_topic_ends_the_session(target: Target) -> N
     when amqtt returns, so unlike amqtt's own listeners the socket does not stay open. If this starts
     failing, amqtt fixed it upstream: review HardenedBroker._handle_message_delivery."""
     a = await target.new_thing()
-    will = f"things/{a.id}/status"
+    will = f"things/{a.id}/collect"  # a bridge flow: the will is stored and routed like a PUBLISH
     async with target.app_client() as app:
         await app.subscribe(will, qos=1)
         reader, writer = await target.raw(a, will=(will, b"gone"))

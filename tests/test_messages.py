@@ -546,6 +546,46 @@ async def test_presence_online_and_offline(bridge: Bridge, alice_app: str, fresh
         assert retained.retain and orjson.loads(retained.payload)["state"] == "offline"
 
 
+async def test_a_will_on_a_bridge_flow_is_stored_like_any_message(
+    bridge: Bridge, alice: Account, alice_app: str, fresh_thing: ThingFiles
+) -> None:
+    """A thing's will on its collect topic goes through the core: stored in the history as ingress
+    and routed to the owner's applications (amqtt broadcast it around the store); a clean
+    DISCONNECT sends no will; a will is never retained."""
+    thing = fresh_thing
+    topic, presence = f"things/{thing.id}/collect", f"things/{thing.id}/presence"
+    tls = bridge.client_tls(thing.cert, thing.key)
+    wills: list[aiomqtt.Message] = []
+    async with app(bridge, alice_app) as apps:
+        await apps.subscribe(topic, qos=1)
+        await apps.subscribe(presence, qos=1)
+
+        async def until(state: str) -> None:
+            """Messages until the thing's presence is `state` (the offline event follows the will)."""
+            while True:
+                message = await next_message(apps)
+                if str(message.topic) == topic:
+                    wills.append(message)
+                elif orjson.loads(message.payload)["state"] == state and not message.retain:
+                    return
+
+        for last, clean in ((b'{"last": "words"}', False), (b'{"last": "unsaid"}', True)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.ports["mqtt_tls"], ssl=tls)
+            writer.write(mqttraw.connect(thing.id, will=(topic, last)))
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == CONNACK_ACCEPTED
+            await until("online")
+            if clean:
+                writer.write(b"\xe0\x00")  # DISCONNECT
+                await writer.drain()
+                writer.close()
+            else:
+                writer.transport.abort()
+            await until("offline")
+    assert [(m.payload, m.retain) for m in wills] == [(b'{"last": "words"}', False)]
+    records = await history(bridge, alice.token, thing.id, messagetype="ingress")
+    assert [(r["message"], r["encoding"]) for r in records] == [({"last": "words"}, "json")]
+
+
 async def test_a_second_connection_with_the_same_client_id_takes_over(
     bridge: Bridge, alice: Account, fresh_thing: ThingFiles
 ) -> None:

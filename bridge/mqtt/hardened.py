@@ -48,6 +48,7 @@ from amqtt.mqtt import subscribe as subscribe_module
 from amqtt.mqtt import unsubscribe as unsubscribe_module
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import (
     DISCONNECT,
     PINGREQ,
@@ -555,12 +556,34 @@ class HardenedBroker(Broker):
             await self._handle_message_delivery(client_session, handler, fut)
         if client_session.attributes.get(REVOKED):
             client_session.will_flag = False  # a revoked identity leaves nothing behind
+        elif client_session.will_flag and not isinstance(disconnect_waiter.result(), DisconnectPacket):
+            await self._send_will(client_session)
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
         ended = client_session.attributes.pop(DISCONNECTED, None)
         if ended is not None:
             ended.set()
         if client_session.attributes.get(FORGET):
             await self._delete_session(client_session.client_id)
+
+    async def _send_will(self, session: Session) -> None:
+        """A will is the client's last message: it goes the way its PUBLISH would have. On a flow
+        the bridge owns (a thing's collect or status) the core stores and routes it, like any
+        message of the thing (stock broadcast it around the store); on another topic the stock
+        broadcast sends it, receive ACL applied. Never retained: only the bridge retains."""
+        if session.will_retain:
+            session.will_retain = False
+            self.limits.refused_retained += 1
+        if self.ingest is None or session.will_topic is None or session.will_message is None:
+            return
+        try:
+            consumed = await self.ingest(session, session.will_topic, bytes(session.will_message))
+        except ClientRevoked:
+            consumed = True  # revoked meanwhile: nothing is sent
+        except Exception:
+            log.exception("the will of %s could not be stored; it is not sent", session.client_id)
+            consumed = True
+        if consumed:
+            session.will_flag = False  # taken over: stock must not broadcast it a second time
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: Any, wait_deliver: Any
