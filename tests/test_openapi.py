@@ -367,7 +367,9 @@ class World:
     thing_jwt: str
     message_id: str
     rollouts: dict[str, str]  # upgrader world -> its rollout's id
-    vendor_token: str  # X-Exosite-Token of the provisioning vendor owning fuzz-model
+    vendor: str  # the provisioning vendor owning fuzz-model (with the content fuzz-content)
+    vendor_token: str  # its X-Exosite-Token
+    device_cik: str  # the CIK fuzz-sn activated with: GET /provision/download
     other_vendor: str  # a vendor fuzz-model is shared with
 
     def fresh_token(self) -> str:
@@ -396,6 +398,7 @@ class World:
             "rolloutId": self.rollouts[world],
             "model": "fuzz-model",
             "sn": "fuzz-sn",
+            "id": "fuzz-content",
             "vendorname": self.other_vendor,
         }
         return {name: value for name, value in candidates.items() if "{" + name + "}" in path}
@@ -467,7 +470,7 @@ def world(bridge: Bridge) -> Iterator[World]:
             assert response.status_code in (200, 201), response.text
         rollouts[prefix] = response.json()["id"]
     del session.headers["Authorization"]
-    vendor_token, other_vendor = _vendor(bridge), unique("vendor")
+    (vendor, vendor_token), other_vendor = _vendor(bridge), unique("vendor")
     bridge.cli("vendor", "add", other_vendor, "--owner", "admin")
     manage = {"X-Exosite-Token": vendor_token}
     for path, form in (
@@ -475,9 +478,20 @@ def world(bridge: Bridge) -> Iterator[World]:
         ("/model/fuzz-model/", {"sn[]": ["fuzz-sn", "fuzz-sn-2"]}),
         ("/model/fuzz-model/fuzz-sn", {"enable": "true", "owner": "0" * 40}),
         ("/share/fuzz-model/", {"vendor": other_vendor}),
+        ("/content/fuzz-model/", {"id": "fuzz-content", "description": "fuzzed"}),
     ):
         response = session.post(f"{base}/provision/manage{path}", data=form, headers=manage, timeout=10)
         assert response.status_code in (200, 205), response.text
+    # a small blob of the documented type, so that downloads answer 200 (uploads the run makes are
+    # as small as the generators' binary strings)
+    blob = {**manage, "Content-Type": "application/octet-stream"}
+    response = session.post(
+        f"{base}/provision/manage/content/fuzz-model/fuzz-content", data=b"blob", headers=blob, timeout=10
+    )
+    assert response.status_code == 205, response.text
+    activation = {"vendor": vendor, "model": "fuzz-model", "sn": "fuzz-sn"}
+    response = session.post(f"{base}/provision/activate", data=activation, timeout=10)
+    assert response.status_code == 200, response.text
     yield World(
         base=base,
         session=session,
@@ -490,18 +504,21 @@ def world(bridge: Bridge) -> Iterator[World]:
         thing_jwt=thing_jwt,
         message_id=collected["flmessagespk"],
         rollouts=rollouts,
+        vendor=vendor,
         vendor_token=vendor_token,
+        device_cik=response.text,
         other_vendor=other_vendor,
     )
     session.close()
 
 
-def _vendor(bridge: Bridge) -> str:
-    """A provisioning vendor of the admin (`thingbridge vendor add` prints its token once)."""
-    out = bridge.cli("vendor", "add", unique("vendor"), "--owner", "admin").stdout
+def _vendor(bridge: Bridge) -> tuple[str, str]:
+    """A provisioning vendor of the admin, and its token (`thingbridge vendor add` prints it once)."""
+    name = unique("vendor")
+    out = bridge.cli("vendor", "add", name, "--owner", "admin").stdout
     found = re.search(r"^X-Exosite-Token: (\S+)$", out, re.M)
     assert found, out
-    return found[1]
+    return name, found[1]
 
 
 @pytest.fixture(scope="module")
@@ -519,6 +536,8 @@ def _credential_headers(world: World, method: str, path: str, kind: int) -> dict
         return {} if kind == 1 else {"token": world.thing_jwt + ("x" if kind == 0 else "")}
     if "vendorToken" in schemes:
         return {} if kind == 1 else {"X-Exosite-Token": world.vendor_token + ("x" if kind == 0 else "")}
+    if "provisionedCik" in schemes:
+        return {} if kind == 1 else {"X-Exosite-CIK": world.device_cik[: 39 if kind == 0 else 40]}
     credential = _credential(world, method, path, kind)
     return {"Authorization": credential} if credential else {}
 
@@ -547,6 +566,8 @@ def _use_real_resources(case: Any, world: World, method: str, path: str) -> None
             case.query["regId"] = world.thing
         elif isinstance(case.body, dict):
             case.body["regId"] = world.thing
+    if path == "/provision/download" and isinstance(case.query, dict):
+        case.query.update(vendor=world.vendor, model="fuzz-model")  # the device's own pair
     if isinstance(case.query, dict) and "after" in case.query:
         case.query["after"] = world.message_id
     reg_id = case.body.get("regId") if path.endswith("/desired") and isinstance(case.body, dict) else None
