@@ -529,3 +529,44 @@ async def test_device_downloads_by_ranges(bridge: Bridge, acme: Vendor, other: V
     refused(await device("GET", "/download", params={"vendor": acme.name}), 400, "model")
     # a vendor's credential is no device's
     refused(await Api(bridge, **{"X-Exosite-CIK": acme.cik})("GET", "/download", params=pair), 401, "")
+
+
+async def test_protected_content_shared_through_groups(bridge: Bridge, acme: Vendor) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    cik = await activated(api, bridge, acme, model, "dev")
+    reset(
+        await api(
+            "POST", f"/manage/content/{model}/", form={"id": "locked", "description": "", "protected": "true"}
+        )
+    )
+    reset(await api("POST", f"/manage/content/{model}/locked", data=b"private"))
+    device = Api(bridge, **{"X-Exosite-CIK": cik})
+    query = {"vendor": acme.name, "model": model, "id": "locked"}
+    refused(await device("GET", "/download", params=query), 404, "not found")
+
+    groups = f"/manage/group/{model}/"
+    reset(await api("POST", groups, form={"id": "outer", "description": "fleet"}))
+    reset(await api("POST", groups, form={"id": "inner", "description": ""}))
+    refused(await api("POST", groups, form={"id": "inner", "description": ""}), 409, "already exists")
+    refused(await api("POST", groups, form={"id": "x"}), 400, "description is required")
+    # the device in the outer group, the content in a group nested in it
+    reset(await api("POST", f"{groups}outer/", form={"type": "sn", "id": "dev"}))
+    reset(await api("POST", f"{groups}outer/", csv=b"group,inner,0\r\n"))
+    reset(await api("POST", f"{groups}inner/", form=[("type", "content"), ("id[]", "locked")]))
+    refused(await api("POST", f"{groups}inner/", form={"type": "group", "id": "outer"}), 409, "")
+    refused(await api("POST", f"{groups}inner/", form={"type": "thing", "id": "x"}), 400, "member type")
+    refused(await api("POST", f"{groups}inner/", form={"type": "sn"}), 400, "either id or id[]")
+    got = await device("GET", "/download", params=query)
+    assert (got.status, got.body) == (200, b"private")
+    assert csv_body(await api("GET", f"/manage/content/{model}/", params={"sn": "dev"})) == b"locked\r\n"
+    # an expired membership counts as absent; removing the member or the group takes the content away
+    reset(await api("POST", f"{groups}outer/", form={"type": "sn", "id": "dev", "expire": "1"}))
+    refused(await device("GET", "/download", params=query), 404, "not found")
+    reset(await api("POST", f"{groups}outer/", form={"type": "sn", "id": "dev"}))
+    assert (await device("GET", "/download", params=query)).status == 200
+    reset(await api("POST", f"{groups}inner/", form={"type": "content", "id": "locked", "delete": "true"}))
+    refused(await device("GET", "/download", params=query), 404, "not found")
+    reset(await api("POST", f"{groups}inner/", form={"type": "content", "id": "locked"}))
+    reset(await api("POST", groups, form={"id": "inner", "delete": "true"}))
+    refused(await device("GET", "/download", params=query), 404, "not found")

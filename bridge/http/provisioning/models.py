@@ -140,3 +140,27 @@ class ContentForm(Model):
     description: Text | None = None
     protected: Flag = False
     delete: Flag = False
+
+
+# ---- groups -------------------------------------------------------------------------------------
+GroupPath = ContentPath  # {model}/{id}: the same segments, naming a group
+
+
+class GroupForm(Model):
+    """POST group/{model}/: create `id` (`description`), or with `delete=true` delete it."""
+
+    id: Key
+    description: Text | None = None
+    delete: Flag = False
+
+
+class MembersForm(Model):
+    """POST group/{model}/{id}/: add `id` or `id[]` of one `type` (`expire`, `description`), or with
+    `delete=true` remove them."""
+
+    type: Annotated[str, Meta(description="sn, content or group")]
+    id: Key | None = None
+    ids: list[Key] | None = msgspec.field(default=None, name="id[]")
+    expire: Annotated[str, Meta(description="epoch seconds, 0 = never (default)")] = "0"
+    description: Text = ""
+    delete: Flag = False

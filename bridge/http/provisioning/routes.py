@@ -13,6 +13,7 @@ from aiohttp import hdrs, web
 
 from bridge.core.errors import DomainError, Forbidden, Invalid, NotFound, TooLarge
 from bridge.core.provisioning.content import ContentInfo
+from bridge.core.provisioning.groups import expire, member_type
 from bridge.http.common.operation import Call, Empty, ErrorDoc, Form, Media, Operations, RawBody, Stream
 from bridge.http.provisioning import models
 from bridge.http.provisioning.answers import (
@@ -460,11 +461,16 @@ async def create_or_delete_content(
     form, content, vendor = call.body, call.core.provisioning.content, call.principal.vendor
     if form.delete:
         await content.delete(vendor, call.path.model, form.id)
-    elif form.description is None:
-        raise Invalid("description is required to create content")
     else:
-        await content.create(vendor, call.path.model, form.id, form.description, form.protected)
+        await content.create(vendor, call.path.model, form.id, _described(form, "content"), form.protected)
     return reset()
+
+
+def _described(form: models.ContentForm | models.GroupForm, what: str) -> str:
+    """A create's description: optional in the form (a delete has none), required by the document."""
+    if form.description is None:
+        raise Invalid(f"description is required to create {what}")
+    return form.description
 
 
 @api.get(
@@ -581,3 +587,70 @@ async def device_download(call: Call[str, None, models.DownloadQuery, None]) -> 
     except Forbidden as exc:
         raise Invalid(str(exc)) from None  # the document's 400 for the information (#4)
     return _cinfo(info, protected=False)
+
+
+# ---- groups (the writes protected content needs; the reads are not served yet) ------------------
+@api.post(
+    "/manage/group/{model}/",
+    "Create a group (#17), or delete one (#18, delete=true)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    body=Form(models.GroupForm, "id and description, or delete=true and id."),
+    status=205,
+    answer=RESET,
+    errors=(*WRITE, 409),
+    description="Deleting a missing group is done already; its memberships go with it.",
+)
+async def create_or_delete_group(
+    call: Call[VendorCaller, models.ModelPath, None, models.GroupForm],
+) -> web.Response:
+    form, groups, vendor = call.body, call.core.provisioning.groups, call.principal.vendor
+    if form.delete:
+        await groups.delete(vendor, call.path.model, form.id)
+    else:
+        await groups.create(vendor, call.path.model, form.id, _described(form, "a group"))
+    return reset()
+
+
+@api.post(
+    "/manage/group/{model}/{id}/",
+    "Add members (#26 form, #27 text/csv) or remove them (#28, delete=true)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.GroupPath,
+    body=Form(
+        models.MembersForm,
+        "A form: type (sn, content, group) with id or id[], expire (epoch seconds, 0 = never) and "
+        "description, with delete=true to remove them; or text/csv lines <type>,<memberid>,<expire>"
+        "[,<description>] to add, all or none in one transaction.",
+        {CSV: CSV_LINES},
+    ),
+    status=205,
+    answer=RESET,
+    errors=(*WRITE, 409, 413),
+    description="Adding a member again updates its expiry and description; a group inside itself "
+    "(directly or nested) is a 409. A protected content is for the serial numbers sharing a group with it.",
+)
+async def add_or_remove_members(
+    call: Call[VendorCaller, models.GroupPath, None, models.MembersForm | Stream],
+) -> web.Response:
+    groups, vendor, model, group, body = (
+        call.core.provisioning.groups,
+        call.principal.vendor,
+        call.path.model,
+        call.path.id,
+        call.body,
+    )
+    if isinstance(body, Stream):
+        await groups.add_csv(vendor, model, group, body.chunks)
+        return reset()
+    if (body.id is None) == (body.ids is None):
+        raise Invalid("give either id or id[]")
+    ids = [body.id] if body.id is not None else body.ids or []
+    kind = member_type(body.type)
+    if body.delete:
+        await groups.remove(vendor, model, group, kind, ids)
+    else:
+        await groups.add(vendor, model, group, kind, ids, expire(body.expire), body.description)
+    return reset()
