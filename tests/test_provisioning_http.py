@@ -570,3 +570,57 @@ async def test_protected_content_shared_through_groups(bridge: Bridge, acme: Ven
     reset(await api("POST", f"{groups}inner/", form={"type": "content", "id": "locked"}))
     reset(await api("POST", groups, form={"id": "inner", "delete": "true"}))
     refused(await device("GET", "/download", params=query), 404, "not found")
+
+
+async def test_group_reads_and_deletes(bridge: Bridge, acme: Vendor, other: Vendor) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    groups = f"/manage/group/{model}/"
+    assert (await api("GET", groups)).status == 204  # #16: no groups
+    for i in range(7):
+        reset(await api("POST", groups, form={"id": f"g{i}", "description": f"d,{i}" if i == 1 else ""}))
+    # #16: GLIST in creation order, paginated (defaults 0 and 5, the limit clamped to 5..1000)
+    assert csv_body(await api("GET", groups)) == b'g0,\r\ng1,"d,1"\r\ng2,\r\ng3,\r\ng4,\r\n'
+    assert csv_body(await api("GET", groups, params={"offset": "5", "limit": "1"})) == b"g5,\r\ng6,\r\n"
+    assert (await api("GET", groups, params={"offset": "7"})).status == 204
+    refused(await api("GET", groups, params={"offset": "x"}), 400, "")
+    refused(await Api(bridge, other)("GET", groups), 404, "")
+
+    reset(await api("POST", f"/manage/model/{model}/", form={"sn": "s1"}))
+    reset(await api("POST", f"/manage/content/{model}/", form={"id": "s1", "description": ""}))
+    reset(
+        await api("POST", f"{groups}g0/", csv=b'sn,s1,0\r\ncontent,s1,99999999999,"a,b"\r\ngroup,g1,0,x\r\n')
+    )
+    reset(await api("POST", f"{groups}g2/", form={"type": "group", "id": "g1", "expire": "1"}))  # expired
+    # #19 GINFO (expired members not counted); #20 the groups a group is in
+    assert csv_body(await api("GET", f"{groups}g0")) == b",3\r\n"
+    assert csv_body(await api("GET", f"{groups}g1")) == b'"d,1",0\r\n'
+    assert csv_body(await api("GET", f"{groups}g1", params={"show": "groups"})) == b"g0\r\n"
+    assert (await api("GET", f"{groups}g0", params={"show": "groups"})).status == 204
+    refused(await api("GET", f"{groups}nope"), 404, "not found")
+    refused(await api("GET", f"{groups}nope", params={"show": "groups"}), 404, "not found")
+    # #22-#25 MEMBERS: all, by type, by member id, one member
+    members = f"{groups}g0/"
+    assert csv_body(await api("GET", members)) == (
+        b'sn,s1,0,\r\ncontent,s1,99999999999,"a,b"\r\ngroup,g1,0,x\r\n'
+    )
+    assert csv_body(await api("GET", members, params={"offset": "2"})) == b"group,g1,0,x\r\n"
+    assert csv_body(await api("GET", members, params={"type": "group"})) == b"group,g1,0,x\r\n"
+    assert csv_body(await api("GET", members, params={"id": "s1"})) == (
+        b'sn,s1,0,\r\ncontent,s1,99999999999,"a,b"\r\n'
+    )
+    assert csv_body(await api("GET", members, params={"type": "sn", "id": "s1"})) == b"sn,s1,0,\r\n"
+    assert (await api("GET", members, params={"type": "sn", "id": "s2"})).status == 204
+    assert (await api("GET", f"{groups}g2/")).status == 204  # only an expired member
+    refused(await api("GET", members, params={"type": "thing"}), 400, "member type")
+    refused(await api("GET", f"{groups}nope/"), 404, "not found")
+    # #29 DELETE with <type>,<id> lines; a member not in the group is gone already
+    reset(await api("DELETE", members, csv=b"sn,s1\r\ngroup,g6\r\n"))
+    assert csv_body(await api("GET", f"{groups}g0/")) == b'content,s1,99999999999,"a,b"\r\ngroup,g1,0,x\r\n'
+    refused(await api("DELETE", members, csv=b"thing,s1\r\n"), 400, "member type")
+    refused(await api("DELETE", f"{groups}nope/", csv=b"sn,s1\r\n"), 404, "not found")
+    # #21 DELETE: with its memberships; a missing group is deleted already
+    reset(await api("DELETE", f"{groups}g1"))
+    reset(await api("DELETE", f"{groups}g1"))
+    refused(await api("GET", f"{groups}g1"), 404, "not found")
+    assert csv_body(await api("GET", f"{groups}g0")) == b",1\r\n"

@@ -47,13 +47,18 @@ class ModelsQuery(OpenModel):
     ] = None
 
 
-class SerialsQuery(OpenModel):
+class Paged(OpenModel):
+    """`offset` and `limit` (CATALOG 002 pagination: defaults 0 and 5, the limit clamped to 5..1000)."""
+
     offset: Offset | None = None
     limit: Limit | None = None
-    shared: Annotated[str | None, Meta(description="only the serial numbers this vendor enabled")] = None
 
     def page(self) -> Page:
         return Page.parse(*(None if v is None else str(v) for v in (self.offset, self.limit)))
+
+
+class SerialsQuery(Paged):
+    shared: Annotated[str | None, Meta(description="only the serial numbers this vendor enabled")] = None
 
 
 class SerialQuery(OpenModel):
@@ -164,3 +169,18 @@ class MembersForm(Model):
     expire: Annotated[str, Meta(description="epoch seconds, 0 = never (default)")] = "0"
     description: Text = ""
     delete: Flag = False
+
+
+class GroupQuery(Paged):
+    """GET group/{model}/{id}: its information, or with `show=groups` the groups it is a member of."""
+
+    show: Annotated[
+        Literal["groups"] | None, Meta(description="groups: the groups it is a direct member of")
+    ] = None
+
+
+class MembersQuery(Paged):
+    """GET group/{model}/{id}/: its members, only of `type` and/or with member `id`."""
+
+    type: Annotated[str | None, Meta(description="only members of this type: sn, content or group")] = None
+    id: Annotated[Key | None, Meta(description="only members with this id")] = None

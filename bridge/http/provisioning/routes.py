@@ -589,7 +589,28 @@ async def device_download(call: Call[str, None, models.DownloadQuery, None]) -> 
     return _cinfo(info, protected=False)
 
 
-# ---- groups (the writes protected content needs; the reads are not served yet) ------------------
+# ---- groups -------------------------------------------------------------------------------------
+MEMBERS = (
+    "<type>,<memberid>,<expire>,<description> (type sn, content or group; expire epoch seconds, 0 = never)"
+)
+
+
+@api.get(
+    "/manage/group/{model}/",
+    "List groups (#16)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.ModelPath,
+    query=models.Paged,
+    answer=csv_media("<group id>,<description>"),
+    alternatives={204: NO_RECORDS},
+    errors=(400, 401, 403, 404),
+)
+async def list_groups(call: Call[VendorCaller, models.ModelPath, models.Paged, None]) -> web.Response:
+    rows = await call.core.provisioning.groups.list(call.principal.vendor, call.path.model, call.query.page())
+    return csv_answer(rows)
+
+
 @api.post(
     "/manage/group/{model}/",
     "Create a group (#17), or delete one (#18, delete=true)",
@@ -653,4 +674,86 @@ async def add_or_remove_members(
         await groups.remove(vendor, model, group, kind, ids)
     else:
         await groups.add(vendor, model, group, kind, ids, expire(body.expire), body.description)
+    return reset()
+
+
+@api.get(
+    "/manage/group/{model}/{id}",
+    "Group information (#19) or the groups it is a member of (#20, show=groups)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.GroupPath,
+    query=models.GroupQuery,
+    answer=csv_media("<description>,<count> (members not expired); with show=groups <group id>"),
+    alternatives={204: NO_RECORDS},
+    errors=(400, 401, 403, 404),
+    description="404: no such group. 204 with show=groups: not a member of any other group.",
+)
+async def group_info(call: Call[VendorCaller, models.GroupPath, models.GroupQuery, None]) -> web.Response:
+    groups, vendor, path = call.core.provisioning.groups, call.principal.vendor, call.path
+    if call.query.show == "groups":
+        names = await groups.groups_of(vendor, path.model, "group", path.id, call.query.page())
+        return csv_answer([name] for name in names)
+    info = await groups.info(vendor, path.model, path.id)
+    return csv_answer([(info.description, info.count)])
+
+
+@api.delete(
+    "/manage/group/{model}/{id}",
+    "Delete a group (#21)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.GroupPath,
+    status=205,
+    answer=RESET,
+    errors=WRITE,
+    description="With its memberships (as a group and as a member); a missing group is deleted already.",
+)
+async def delete_group(call: Call[VendorCaller, models.GroupPath, None, None]) -> web.Response:
+    await call.core.provisioning.groups.delete(call.principal.vendor, call.path.model, call.path.id)
+    return reset()
+
+
+@api.get(
+    "/manage/group/{model}/{id}/",
+    "Members of a group (#22), of a type (#23, type=), with a member id (#24, id=) or one member (#25)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.GroupPath,
+    query=models.MembersQuery,
+    answer=csv_media(MEMBERS),
+    alternatives={204: NO_RECORDS},
+    errors=(400, 401, 403, 404),
+    description="In the order they were added; expired members are absent. 404: no such group; 400: a type "
+    "other than sn, content or group.",
+)
+async def list_members(call: Call[VendorCaller, models.GroupPath, models.MembersQuery, None]) -> web.Response:
+    query, path = call.query, call.path
+    members = await call.core.provisioning.groups.members(
+        call.principal.vendor, path.model, path.id, query.page(), type=query.type, id=query.id
+    )
+    return csv_answer((m.type, m.id, m.expire, m.description) for m in members)
+
+
+@api.delete(
+    "/manage/group/{model}/{id}/",
+    "Remove members (#29)",
+    tag=TAG,
+    auth=VENDOR,
+    path_model=models.GroupPath,
+    body=Form(
+        None,
+        "text/csv lines <type>,<memberid> (DELETE, so that POST text/csv means add).",
+        {CSV: CSV_LINES},
+    ),
+    status=205,
+    answer=RESET,
+    errors=(*WRITE, 413),
+    description="Members not in the group are gone already; all or none in one transaction.",
+)
+async def remove_members_csv(call: Call[VendorCaller, models.GroupPath, None, Stream]) -> web.Response:
+    path = call.path
+    await call.core.provisioning.groups.remove_csv(
+        call.principal.vendor, path.model, path.id, call.body.chunks
+    )
     return reset()
