@@ -614,6 +614,20 @@ async def test_group_reads_and_deletes(bridge: Bridge, acme: Vendor, other: Vend
     assert (await api("GET", f"{groups}g2/")).status == 204  # only an expired member
     refused(await api("GET", members, params={"type": "thing"}), 400, "member type")
     refused(await api("GET", f"{groups}nope/"), 404, "not found")
+    # #13, #45: the groups a content / a serial number is a direct member of (204: none)
+    reset(await api("POST", f"{groups}g3/", form={"type": "sn", "id": "s1"}))
+    sn_groups = f"/manage/model/{model}/s1"
+    assert csv_body(await api("GET", sn_groups, params={"show": "groups"})) == b"g0\r\ng3\r\n"
+    assert csv_body(await api("GET", sn_groups, params={"show": "groups", "offset": "1"})) == b"g3\r\n"
+    content_groups = f"/manage/content/{model}/s1"
+    assert csv_body(await api("GET", content_groups, params={"show": "groups"})) == b"g0\r\n"
+    reset(await api("POST", f"/manage/model/{model}/", form={"sn": "s2"}))
+    assert (await api("GET", f"/manage/model/{model}/s2", params={"show": "groups"})).status == 204
+    refused(await api("GET", f"/manage/model/{model}/s9", params={"show": "groups"}), 404, "not found")
+    refused(await api("GET", f"/manage/content/{model}/c9", params={"show": "groups"}), 404, "not found")
+    reset(await api("POST", f"/manage/share/{model}/", form={"vendor": other.name}))
+    shared = Api(bridge, other, **{"X-Exosite-Vendor": acme.name})
+    refused(await shared("GET", sn_groups, params={"show": "groups"}), 403, "X-Exosite-Vendor")
     # #29 DELETE with <type>,<id> lines; a member not in the group is gone already
     reset(await api("DELETE", members, csv=b"sn,s1\r\ngroup,g6\r\n"))
     assert csv_body(await api("GET", f"{groups}g0/")) == b'content,s1,99999999999,"a,b"\r\ngroup,g1,0,x\r\n'
@@ -622,5 +636,6 @@ async def test_group_reads_and_deletes(bridge: Bridge, acme: Vendor, other: Vend
     # #21 DELETE: with its memberships; a missing group is deleted already
     reset(await api("DELETE", f"{groups}g1"))
     reset(await api("DELETE", f"{groups}g1"))
+    assert csv_body(await api("GET", sn_groups, params={"show": "groups"})) == b"g3\r\n"  # out of g0 by #29
     refused(await api("GET", f"{groups}g1"), 404, "not found")
     assert csv_body(await api("GET", f"{groups}g0")) == b",1\r\n"

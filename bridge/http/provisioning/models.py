@@ -61,8 +61,11 @@ class SerialsQuery(Paged):
     shared: Annotated[str | None, Meta(description="only the serial numbers this vendor enabled")] = None
 
 
-class SerialQuery(OpenModel):
-    show: Annotated[Literal["log"] | None, Meta(description="log: the activation log")] = None
+class SerialQuery(Paged):
+    show: Annotated[
+        Literal["log", "groups"] | None,
+        Meta(description="log: the activation log; groups: the groups it is a direct member of"),
+    ] = None
 
 
 # ---- form bodies --------------------------------------------------------------------------------
@@ -124,7 +127,10 @@ class ContentListQuery(OpenModel):
     sn: Annotated[Key | None, Meta(description="only the content this serial number may have")] = None
 
 
-class ContentQuery(OpenModel):
+class ContentQuery(Paged):
+    show: Annotated[
+        Literal["groups"] | None, Meta(description="groups: the groups it is a direct member of")
+    ] = None
     download: Annotated[bool, Meta(description="true: the blob instead of its information")] = False
     sn: Annotated[Key | None, Meta(description="only if this serial number may have the content")] = None
 

@@ -236,20 +236,27 @@ async def remove_serials_csv(call: Call[VendorCaller, models.ModelPath, None, St
 
 @api.get(
     "/manage/model/{model}/{sn}",
-    "Serial number information (#44) or activation log (#46, show=log)",
+    "Serial number information (#44), its groups (#45, show=groups) or activation log (#46, show=log)",
     tag=TAG,
     auth=VENDOR_OR_SHARE,
     path_model=models.SerialPath,
     query=models.SerialQuery,
     answer=csv_media(
         "<status>,<rid>,<extra> (status enabled, expired, activated or disabled); with show=log "
-        "<timestamp>,<connection-info>,<log-entry> (epoch seconds, remote address and user agent)"
+        "<timestamp>,<connection-info>,<log-entry> (epoch seconds, remote address and user agent); with "
+        "show=groups <group id>"
     ),
     alternatives={204: NO_RECORDS},
     errors=(400, 401, 403, 404),
+    description="show=groups (#45) is the model's vendor's only: 403 with X-Exosite-Vendor; 404 for an "
+    "unknown serial number.",
 )
 async def serial_info(call: Call[VendorCaller, models.SerialPath, models.SerialQuery, None]) -> web.Response:
     serials, caller, path = call.core.provisioning.serials, call.principal, call.path
+    if call.query.show == "groups":
+        if caller.as_vendor is not None:
+            raise Forbidden("X-Exosite-Vendor is not accepted with show=groups")
+        return await _groups_of(call, "sn", path.sn)
     if call.query.show == "log":
         entries = await serials.log(caller.vendor, path.model, path.sn, as_vendor=caller.as_vendor)
         return csv_answer((int(e.ts), f"{e.remote} {e.agent}".strip(), e.entry) for e in entries)
@@ -413,6 +420,14 @@ async def _pair(call: Call[VendorCaller, Any, Any, Any], error: type[DomainError
         raise error(str(exc)) from None
 
 
+async def _groups_of(call: Call[VendorCaller, Any, Any, Any], type_: str, id_: str) -> web.Response:
+    """The `show=groups` views (#13, #20, #45): the groups it is a direct member of, paginated."""
+    names = await call.core.provisioning.groups.groups_of(
+        call.principal.vendor, call.path.model, type_, id_, call.query.page()
+    )
+    return csv_answer([name] for name in names)
+
+
 def _cinfo(info: ContentInfo, *, protected: bool) -> web.Response:
     row: list[object] = [info.content_type, info.size, info.updated, info.description]
     return csv_answer([[*row, str(info.protected).lower()] if protected else row])
@@ -475,23 +490,26 @@ def _described(form: models.ContentForm | models.GroupForm, what: str) -> str:
 
 @api.get(
     "/manage/content/{model}/{id}",
-    "Content information (#9, #11 with sn=) or its blob (#10, #12: download=true)",
+    "Content information (#9, #11 with sn=), its groups (#13, show=groups) or its blob (#10, #12: "
+    "download=true)",
     tag=TAG,
     auth=VENDOR,
     path_model=models.ContentPath,
     query=models.ContentQuery,
     answer=Media(
         CSV,
-        f"CSV (RFC 4180): {CINFO4},<protected> (#9), without <protected> with sn= (#11); with download=true "
-        "the blob, with the Content-Type it was uploaded with.",
+        f"CSV (RFC 4180): {CINFO4},<protected> (#9), without <protected> with sn= (#11); <group id> per "
+        "line with show=groups (#13); with download=true the blob, with the Content-Type it was uploaded "
+        "with.",
         STRING,
         BLOB_HEADERS,
         {OCTET: BLOB},
     ),
-    alternatives={206: PARTIAL},
+    alternatives={204: NO_RECORDS, 206: PARTIAL},
     errors=(400, 401, 403, 404, UNSATISFIABLE),
     description="An invalid vendor/model pair answers 400 with sn= (#11), 403 with download=true (#10, #12); "
-    "404: no such content, or not for that serial number, or no blob uploaded yet.",
+    "404: no such content, or not for that serial number, or no blob uploaded yet. show=groups (#13) "
+    "answers 204 for content in no group.",
 )
 async def content_info_or_download(
     call: Call[VendorCaller, models.ContentPath, models.ContentQuery, None],
@@ -502,6 +520,8 @@ async def content_info_or_download(
         call.path,
         call.query,
     )
+    if query.show == "groups":
+        return await _groups_of(call, "content", path.id)
     if query.download:
         await _pair(call, Forbidden)
         return BlobResponse(await content.download(vendor, path.model, path.id, sn=query.sn))
@@ -692,8 +712,7 @@ async def add_or_remove_members(
 async def group_info(call: Call[VendorCaller, models.GroupPath, models.GroupQuery, None]) -> web.Response:
     groups, vendor, path = call.core.provisioning.groups, call.principal.vendor, call.path
     if call.query.show == "groups":
-        names = await groups.groups_of(vendor, path.model, "group", path.id, call.query.page())
-        return csv_answer([name] for name in names)
+        return await _groups_of(call, "group", path.id)
     info = await groups.info(vendor, path.model, path.id)
     return csv_answer([(info.description, info.count)])
 
