@@ -21,7 +21,7 @@ from bridge.core.accounts import generate_password
 from bridge.core.bundle import thing_files
 from bridge.core.errors import DomainError, Invalid
 from bridge.core.service import Core
-from bridge.core.status import DESIRED_FIELDS
+from bridge.core.status import DESIRED_FIELDS, kind_name
 from bridge.core.things import NewThing
 
 
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                 dest=name,
                 type=int if kind is int else str,
                 metavar={int: "N", dict: "JSON"}.get(kind, "TEXT"),
-                help=f"{name} ({'a JSON object' if kind is dict else _kind(kind)})",
+                help=f"{name} (JSON {kind_name(kind)})",
             )
         p.add_argument(
             "--clear",
@@ -239,10 +239,6 @@ async def _vendor_revoke(core: Core, a: argparse.Namespace) -> None:
 def _twin_option(name: str) -> str:
     """A device-twin field's option: UpdateRate -> --update-rate, packageUrl -> --package-url."""
     return "--" + re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
-
-
-def _kind(kind: type) -> str:
-    return {int: "an integer", str: "a string"}.get(kind, kind.__name__)
 
 
 def _config_changes(a: argparse.Namespace) -> dict[str, Any]:

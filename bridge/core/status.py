@@ -122,7 +122,7 @@ def parse_changes(body: dict[str, Any], allowed: dict[str, tuple[str, type]]) ->
     for name, value in body.items():
         column, kind = allowed[name]
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise Invalid(f"{name} must be {'an' if kind in (int, dict) else 'a'} {_kind(kind)} or null")
+            raise Invalid(f"{name} must be {'an' if kind in (int, dict) else 'a'} {kind_name(kind)} or null")
         if name == "UpdateRate" and value is not None and not UPDATE_RATE_MIN <= value <= UPDATE_RATE_MAX:
             raise Invalid(f"UpdateRate must be between {UPDATE_RATE_MIN} and {UPDATE_RATE_MAX} hours")
         if name == "version" and value is not None and not 0 <= value <= MAX_VERSION:
@@ -133,7 +133,7 @@ def parse_changes(body: dict[str, Any], allowed: dict[str, tuple[str, type]]) ->
     return changes
 
 
-def _kind(kind: type) -> str:
+def kind_name(kind: type) -> str:
     return {int: "integer", dict: "object", str: "string"}[kind]
 
 

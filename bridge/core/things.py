@@ -87,7 +87,7 @@ class Things:
         # thing id -> owner id, for per-delivery tenancy checks; filled lazily, dropped on delete
         self._owners: dict[str, str] = {}
         # Bumped by every delete and disable, before live sessions are closed: a check that read
-        # the registry before the bump re-reads it (see still_valid) instead of trusting it.
+        # the registry before the bump re-reads it (see standing) instead of trusting it.
         self.revocations = 0
         self._verifiers: dict[str, tuple[str, str, str, Any]] = {}
         self._verified_tokens: dict[str, tuple[DeviceIdentity, float]] = {}
@@ -267,22 +267,7 @@ class Things:
         return identity
 
     async def _verify_token(self, token: str, path_thing_id: str) -> tuple[DeviceIdentity, float]:
-        try:
-            header = jwt.get_unverified_header(token)
-            claims = jwt.decode(token, options={"verify_signature": False})
-        except jwt.InvalidTokenError as exc:
-            raise Unauthorized("thing token is not a valid JWT") from exc
-        iss = claims.get("iss")
-        from_iss = (
-            iss[len(TOKEN_ISSUER_PREFIX) :]
-            if isinstance(iss, str) and iss.startswith(TOKEN_ISSUER_PREFIX)
-            else None
-        )
-        kid = header.get("kid")
-        named = {n for n in (kid if isinstance(kid, str) else None, from_iss) if n}
-        if len(named) != 1 or (kid is not None and not isinstance(kid, str)):
-            raise Unauthorized("thing token must name one thing in kid and/or iss (urn:thing:<id>)")
-        (thing_id,) = named
+        thing_id, claims = _unverified(token)
         if thing_id != path_thing_id:
             raise Unauthorized("thing token is for another thing")
         # PyJWT takes a numeric string for exp/nbf/iat and then compares strings with numbers.
@@ -415,6 +400,33 @@ def _unavailable(thing_id: str) -> str:
     # The same answer whoever holds the id (you, another user, a regId alias): ids are global
     # (certificate CN, topic level), and a 409 that said whose it is would confirm it exists.
     return f"thing id {thing_id!r} is not available; choose another, or omit flthingspk for a generated one"
+
+
+def token_subject(token: str) -> str:
+    """The thing a thing token names, before its signature is checked: which key to check it
+    with (for a route whose path names no device)."""
+    return _unverified(token)[0]
+
+
+def _unverified(token: str) -> tuple[str, dict[str, Any]]:
+    """The thing a token names (header kid and/or claim iss = urn:thing:<id>, which must agree)
+    and its claims, unverified."""
+    try:
+        header = jwt.get_unverified_header(token)
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError as exc:
+        raise Unauthorized("thing token is not a valid JWT") from exc
+    iss = claims.get("iss")
+    from_iss = (
+        iss[len(TOKEN_ISSUER_PREFIX) :]
+        if isinstance(iss, str) and iss.startswith(TOKEN_ISSUER_PREFIX)
+        else None
+    )
+    kid = header.get("kid")
+    named = {n for n in (kid if isinstance(kid, str) else None, from_iss) if n}
+    if len(named) != 1 or (kid is not None and not isinstance(kid, str)):
+        raise Unauthorized("thing token must name one thing in kid and/or iss (urn:thing:<id>)")
+    return named.pop(), claims
 
 
 def check_audience(aud: Any, thing_id: str, accepted: Iterable[str]) -> None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jwt
 from aiohttp import web
 
 from bridge import pki
 from bridge.core.errors import Forbidden, NotFound, Unauthorized
 from bridge.core.identity import DeviceIdentity
-from bridge.core.things import TOKEN_ISSUER_PREFIX
+from bridge.core.things import token_subject
 from bridge.http.common.auth import CORE, Auth, peer_certificate
 
 
@@ -22,21 +21,6 @@ from bridge.http.common.auth import CORE, Auth, peer_certificate
 class DeviceCaller:
     identity: DeviceIdentity
     client_token: str | None  # the Client-Token header, recorded as sent
-
-
-def _named_thing(token: str) -> str:
-    """The thing a device token names (kid, else iss = urn:thing:<id>), unverified: which key to
-    check it with. verify_token then refuses a token whose kid and iss disagree."""
-    try:
-        kid = jwt.get_unverified_header(token).get("kid")
-        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
-    except jwt.InvalidTokenError as exc:
-        raise Unauthorized("token is not a valid JWT") from exc
-    if isinstance(kid, str) and kid:
-        return kid
-    if isinstance(iss, str) and iss.startswith(TOKEN_ISSUER_PREFIX):
-        return iss[len(TOKEN_ISSUER_PREFIX) :]
-    raise Unauthorized("token must name its thing in kid and/or iss (urn:thing:<id>)")
 
 
 async def require_device(request: web.Request) -> DeviceCaller:
@@ -49,7 +33,7 @@ async def require_device(request: web.Request) -> DeviceCaller:
         if identity is None:
             raise Unauthorized("client certificate is not the current certificate of a thing")
     elif token:
-        identity = await core.things.verify_token(token, _named_thing(token))
+        identity = await core.things.verify_token(token, token_subject(token))
     else:
         raise Unauthorized("the device's token header (or its client certificate on HTTPS) is required")
     device_id = request.match_info.get("deviceId")
