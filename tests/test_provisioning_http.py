@@ -149,6 +149,12 @@ async def test_models(bridge: Bridge, owner: Account) -> None:
     assert info.body == f"rid={rid}&options%5B%5D=noaliases&options%5B%5D=nohistorical".encode()
     reset(await api("PUT", "/manage/model/m2", form={"rid": "b" * 40, "options[]": "nocomments"}))
     assert (await api("GET", "/manage/model/m2")).body == b"rid=" + b"b" * 40 + b"&options%5B%5D=nocomments"
+    # the document's own spelling `options=` (CATALOG 002 note 10) is taken as `options[]=`
+    mixed = [("rid", rid), ("options[]", "noaliases"), ("options", "nohistorical")]
+    reset(await api("PUT", "/manage/model/m2", form=mixed))
+    assert (await api("GET", "/manage/model/m2")).body == (
+        f"rid={rid}&options%5B%5D=noaliases&options%5B%5D=nohistorical".encode()
+    )
     refused(await api("PUT", "/manage/model/nope", form={"rid": rid}), 404, "not found")
     refused(await api("GET", "/manage/model/nope"), 404, "not found")
 
@@ -508,6 +514,17 @@ async def test_device_downloads_by_ranges(bridge: Bridge, acme: Vendor, other: V
     assert (last.status, last.body) == (206, blob[-24:])
     beyond = await ranged("bytes=2000-")
     assert (beyond.status, beyond.headers["Content-Range"]) == (416, "bytes */1024")
+    # conditional requests compare the SHA-256 tag: a cached copy is current (304), a write
+    # guarded by another tag fails (412), and a weak tag never passes If-Match
+    assert etag == f'"{hashlib.sha256(blob).hexdigest()}"'
+    cached = await device("GET", "/download", params={**pair, "id": "fw"}, headers={"If-None-Match": etag})
+    assert (cached.status, cached.body, cached.headers["ETag"]) == (304, b"", etag)
+    other_tag = await device(
+        "GET", "/download", params={**pair, "id": "fw"}, headers={"If-None-Match": '"x"'}
+    )
+    assert (other_tag.status, other_tag.body) == (200, blob)
+    for guard, status in ((etag, 206), ('"x"', 412), (f"W/{etag}", 412)):
+        assert (await ranged("bytes=0-9", **{"If-Match": guard})).status == status, guard
     # a resume: the same ETag serves the range, a stale one the whole new blob
     assert (await ranged("bytes=100-", **{"If-Range": etag})).body == blob[100:]
     reset(await api("POST", f"{base}fw", data=blob[::-1], headers={"Content-Type": "application/x-fw"}))

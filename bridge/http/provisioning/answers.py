@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import ETag
 
 from bridge.core.provisioning.content import Download
 from bridge.http.common.operation import Empty, Media
@@ -44,10 +45,12 @@ def reset() -> web.Response:
 
 
 class BlobResponse(web.FileResponse):
-    """A content's blob by aiohttp's FileResponse (sendfile, Range and 416, Last-Modified, a file
-    gone meanwhile answers 404), with the blob's SHA-256 as its strong ETag. aiohttp's own ETag is
-    the file's mtime and size, and its If-Range compares dates only, so an entity-tag If-Range is
-    decided here: ours, the ranges are served (206); any other, the whole blob (200)."""
+    """A content's blob by aiohttp's FileResponse (sendfile, Range and 416, If-Match 412,
+    If-None-Match 304, Last-Modified, a file gone meanwhile answers 404), with the blob's SHA-256
+    as its strong ETag. aiohttp's own ETag is the file's mtime and size: the tag it sends and the
+    one If-Match / If-None-Match are compared with are replaced by ours. Its If-Range compares dates
+    only, so an entity-tag If-Range is decided here: ours, the ranges are served (206); any other,
+    the whole blob (200)."""
 
     def __init__(self, download: Download) -> None:
         super().__init__(download.path, headers={hdrs.CONTENT_TYPE: download.content_type})
@@ -56,6 +59,9 @@ class BlobResponse(web.FileResponse):
     @web.FileResponse.etag.setter  # type: ignore[attr-defined, untyped-decorator]
     def etag(self, value: object) -> None:
         web.StreamResponse.etag.fset(self, self._sha256)  # type: ignore[attr-defined]
+
+    def _etag_match(self, etag_value: str, etags: tuple[ETag, ...], *, weak: bool) -> bool:
+        return super()._etag_match(self._sha256, etags, weak=weak)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if_range = request.headers.get(hdrs.IF_RANGE, "")
