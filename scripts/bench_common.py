@@ -638,6 +638,14 @@ class Monitor:
         }
 
 
+def proc_status_mib(pid: int, field: str) -> float:
+    """A memory line of /proc/<pid>/status in MiB: VmRSS (now) or VmHWM (the kernel's exact peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
 # ----------------------------------------------------------------------------------------------------
 # statistics, tables, output
 # ----------------------------------------------------------------------------------------------------
@@ -702,10 +710,17 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
 
 
 def verdict(
-    name: str, value: float | None, target: float, unit: str = "x", lower_is_better: bool = False
+    name: str,
+    value: float | None,
+    target: float,
+    unit: str = "x",
+    lower_is_better: bool = False,
+    at_most: bool = False,
 ) -> dict[str, Any]:
-    met = None if value is None else (value < target if lower_is_better else value >= target)
-    op = "<" if lower_is_better else ">="
+    """Met when value >= target; `lower_is_better`: value < target; `at_most`: value <= target."""
+    ops = {">=": lambda v: v >= target, "<": lambda v: v < target, "<=": lambda v: v <= target}
+    op = "<=" if at_most else "<" if lower_is_better else ">="
+    met = None if value is None else ops[op](value)
     return {"target": name, "value": value, "op": op, "threshold": target, "unit": unit, "met": met}
 
 

@@ -143,6 +143,103 @@ async def _admin_stats(port: int) -> dict[str, Any]:
             return (await r.json())["result"]
 
 
+class IdleFleet:
+    """Idle TLS connections held by load processes: connect_idle() made them; close() ends them."""
+
+    def __init__(self, procs: list[Any], stop_evt: Any, result_q: Any) -> None:
+        self.procs, self.stop_evt, self.result_q = procs, stop_evt, result_q
+        self.result: dict[str, Any] = {}
+        self.profile: dict[str, Any] | None = None
+
+    def close(self) -> int:
+        """Disconnect them all; how many were still connected at that moment."""
+        self.stop_evt.set()
+        alive = 0
+        for _ in self.procs:
+            res = bc.get_q(self.result_q, 120, "idle processes to finish")
+            alive += res.get("alive", 0)
+        bc.reap(self.procs, grace=15)
+        return alive
+
+    def abandon(self) -> None:
+        self.stop_evt.set()
+        bc.reap(self.procs, grace=15)
+
+
+def connect_idle(
+    port: int,
+    things: list[tuple[str, Path]],
+    pid: int,
+    *,
+    procs: int = 2,
+    window: int = 32,
+    keepalive: int = 60,
+    connect_timeout: float = 60,
+    max_seconds: float = 1800,
+    profile: Path | None = None,
+) -> IdleFleet:
+    """Connect `things` over TLS (their own certificates) to the broker on `port` from `procs`
+    processes, at most `window` handshakes in flight each, and keep them connected and idle. The
+    result: connected, handshakes/s, connect p50/p99 and the server's CPU per handshake (pid `pid`)."""
+    ready_q, result_q, start_evt, stop_evt = bc.MP.Queue(), bc.MP.Queue(), bc.MP.Event(), bc.MP.Event()
+    n_procs = max(1, min(procs, len(things)))
+    idle = IdleFleet([], stop_evt, result_q)
+    pairs = [(tid, str(pem)) for tid, pem in things]
+    try:
+        for p in range(n_procs):
+            spec = {
+                "port": port,
+                "things": pairs[p::n_procs],
+                "window": window,
+                "keepalive": keepalive,
+                "connect_timeout": connect_timeout,
+                "timeout": max_seconds,
+                "hold": max_seconds,
+            }
+            idle.procs.append(
+                bc.spawn(idle_main, spec, ready_q, start_evt, stop_evt, result_q, name="idle-conns")
+            )
+        for _ in range(n_procs):
+            kind, _pid, info = bc.get_q(ready_q, 300, "idle load processes")
+            if kind != "idle":
+                raise RuntimeError(f"idle load process failed: {info}")
+        spy = bc.start_pyspy(pid, max_seconds, profile) if profile is not None else None
+        mon = bc.Monitor(pid).start()
+        t0 = time.time()
+        start_evt.set()
+        connected = []
+        for _ in range(n_procs):
+            res = bc.get_q(result_q, max_seconds, "the connect phase")
+            if res.get("error"):
+                raise RuntimeError(f"idle load process failed: {res['error']}")
+            connected.append(res)
+        cpu = mon.stop()
+        if spy is not None and profile is not None:
+            bc.interrupt_pyspy(spy)
+            idle.profile = bc.analyse_profile(profile) if profile.exists() else {"samples": 0}
+    except BaseException:
+        idle.abandon()
+        raise
+    ok = sum(r["ok"] for r in connected)
+    t_last = max(r["t_end"] for r in connected)
+    lat = [x for r in connected for x in r["latencies"]]
+    errors: Counter[str] = Counter()
+    for r in connected:
+        errors.update(r["errors"])
+    idle.result = {
+        "connected": ok,
+        "alive_after_connect_phase": sum(r.get("alive_after_connect", 0) for r in connected),
+        "connect_errors": dict(errors) or None,
+        "connect_phase_s": round(t_last - t0, 2),
+        "handshakes_per_s": bc.rnd(ok / (t_last - t0), 1),
+        "connect_p50_ms": bc.rnd(1000 * (bc.percentile(lat, 50) or 0)),
+        "connect_p99_ms": bc.rnd(1000 * (bc.percentile(lat, 99) or 0)),
+        "connect_server_cpu_pct": cpu["server_cpu_pct_of_one_core"],
+        "connect_server_cpu_ms_per_handshake": bc.rnd(1000 * cpu["server_cpu_s"] / ok, 3) if ok else None,
+    }
+    return idle
+
+
 def live_load(a: argparse.Namespace, fleet: bc.Fleet, ports: dict[str, int], pid: int) -> dict[str, Any]:
     live = fleet.things[a.things : a.things + a.live_things]
     per_conn = max(1, int(a.live_rate * a.live_seconds / len(live)))
@@ -256,8 +353,7 @@ def main() -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
     }
     result: dict[str, Any] = {"things": a.things, "bench_nofile_limit": soft}
-    procs = []
-    stop_evt = bc.MP.Event()
+    idle: IdleFleet | None = None
     server = None
     try:
         t = time.time()
@@ -288,66 +384,26 @@ def main() -> int:
         )
 
         # --- connect K idle things
-        ready_q, result_q, start_evt = bc.MP.Queue(), bc.MP.Queue(), bc.MP.Event()
-        idle = [(tid, str(pem)) for tid, pem in fleet.things[: a.things]]
-        n_procs = max(1, min(a.procs, a.things))
-        for p in range(n_procs):
-            spec = {
-                "port": ports["mqtt_tls"],
-                "things": idle[p::n_procs],
-                "window": a.window,
-                "keepalive": a.keepalive,
-                "connect_timeout": a.connect_timeout,
-                "timeout": a.max_seconds,
-                "hold": a.max_seconds,
-            }
-            procs.append(bc.spawn(idle_main, spec, ready_q, start_evt, stop_evt, result_q, name="idle-conns"))
-        for _ in range(n_procs):
-            kind, _pid, info = bc.get_q(ready_q, 300, "idle load processes")
-            if kind != "idle":
-                raise RuntimeError(f"idle load process failed: {info}")
-        spy = None
-        if a.profile:
-            spy = bc.start_pyspy(server.pid, a.max_seconds, work / "bridge-connect.pyspy.raw")
-        mon = bc.Monitor(server.pid).start()
-        t0 = time.time()
-        start_evt.set()
-        connected = []
-        for _ in range(n_procs):
-            res = bc.get_q(result_q, a.max_seconds, "the connect phase")
-            if res.get("error"):
-                raise RuntimeError(f"idle load process failed: {res['error']}")
-            connected.append(res)
-        cpu = mon.stop()
-        if spy is not None:
-            bc.interrupt_pyspy(spy)
-            raw = work / "bridge-connect.pyspy.raw"
-            doc["profile"] = bc.analyse_profile(raw) if raw.exists() else {"samples": 0}
-        ok = sum(r["ok"] for r in connected)
-        t_last = max(r["t_end"] for r in connected)
-        lat = [x for r in connected for x in r["latencies"]]
-        errors: Counter[str] = Counter()
-        for r in connected:
-            errors.update(r["errors"])
-        result.update(
-            {
-                "connected": ok,
-                "alive_after_connect_phase": sum(r.get("alive_after_connect", 0) for r in connected),
-                "connect_errors": dict(errors) or None,
-                "connect_phase_s": round(t_last - t0, 2),
-                "handshakes_per_s": bc.rnd(ok / (t_last - t0), 1),
-                "connect_p50_ms": bc.rnd(1000 * (bc.percentile(lat, 50) or 0)),
-                "connect_p99_ms": bc.rnd(1000 * (bc.percentile(lat, 99) or 0)),
-                "connect_server_cpu_pct": cpu["server_cpu_pct_of_one_core"],
-                "connect_server_cpu_ms_per_handshake": bc.rnd(1000 * cpu["server_cpu_s"] / ok, 2)
-                if ok
-                else None,
-            }
+        idle = connect_idle(
+            ports["mqtt_tls"],
+            fleet.things[: a.things],
+            server.pid,
+            procs=a.procs,
+            window=a.window,
+            keepalive=a.keepalive,
+            connect_timeout=a.connect_timeout,
+            max_seconds=a.max_seconds,
+            profile=work / "bridge-connect.pyspy.raw" if a.profile else None,
         )
+        if idle.profile is not None:
+            doc["profile"] = idle.profile
+        result.update(idle.result)
+        ok = idle.result["connected"]
+        errors = idle.result["connect_errors"] or {}
         print(
             f"connected {ok}/{a.things} in {result['connect_phase_s']} s: {bc.fmt(result['handshakes_per_s'])}"
             f" handshakes/s, connect p99 {result['connect_p99_ms']} ms"
-            + (f", errors {dict(errors)}" if errors else "")
+            + (f", errors {errors}" if errors else "")
         )
 
         # --- idle: RSS per connection
@@ -381,11 +437,8 @@ def main() -> int:
             f" p99 {live['lat_p99_ms']} ms, server CPU {live['server_cpu_pct_of_one_core']}%"
         )
 
-        stop_evt.set()
-        for _ in range(n_procs):
-            res = bc.get_q(result_q, 120, "idle processes to finish")
-            if res.get("role") == "idle-end":
-                result["still_connected_at_end"] = result.get("still_connected_at_end", 0) + res["alive"]
+        result["still_connected_at_end"] = idle.close()
+        idle = None
 
         print(
             f"\nConnections: {a.things} idle TLS things (client certificates, keepalive {a.keepalive} s) + "
@@ -448,8 +501,8 @@ def main() -> int:
             bc.print_profile(doc["profile"], f"the connect phase ({ok} TLS handshakes)")
         bc.emit_json(a, doc)
     finally:
-        stop_evt.set()
-        bc.reap(procs, grace=15)
+        if idle is not None:
+            idle.abandon()
         if server is not None:
             server.stop()
         bc.finish(work, a.keep)
