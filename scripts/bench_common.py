@@ -1009,6 +1009,17 @@ async def serve_until_stopped(ready_line: str, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
+async def serve_app(app: Any, port: int, seconds: float) -> None:
+    """A bare aiohttp application as a comparison server on 127.0.0.1:`port`, until stopped."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, port).start()
+    await serve_until_stopped(f"bare ready pid={os.getpid()}", seconds)
+    await runner.cleanup()
+
+
 def finish(work: Path, keep: Path | None) -> None:
     """End every process this bench started and remove its data unless `--keep` was given."""
     end_all()

@@ -54,16 +54,9 @@ def serve_bare(a: argparse.Namespace) -> None:
         doc = {"status": "OK", "code": 200, "messages": [{"key": "message", "value": "OK"}], "result": result}
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
-    async def main() -> None:
-        app = web.Application(client_max_size=1024 * 1024)
-        app.router.add_post("/dev/v1/things/{thing_id}/collect", collect)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, bc.HOST, a.port).start()
-        await bc.serve_until_stopped(f"bare ready pid={os.getpid()}", a.seconds)
-        await runner.cleanup()
-
-    asyncio.run(main())
+    app = web.Application(client_max_size=1024 * 1024)
+    app.router.add_post("/dev/v1/things/{thing_id}/collect", collect)
+    asyncio.run(bc.serve_app(app, a.port, a.seconds))
 
 
 # ----------------------------------------------------------------------------------------------------

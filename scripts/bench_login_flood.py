@@ -36,13 +36,6 @@ import bench_common as bc
 TIMEOUT = 120.0  # one request or CONNECT
 
 
-def vm_hwm_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
-
-
 async def mqtt_code(port: int, client_id: str, username: str, password: str) -> int:
     """The CONNACK return code of a CONNECT on the plain listener (then DISCONNECT when accepted)."""
     reader, writer = await asyncio.open_connection(bc.HOST, port)
@@ -160,7 +153,7 @@ def one_round(a: argparse.Namespace, fleet: bc.Fleet) -> dict[str, Any]:
     try:
         http = f"http://{bc.HOST}:{ports['http']}"
         bc.wait_cpu_quiet(server.pid, timeout=30)
-        rss_before = vm_hwm_mib(server.pid)
+        rss_before = bc.proc_status_mib(server.pid, "VmHWM")
         tok = asyncio.run(admin_token(http))  # before the flood, whose victim is the admin
         if asyncio.run(mqtt_code(ports["mqtt_plain"], f"app:{bc.APP}", bc.APP, bc.APP_PASSWORD)) != 0:
             raise RuntimeError("benchapp could not connect before the flood")
@@ -198,7 +191,7 @@ def one_round(a: argparse.Namespace, fleet: bc.Fleet) -> dict[str, Any]:
             "app_connect_max_ms": round(max(connects) * 1000, 1),
             "app_connects": len(connects),
             "server_rss_before_mib": round(rss_before, 1),
-            "server_rss_peak_mib": round(vm_hwm_mib(server.pid), 1),
+            "server_rss_peak_mib": round(bc.proc_status_mib(server.pid, "VmHWM"), 1),
             "server_cpu_s": usage["server_cpu_s"],
             "refused_by_reason": stats.get("refusedByReason"),
             "password_checks": stats.get("passwordChecks"),
