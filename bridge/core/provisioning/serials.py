@@ -15,12 +15,11 @@ remap, disable, delete) disables or deletes the thing and closes its live sessio
 
 from __future__ import annotations
 
-import csv
 import re
 import secrets
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -48,7 +47,6 @@ from bridge.store import Store
 
 OPTIONS = ("noaliases", "nocomments", "nohistorical")
 LOG_KEPT = 100  # activation log entries kept per serial number (a device retrying cannot grow it)
-INSERT_CHUNK = 5000
 _CIK = re.compile(r"[0-9a-f]{40}")
 _THING_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -317,18 +315,20 @@ class Serials:
 
     async def import_csv(self, vendor: Vendor, model: str, body: AsyncIterable[bytes]) -> int:
         """A `text/csv` body of `<sn>,<extra>` lines, of any size, in one transaction: all or none.
-        The body is parsed and checked as it arrives and spooled to a temporary file (memory stays
-        bounded), then inserted in chunks by one write, so the writer is held for the inserts only,
-        never while a slow client uploads."""
-        with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as spool:
-            writer = csv.writer(spool)
+        The body is parsed and checked as it arrives and spooled to a temporary file, a batch at a
+        time (memory stays bounded), then inserted batch by batch by one write, so the writer is held
+        for the inserts only, never while a slow client uploads. A batch is spooled as one JSON line
+        (JSON escapes line breaks): read back several times faster than CSV, on the writer thread."""
+        with tempfile.TemporaryFile("w+b") as spool:
             async for batch in csv_batches(body, (1, 2)):
-                writer.writerows((key(r[0], "sn"), text(r[1] if len(r) > 1 else "", "extra")) for r in batch)
+                rows = [(key(r[0], "sn"), text(r[1] if len(r) > 1 else "", "extra")) for r in batch]
+                spool.write(orjson.dumps(rows))
+                spool.write(b"\n")
             spool.seek(0)
-            return await self.store.write(self._insert, vendor, model, _chunks(csv.reader(spool)))
+            return await self.store.write(self._insert, vendor, model, map(orjson.loads, spool))
 
     def _insert(
-        self, conn: sqlite3.Connection, vendor: Vendor, model: str, chunks: Iterable[list[tuple[str, str]]]
+        self, conn: sqlite3.Connection, vendor: Vendor, model: str, chunks: Iterable[Sequence[Sequence[str]]]
     ) -> int:
         access = model_access(conn, vendor, model)
         added = 0
@@ -582,14 +582,3 @@ def _log(conn: sqlite3.Connection, sn_pk: int, ts: float, remote: str, agent: st
         " ORDER BY seq DESC LIMIT 1 OFFSET ?)",
         (sn_pk, sn_pk, LOG_KEPT),
     )
-
-
-def _chunks(rows: Iterable[list[str]]) -> Iterable[list[tuple[str, str]]]:
-    chunk: list[tuple[str, str]] = []
-    for sn, extra in rows:
-        chunk.append((sn, extra))
-        if len(chunk) >= INSERT_CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
