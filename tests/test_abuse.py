@@ -31,12 +31,16 @@ import jwt
 import orjson
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from yarl import URL
 
 from bridge import config as bridge_config
 from bridge.core.service import Core
 from bridge.http import portal, provisioning, upgrader
 from bridge.http.app import make_app
+from bridge.http.provisioning.auth import DEVICE as PROVISIONED
 from bridge.http.upgrader.auth import DEVICE as UPGRADER_DEVICE
 from bridge.keyring import Keyring
 from bridge.store import Store
@@ -1182,7 +1186,8 @@ async def test_malformed_utf8_in_topics_closes_the_connection(
 #           model's vendor; another vendor's credential finds none of its models (404, or 400 for
 #           a request without the form it needs)
 #   activation  POST /provision/activate: no credential by design (the form names the client)
-#   provdevice  GET /provision/download: the device CIK activation returned (any other credential: 401)
+#   provdevice  GET /provision/download, POST /provision/certificate: the device CIK activation
+#               returned (any other credential: 401)
 #   public  the API's own description (/openapi.json, /docs): no credentials, no user data
 ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/dev/v1/token"): "basic",
@@ -1222,7 +1227,7 @@ ROUTES: dict[tuple[str, str], str] = {
     },
     **{
         (op.method, bridge_config.HttpConfig().mounts["provisioning"] + op.path): (
-            {"/activate": "activation", "/download": "provdevice"}.get(op.path, "vendor")
+            "activation" if op.path == "/activate" else "provdevice" if op.auth is PROVISIONED else "vendor"
         )
         for op in provisioning.DIALECT.operations
     },
@@ -1250,6 +1255,12 @@ BODIES: dict[tuple[str, str], dict] = {
     ("PATCH", "/dev/v1/fleet/defaults/{thing_type}"): {"json": {"UpdateRate": 13}},
 }
 CONTROL_BODIES = {**BODIES, ("PATCH", "/dev/v1/things/{thing_id}"): {"json": {"enabled": True}}}
+CONTROL_BODIES[("POST", "/provision/certificate")] = {
+    "data": x509.CertificateSigningRequestBuilder()
+    .subject_name(x509.Name([]))
+    .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    .public_bytes(serialization.Encoding.PEM)
+}
 CONTROL_BODIES[("PATCH", "/dev/v1/things/{thing_id}/desired")] = {"json": {"UpdateRate": 7}}
 BASIC, DEVICE, VENDOR = frozenset({"basic"}), frozenset({"device", "either"}), frozenset({"vendor"})
 # Their successes (the controls below) are tested in tests/test_upgrader_http.py and
@@ -1344,7 +1355,7 @@ def expected(kind: str, cred: Credential, device: ThingFiles, path: str) -> set[
     if kind in ("vendor", "provdevice"):
         return {401}
     if kind in ("updevice", "anydevice"):  # a thing JWT goes in the token header, not Authorization
-        if cred.cert is not None and cred.thing is not None:
+        if (cred.cert is not None and cred.thing is not None) or cred.cik:  # a device credential
             return {403} if kind == "updevice" else {400}  # another thing, itself: no body -> 400
         return {401}
     if kind == "operator":

@@ -11,12 +11,18 @@ import asyncio
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.conftest import Bridge
-from tests.helpers import Account, Resp, account, call, unique
+from tests.helpers import Account, Resp, ThingFiles, account, call, ok, thing_client, unique
 
 FORM = "application/x-www-form-urlencoded"
 CSV = "text/csv; charset=utf-8"
@@ -381,6 +387,123 @@ async def test_remap_moves_the_thing(bridge: Bridge, acme: Vendor) -> None:
     assert (
         await call("POST", collect, data=b"y", headers={"X-Exosite-CIK": again.body.decode()})
     ).status == 200
+
+
+async def test_cik_is_the_device_credential_of_every_dialect(bridge: Bridge, acme: Vendor) -> None:
+    """Portal and upgrader device operations take the CIK as things-gateway's verifyThing does."""
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    cik = await activated(api, bridge, acme, model, "dev")
+    other_cik = await activated(api, bridge, acme, model, "dev-b")
+    thing_id = f"sn-{model}-dev"
+    own = {"X-Exosite-CIK": cik}
+
+    # portal: the CIK names the device (regId optional), a regId of another device is 403
+    config = await call("GET", f"{bridge.http}/GetConfig", headers=own)
+    assert config.status == 200 and set(config.json) == {"UpdateRate", "AppParam"}, config.body
+    status = await call("POST", f"{bridge.http}/SetStatus", json={"status": "Alive"}, headers=own)
+    assert (status.status, status.json) == (200, {"config": "sync"}), status.body
+    named = await call("GET", f"{bridge.http}/GetURL", params={"regId": thing_id}, headers=own)
+    assert named.status == 200, named.body
+    foreign = await call("GET", f"{bridge.http}/GetURL", params={"regId": f"sn-{model}-dev-b"}, headers=own)
+    assert foreign.status == 403 and "another device" in foreign.json["error"], foreign.body
+    unknown = await call("GET", f"{bridge.http}/GetConfig", headers={"X-Exosite-CIK": "0" * 40})
+    assert unknown.status == 401 and unknown.json["error"], unknown.body
+    assert (await call("GET", f"{bridge.http}/GetConfig")).status == 400  # neither regId nor credential
+
+    # upgrader: the CIK in place of the token header; another device's path is 403
+    upgrade = f"{bridge.http}/Upgrade/v2"
+    versions = {"currentVersionNumbers": [{"softwareName": "fw", "currentVersionNumber": "1"}]}
+    reported = await call(
+        "PUT", f"{upgrade}/devices/{thing_id}/currentVersionNumbers", json=versions, headers=own
+    )
+    assert reported.status == 202, reported.body
+    other_path = f"{upgrade}/devices/sn-{model}-dev-b/currentVersionNumbers"
+    assert (await call("PUT", other_path, json=versions, headers=own)).status == 403
+    assert (await call("PUT", other_path, json=versions, headers={"X-Exosite-CIK": other_cik})).status == 202
+
+    # regenerating the CIK takes it away from every dialect at once
+    reset(await api("POST", f"/manage/model/{model}/dev", form={"enable": "true"}))
+    assert (await call("GET", f"{bridge.http}/GetConfig", headers=own)).status == 401
+    assert (
+        await call("PUT", f"{upgrade}/devices/{thing_id}/currentVersionNumbers", json=versions, headers=own)
+    ).status == 401
+
+
+def _csr(key: ec.EllipticCurvePrivateKey) -> bytes:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whatever-the-device-says")])
+    request = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    return request.public_bytes(serialization.Encoding.PEM)
+
+
+def _device_files(folder: Path, thing_id: str, key: ec.EllipticCurvePrivateKey, chain: bytes) -> ThingFiles:
+    folder.mkdir()
+    (folder / "certificate.pem").write_bytes(chain)
+    (folder / "private.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return ThingFiles(thing_id, folder, {})
+
+
+async def test_csr_with_the_cik_moves_the_device_to_mqtt(
+    bridge: Bridge, acme: Vendor, owner: Account, tmp_path: Path
+) -> None:
+    api = Api(bridge, acme)
+    model = await new_model(api)
+    cik = await activated(api, bridge, acme, model, "dev")
+    thing_id = f"sn-{model}-dev"
+    device = Api(bridge, **{"X-Exosite-CIK": cik})
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    refused(await Api(bridge)("POST", "/certificate", data=_csr(key)), 401, "X-Exosite-CIK")
+    refused(await device("POST", "/certificate", data=b"not a csr"), 400, "certificate signing request")
+    refused(await device("POST", "/certificate", data=b"\xff\xfe"), 400, "PEM")
+    got = await device(
+        "POST", "/certificate", data=_csr(key), headers={"Content-Type": "application/x-pem-file"}
+    )
+    assert got.status == 200 and got.headers["Content-Type"] == "application/x-pem-file; charset=utf-8", got
+    leaf, ca = x509.load_pem_x509_certificates(got.body)
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == thing_id
+    assert ca.public_bytes(serialization.Encoding.PEM) == bridge.ca_file.read_bytes()
+    assert leaf.public_key().public_numbers() == key.public_key().public_numbers()
+
+    # the same thing over MQTT/TLS: what it collects is in its history, and the CIK still works
+    files = _device_files(tmp_path / "first", thing_id, key, got.body)
+    async with thing_client(bridge, files) as mqtt:
+        await mqtt.publish(f"things/{thing_id}/collect", b"from-mqtt", qos=1)
+    history = ok(await call("GET", f"{bridge.api}/things/{thing_id}/messages", owner.token))
+    assert [(m["message"], m["messagetype"]) for m in history] == [("from-mqtt", "ingress")], history
+    assert (await call("GET", f"{bridge.http}/GetConfig", headers={"X-Exosite-CIK": cik})).status == 200
+
+    # a second CSR voids the first certificate: its live session is closed, a new one refused
+    key2 = ec.generate_private_key(ec.SECP256R1())
+    async with thing_client(bridge, files) as mqtt:
+        second = await device("POST", "/certificate", data=_csr(key2))
+        assert second.status == 200, second
+        with pytest.raises(aiomqtt.MqttError):
+            async with asyncio.timeout(5):
+                async for _ in mqtt.messages:
+                    pass
+    with pytest.raises(aiomqtt.MqttError):
+        async with thing_client(bridge, files):
+            pass
+    files2 = _device_files(tmp_path / "second", thing_id, key2, second.body)
+    async with thing_client(bridge, files2):
+        pass
+
+    # regenerating the CIK takes the certificate away too, also after the next activation
+    reset(await api("POST", f"/manage/model/{model}/dev", form={"enable": "true"}))
+    with pytest.raises(aiomqtt.MqttError):
+        async with thing_client(bridge, files2):
+            pass
+    again = await Api(bridge)("POST", "/activate", form={"vendor": acme.name, "model": model, "sn": "dev"})
+    assert again.status == 200
+    with pytest.raises(aiomqtt.MqttError):
+        async with thing_client(bridge, files2):
+            pass
+    refused(await device("POST", "/certificate", data=_csr(key2)), 401, "")  # the old CIK
 
 
 # ---- content ------------------------------------------------------------------------------------------

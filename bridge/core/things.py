@@ -30,6 +30,11 @@ TOKEN_LEEWAY = 30  # seconds of clock skew allowed on exp/nbf
 MAX_REMEMBERED_TOKENS = 100_000
 
 
+# The cert_id of a thing whose credential is a provisioning CIK (no certificate yet): this prefix and
+# a random part, renewed at each activation.
+CIK_INCARNATION = "cik:"
+
+
 @dataclass(frozen=True)
 class Thing:
     id: str
@@ -156,6 +161,45 @@ class Things:
         await self.store.write(insert_thing, thing, sealed, self.free_plan_things)
         self.outbox.kick()
         return thing
+
+    async def certify(self, identity: DeviceIdentity, csr: str) -> str:
+        """A certificate for the key of `csr`, issued to the thing `identity` names (the device
+        proved itself another way, with a provisioning CIK): it becomes the thing's certificate of
+        record, so the device moves to MQTT/TLS and HTTPS as the same thing; a certificate issued
+        before is void from now on. The PEM chain: the thing's certificate, then the CA's."""
+        try:
+            public_key = pki.public_key_from_csr(csr)
+        except pki.CsrError as exc:
+            raise Invalid(str(exc)) from exc
+        cert = self.ca.issue_client(identity.thing_id, public_key, self.cert_days)
+
+        def replace(conn: sqlite3.Connection) -> int:
+            # Only while the credential checked is still the thing's current one (a regenerated CIK
+            # or a disabled serial number in between must not get a certificate).
+            updated = conn.execute(
+                "UPDATE things SET cert_pem = ?, cert_id = ?, public_key_pem = ?, key_type = ?"
+                " WHERE id = ? AND cert_id = ? AND enabled = 1",
+                (
+                    pki.cert_pem(cert),
+                    pki.cert_id(cert),
+                    pki.public_pem(public_key),
+                    pki.key_type_of(public_key),
+                    identity.thing_id,
+                    identity.cert_id,
+                ),
+            ).rowcount
+            if updated and not identity.cert_id.startswith(CIK_INCARNATION):
+                conn.execute(
+                    "INSERT OR REPLACE INTO revoked_certs (cert_id, thing_id, revoked_at, reason)"
+                    " VALUES (?,?,?,?)",
+                    (identity.cert_id, identity.thing_id, ids.now(), "replaced by a new certificate"),
+                )
+            return updated
+
+        if not await self.store.write(replace):
+            raise Unauthorized("the credential was revoked or replaced meanwhile")
+        await self.revoke(identity.thing_id, deleted=False)  # sessions on the replaced certificate
+        return pki.cert_pem(cert) + self.ca.ca_pem
 
     async def list(self, owner: User) -> list[Thing]:
         rows = await self.store.read(

@@ -9,7 +9,9 @@ counted in the owner's plan. Its id is `sn-<model>-<serial number>` when that is
 hex digits; it keeps that id for life (also when remapped to another serial number). The thing
 has no certificate: its credential is the CIK, and `cert_id` is `cik:<random>`, renewed at each
 activation, so that an identity established with an older CIK fails `Things.standing` and the
-device's writes are refused in their own transaction. Whatever takes the CIK away (regenerate,
+device's writes are refused in their own transaction. With its CIK the device may get a
+certificate for a key of its own (Things.certify) and connect over MQTT/TLS as the same thing; a
+new activation voids that certificate too. Whatever takes the CIK away (regenerate,
 remap, disable, delete) disables or deletes the thing and closes its live sessions through
 `Things.revoke`, as deleting or disabling a thing does."""
 
@@ -42,7 +44,7 @@ from bridge.core.provisioning.common import (
     text,
 )
 from bridge.core.provisioning.vendors import new_cik
-from bridge.core.things import Thing, Things, insert_thing
+from bridge.core.things import CIK_INCARNATION, Thing, Things, insert_thing
 from bridge.store import Store
 
 OPTIONS = ("noaliases", "nocomments", "nohistorical")
@@ -479,7 +481,7 @@ class Serials:
         activation (no client, expired, activated already, disabled) or the owner's plan is full.
         Every attempt on a known serial number is logged with the caller's address and agent."""
         cik = new_cik()
-        incarnation = f"cik:{secrets.token_hex(16)}"
+        incarnation = f"{CIK_INCARNATION}{secrets.token_hex(16)}"
 
         def activate(conn: sqlite3.Connection) -> DomainError | None:
             row = conn.execute(
@@ -521,7 +523,12 @@ class Serials:
             )  # fmt: skip
             insert_thing(conn, thing, None, self.free_plan_things)
         else:
-            conn.execute("UPDATE things SET enabled = 1, cert_id = ? WHERE id = ?", (incarnation, thing_id))
+            # A certificate got with the previous CIK (POST /provision/certificate) goes with it.
+            conn.execute(
+                "UPDATE things SET enabled = 1, cert_id = ?, cert_pem = '', public_key_pem = '', key_type = 'CIK'"
+                " WHERE id = ?",
+                (incarnation, thing_id),
+            )
         conn.execute(
             "UPDATE sn_clients SET status = 'activated', cik_hash = ?, thing_id = ? WHERE sn_pk = ?",
             (cik_hash, thing_id, row["pk"]),

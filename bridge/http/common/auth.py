@@ -1,6 +1,8 @@
 """Credentials: how an operation says who may call it (an Auth: its OpenAPI security schemes and the
-check that runs before the handler), the header parsing every dialect shares, and the user token
-(the things-gateway's GET .../token), which operator operations of any dialect accept."""
+check that runs before the handler), the header parsing every dialect shares, the user token
+(the things-gateway's GET .../token), which operator operations of any dialect accept, and the
+device credentials every dialect's device operations accept beside their own: the thing's client
+certificate on HTTPS and a provisioned device's CIK."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from aiohttp import web
 from bridge import pki
 from bridge.core.accounts import User
 from bridge.core.errors import Forbidden, Unauthorized
+from bridge.core.identity import DeviceIdentity
 from bridge.core.service import Core
 from bridge.http.common.models import Schema
 
 CORE = web.AppKey("core", Core)
+CIK_HEADER = "X-Exosite-CIK"
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,33 @@ _USER_SCHEMES: dict[str, Schema] = {
 }
 USER = Auth(require_user, ({"auth": []}, {"authToken": []}), _USER_SCHEMES)
 ADMIN = Auth(require_admin, USER.security, _USER_SCHEMES)
+
+
+def cik(request: web.Request) -> str | None:
+    """The X-Exosite-CIK header; empty counts as absent (activation clients send it empty)."""
+    return request.headers.get(CIK_HEADER, "").strip() or None
+
+
+async def device_credential(request: web.Request) -> DeviceIdentity | None:
+    """The thing behind the request's client certificate (HTTPS), else behind its CIK; None when it
+    carries neither, Unauthorized when the one it carries is not a current credential of a thing."""
+    core = request.app[CORE]
+    cn, der = peer_certificate(request)
+    if der:
+        identity = await core.things.identify_device(cn or "", pki.der_cert_id(der))
+        if identity is None:
+            raise Unauthorized("client certificate is not the current certificate of a thing")
+        return identity
+    value = cik(request)
+    return None if value is None else await core.provisioning.serials.identify_cik(value)
+
+
+DEVICE_CIK: dict[str, Schema] = {
+    "deviceCik": {
+        "type": "apiKey",
+        "in": "header",
+        "name": CIK_HEADER,
+        "description": "A provisioned device's CIK, from POST /provision/activate (40 hex characters); "
+        "it stops working when the vendor regenerates it, disables or removes the serial number.",
+    }
+}

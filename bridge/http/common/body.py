@@ -39,12 +39,13 @@ def decode_form(raw: bytes, model: type[T]) -> T:
         )
     except (UnicodeDecodeError, ValueError) as exc:
         raise Invalid(f"malformed form body: {exc}") from None
-    # A bare name whose `name[]` is an array of the model is one of its values: the provisioning
-    # document itself writes `options=nohistorical` beside `options[]=` (CATALOG 002 note 10).
-    arrays = {f.encode_name for f in msgspec.structs.fields(model) if f.encode_name.endswith("[]")}
+    # A bare name that is not a field while `name[]` is an array of the model is one of its values:
+    # the provisioning document itself writes `options=nohistorical` beside `options[]=` (CATALOG
+    # 002 note 10); `sn` and `sn[]`, both fields, stay apart.
+    names = {f.encode_name for f in msgspec.structs.fields(model)}
     fields: dict[str, Any] = {}
     for name, value in pairs:
-        if name + "[]" in arrays:
+        if name not in names and name + "[]" in names:
             name += "[]"
         if name.endswith("[]"):
             fields.setdefault(name, []).append(value)

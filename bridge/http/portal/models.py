@@ -36,8 +36,17 @@ def _device_info(description: str) -> Any:
     ]
 
 
-class RegIdQuery(OpenModel):
-    regId: Annotated[str, Meta(description="the device's registration id (or its thing id)")]
+class RegIdQuery(OpenModel, kw_only=True):
+    regId: (
+        Annotated[
+            str,
+            Meta(
+                description="the device's registration id (or its thing id); required unless the request "
+                "carries the device's credential"
+            ),
+        ]
+        | None
+    ) = None
 
 
 class SetStatusQuery(RegIdQuery):

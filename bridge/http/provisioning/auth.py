@@ -11,7 +11,7 @@ from aiohttp import web
 
 from bridge.core.errors import Forbidden, Unauthorized
 from bridge.core.provisioning.common import Vendor
-from bridge.http.common.auth import CORE, Auth
+from bridge.http.common.auth import CIK_HEADER, CORE, DEVICE_CIK, Auth, cik
 
 VENDOR_HEADER = "X-Exosite-Vendor"
 
@@ -25,8 +25,7 @@ class VendorCaller:
 async def _vendor(request: web.Request) -> Vendor:
     # An empty header counts as absent (activation clients send them empty, CATALOG 002 Decisions).
     token = request.headers.get("X-Exosite-Token", "").strip() or None
-    cik = request.headers.get("X-Exosite-CIK", "").strip() or None
-    return await request.app[CORE].provisioning.vendors.authenticate(token=token, cik=cik)
+    return await request.app[CORE].provisioning.vendors.authenticate(token=token, cik=cik(request))
 
 
 async def require_vendor(request: web.Request) -> VendorCaller:
@@ -48,11 +47,11 @@ async def require_vendor_or_share(request: web.Request) -> VendorCaller:
 async def require_device(request: web.Request) -> str:
     """The device CIK of GET /download, checked to be a current one before the query is read (a
     vendor's CIK or a revoked one is 401 whatever the request says)."""
-    cik = request.headers.get("X-Exosite-CIK", "").strip()
-    if not cik:
-        raise Unauthorized("X-Exosite-CIK (the device CIK from activation) is required")
-    await request.app[CORE].provisioning.serials.client(cik)
-    return cik
+    device_cik = cik(request)
+    if device_cik is None:
+        raise Unauthorized(f"{CIK_HEADER} (the device CIK from activation) is required")
+    await request.app[CORE].provisioning.serials.client(device_cik)
+    return device_cik
 
 
 _SCHEMES = {
@@ -65,23 +64,11 @@ _SCHEMES = {
     "vendorCik": {
         "type": "apiKey",
         "in": "header",
-        "name": "X-Exosite-CIK",
+        "name": CIK_HEADER,
         "description": "The vendor CIK `thingbridge vendor add` printed (40 hex characters).",
     },
 }
 _SECURITY = ({"vendorToken": []}, {"vendorCik": []})
 VENDOR = Auth(require_vendor, _SECURITY, _SCHEMES)
 VENDOR_OR_SHARE = Auth(require_vendor_or_share, _SECURITY, _SCHEMES)
-DEVICE = Auth(
-    require_device,
-    ({"provisionedCik": []},),
-    {
-        "provisionedCik": {
-            "type": "apiKey",
-            "in": "header",
-            "name": "X-Exosite-CIK",
-            "description": "The device CIK POST /provision/activate returned (40 hex characters); it stops "
-            "working when the vendor regenerates it, disables or removes the serial number.",
-        }
-    },
-)
+DEVICE = Auth(require_device, ({"deviceCik": []},), DEVICE_CIK)

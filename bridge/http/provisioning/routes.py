@@ -609,6 +609,37 @@ async def device_download(call: Call[str, None, models.DownloadQuery, None]) -> 
     return _cinfo(info, protected=False)
 
 
+# ---- the device's certificate (ours) -------------------------------------------------------------
+PEM = "application/x-pem-file"
+
+
+@api.post(
+    "/certificate",
+    "A certificate for the device's own key, for MQTT/TLS (ours)",
+    tag=TAG,
+    auth=DEVICE,
+    body=RawBody(
+        "A PEM certificate signing request (RSA of at least 2048 bits, or EC P-256 / P-384); its subject "
+        "is not read: the certificate names the device's thing.",
+        {PEM: STRING, TEXT: STRING},
+    ),
+    answer=Media(PEM, "The thing's certificate, then the CA's (PEM): the chain for MQTT/TLS.", STRING),
+    errors=(400, 401, 413),
+    description="Beyond the document: a device that activated with its CIK moves to MQTT/TLS as the same thing "
+    "without the bridge ever holding its private key. The certificate's common name is the thing id; a "
+    "certificate issued before is void from now on, and so is this one when the CIK is taken away "
+    "(regenerated, remapped, disabled, removed).",
+)
+async def device_certificate(call: Call[str, None, None, bytes]) -> web.Response:
+    try:
+        csr = call.body.decode("ascii")
+    except UnicodeDecodeError:
+        raise Invalid("the body must be a PEM certificate signing request") from None
+    core = call.core
+    chain = await core.things.certify(await core.provisioning.serials.identify_cik(call.principal), csr)
+    return text_answer(chain, PEM)
+
+
 # ---- groups -------------------------------------------------------------------------------------
 MEMBERS = (
     "<type>,<memberid>,<expire>,<description> (type sn, content or group; expire epoch seconds, 0 = never)"

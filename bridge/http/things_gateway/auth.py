@@ -9,23 +9,24 @@ from dataclasses import dataclass
 import jwt
 from aiohttp import web
 
-from bridge import pki
 from bridge.core.accounts import User
 from bridge.core.errors import Unauthorized
 from bridge.core.identity import DeviceIdentity
 from bridge.core.things import TOKEN_ISSUER_PREFIX
 from bridge.http.common.auth import (
     CORE,
+    DEVICE_CIK,
     USER,
     Auth,
     basic_credentials,
     bearer,
+    cik,
+    device_credential,
     peer_certificate,
     require_user,
 )
 
 BASIC_CHALLENGE = 'Basic realm="thingbridge", charset="UTF-8"'
-CIK_HEADER = "X-Exosite-CIK"
 
 
 async def login(request: web.Request) -> User:
@@ -42,22 +43,12 @@ async def require_thing(request: web.Request) -> DeviceIdentity:
     """verifyThing: the client certificate of the thing in the path (HTTPS), else the CIK of a
     provisioned device, else a JWT signed with its own key."""
     thing_id = request.match_info["thing_id"]
-    core = request.app[CORE]
-    cik = request.headers.get(CIK_HEADER)
-    if cik is not None:
-        identity = await core.provisioning.serials.identify_cik(cik.strip())
-        if identity.thing_id != thing_id:
-            raise Unauthorized("the CIK belongs to another thing")
-        return identity
-    cn, der = peer_certificate(request)
-    if der:
-        identity = await core.things.identify_device(cn or "", pki.der_cert_id(der))
-        if identity is None:
-            raise Unauthorized("client certificate is not the current certificate of a thing")
-        if identity.thing_id != thing_id:
-            raise Unauthorized("client certificate belongs to another thing")
-        return identity
-    return await core.things.verify_token(bearer(request), thing_id)
+    identity = await device_credential(request)
+    if identity is None:
+        return await request.app[CORE].things.verify_token(bearer(request), thing_id)
+    if identity.thing_id != thing_id:
+        raise Unauthorized("the credential belongs to another thing")
+    return identity
 
 
 @dataclass(frozen=True)
@@ -70,7 +61,7 @@ class ThingCaller:
 
 def presents_thing_credential(request: web.Request) -> bool:
     """A client certificate (HTTPS), a CIK, or a bearer JWT that names a thing rather than a user."""
-    if peer_certificate(request)[1] or CIK_HEADER in request.headers:
+    if peer_certificate(request)[1] or cik(request) is not None:
         return True
     try:
         token = bearer(request)
@@ -113,14 +104,7 @@ THING = Auth(
             "port the thing's client certificate (issued by the bridge CA) is accepted instead of the "
             "token.",
         },
-        "deviceCik": {
-            "type": "apiKey",
-            "in": "header",
-            "name": CIK_HEADER,
-            "description": "A provisioned device's CIK, from POST /provision/activate (40 hex characters); "
-            "it must belong to the thing in the path, and stops working when the vendor regenerates it, "
-            "disables or removes the serial number.",
-        },
+        **DEVICE_CIK,
     },
 )
 USER_OR_THING = Auth(user_or_thing, USER.security + THING.security, USER.schemes | THING.schemes)

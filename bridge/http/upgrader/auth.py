@@ -1,8 +1,8 @@
 """Credentials of the Upgrader V2 dialect. Operator operations take the user token of the
 things-gateway's GET .../token (common USER: the document names none, CATALOG "No anonymous
 writes"). Device operations take the device's own credential: the `token` (or `Token`) header, a
-JWT the thing signs with its own key (verifyThing's rules, core.things.verify_token), or the
-thing's client certificate on HTTPS; `Client-Token` is opaque and recorded with the report."""
+JWT the thing signs with its own key (verifyThing's rules, core.things.verify_token), the
+thing's client certificate on HTTPS, or a provisioned device's CIK (X-Exosite-CIK); `Client-Token` is opaque and recorded with the report."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from bridge import pki
 from bridge.core.errors import Forbidden, NotFound, Unauthorized
 from bridge.core.identity import DeviceIdentity
 from bridge.core.things import token_subject
-from bridge.http.common.auth import CORE, Auth, peer_certificate
+from bridge.http.common.auth import CORE, DEVICE_CIK, Auth, device_credential
 
 
 @dataclass(frozen=True)
@@ -26,16 +25,14 @@ class DeviceCaller:
 async def require_device(request: web.Request) -> DeviceCaller:
     """The calling thing; a path naming another device (by id or regId) is 403."""
     core = request.app[CORE]
-    cn, der = peer_certificate(request)
     token = request.headers.get("token", "").strip()  # header names are case-insensitive: Token too
-    if der:
-        identity = await core.things.identify_device(cn or "", pki.der_cert_id(der))
-        if identity is None:
-            raise Unauthorized("client certificate is not the current certificate of a thing")
-    elif token:
+    identity = await device_credential(request)
+    if identity is None:
+        if not token:
+            raise Unauthorized(
+                "the device's token header, its X-Exosite-CIK or its client certificate on HTTPS is required"
+            )
         identity = await core.things.verify_token(token, token_subject(token))
-    else:
-        raise Unauthorized("the device's token header (or its client certificate on HTTPS) is required")
     device_id = request.match_info.get("deviceId")
     if device_id is not None and device_id != identity.thing_id:
         try:
@@ -49,7 +46,7 @@ async def require_device(request: web.Request) -> DeviceCaller:
 
 DEVICE = Auth(
     require_device,
-    ({"deviceToken": []}, {"deviceCertificate": []}),
+    ({"deviceToken": []}, {"deviceCertificate": []}, {"deviceCik": []}),
     {
         "deviceToken": {
             "type": "apiKey",
@@ -64,5 +61,6 @@ DEVICE = Auth(
             "type": "mutualTLS",
             "description": "On the HTTPS port: the thing's client certificate, issued by the bridge CA.",
         },
+        **DEVICE_CIK,
     },
 )
