@@ -162,6 +162,7 @@ async def serve(cfg: Config, first_start: str | None = None) -> int:
         started.push_async_callback(mqtt.stop)
         await core.presence.restore()
         await core.status.republish_all()
+        await core.firmware.republish()
         core.outbox.start()
         core.rollouts.start()  # re-publishes rollout states and upgrade notices, then checks timeouts
         started.push_async_callback(core.rollouts.stop)

@@ -132,6 +132,16 @@ def _parser() -> argparse.ArgumentParser:
     vrevoke = vendor.add_parser("revoke", help="stop accepting a vendor's token and CIK")
     _common(vrevoke)
     vrevoke.add_argument("name")
+
+    firmware = sub.add_parser("firmware", help="firmware products").add_subparsers(
+        dest="action", required=True
+    )
+    fimport = firmware.add_parser(
+        "import-serials", help="enrol a product's serial numbers from CSV (<sn>[,<extra>] lines), all or none"
+    )
+    _common(fimport)
+    fimport.add_argument("product")
+    fimport.add_argument("file", type=Path, help="the CSV file, any size; - for standard input")
     return parser
 
 
@@ -236,6 +246,21 @@ async def _vendor_revoke(core: Core, a: argparse.Namespace) -> None:
     print(f"revoked vendor {a.name}: its token and CIK are no longer accepted")
 
 
+async def _firmware_import(core: Core, a: argparse.Namespace) -> None:
+    try:
+        source = sys.stdin.buffer if str(a.file) == "-" else a.file.open("rb")
+    except OSError as exc:
+        raise config.ConfigError(f"{a.file}: {exc.strerror}") from exc
+
+    async def chunks() -> Any:
+        with source:
+            while chunk := await asyncio.to_thread(source.read, 1 << 16):
+                yield chunk
+
+    added = await core.firmware.import_serials(None, a.product, chunks())
+    print(f"enrolled {added} serial numbers in product {a.product}")
+
+
 def _twin_option(name: str) -> str:
     """A device-twin field's option: UpdateRate -> --update-rate, packageUrl -> --package-url."""
     return "--" + re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
@@ -296,6 +321,7 @@ COMMANDS: dict[tuple[str, str | None], Callable[[Core, argparse.Namespace], Awai
     ("vendor", "add"): _vendor_add,
     ("vendor", "list"): _vendor_list,
     ("vendor", "revoke"): _vendor_revoke,
+    ("firmware", "import-serials"): _firmware_import,
 }
 
 

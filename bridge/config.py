@@ -84,6 +84,7 @@ class HttpConfig:
             "portal": "",
             "upgrader": ["/Upgrade/v2", "/v2"],
             "provisioning": "/provision",
+            "firmware": "/fw/v1",
         },
         metadata={"mounts": True},
     )

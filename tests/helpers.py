@@ -18,7 +18,8 @@ import aiohttp
 import aiomqtt
 import jwt
 import orjson
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import ADMIN_PASSWORD, Bridge, basic
@@ -208,3 +209,68 @@ def thing_jwt(
     if iss:
         claims["iss"] = f"urn:thing:{(iss_of or thing).id}"
     return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": thing.id} if kid else None)
+
+
+# ---- firmware products ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Product:
+    """A firmware product of `owner`: its upgrader software and a provisioning model of its vendor."""
+
+    id: str
+    owner: Account
+    vendor: str
+    vendor_token: str
+    model: str
+    software: str
+
+
+async def firmware_product(bridge: Bridge, owner: Account, **body: Any) -> Product:
+    """`thingbridge vendor add`, a model (provisioning), a software (upgrader), the product over
+    /fw/v1/manage binding them (201)."""
+    vendor = unique("fwvendor")
+    out = bridge.cli("vendor", "add", vendor, "--owner", owner.name).stdout
+    vendor_token = next(
+        line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("X-Exosite-Token")
+    )
+    model, software, product = unique("fwmodel"), unique("fwsoftware"), unique("product")
+    form = {"model": model, "rid": "0" * 40}
+    resp = await call(
+        "POST", f"{bridge.http}/provision/manage/model/", headers={"X-Exosite-Token": vendor_token}, data=form
+    )
+    assert resp.status == 205, resp.body
+    resp = await call("POST", f"{bridge.http}/v2/software", owner.token, json={"name": software})
+    assert resp.status == 201, resp.body
+    resp = await call(
+        "PUT",
+        f"{bridge.http}/fw/v1/manage/products/{product}",
+        owner.token,
+        json={"softwareName": software, "vendor": vendor, "model": model, **body},
+    )
+    assert resp.status == 201, resp.body
+    return Product(product, owner, vendor, vendor_token, model, software)
+
+
+async def certified_device(bridge: Bridge, folder: Path, thing_id: str, cik: str) -> ThingFiles:
+    """A provisioned device's own EC key and the certificate `POST /provision/certificate` issues for
+    its CSR with its CIK (a firmware API key is one): the files to connect over MQTT/TLS as its thing."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    resp = await call(
+        "POST",
+        f"{bridge.http}/provision/certificate",
+        headers={"X-Exosite-CIK": cik, "Content-Type": "application/x-pem-file"},
+        data=csr.public_bytes(serialization.Encoding.PEM),
+    )
+    assert resp.status == 200, resp.body
+    _write_device_files(folder, resp.body, key, bridge.ca_file)
+    return ThingFiles(thing_id, folder, {})
+
+
+def _write_device_files(folder: Path, chain: bytes, key: ec.EllipticCurvePrivateKey, ca: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "certificate.pem").write_bytes(chain)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (folder / "private.key").write_bytes(pem)
+    (folder / "ca.pem").write_bytes(ca.read_bytes())

@@ -38,7 +38,7 @@ from yarl import URL
 
 from bridge import config as bridge_config
 from bridge.core.service import Core
-from bridge.http import portal, provisioning, upgrader
+from bridge.http import firmware, portal, provisioning, upgrader
 from bridge.http.app import make_app
 from bridge.http.provisioning.auth import DEVICE as PROVISIONED
 from bridge.http.upgrader.auth import DEVICE as UPGRADER_DEVICE
@@ -1188,6 +1188,9 @@ async def test_malformed_utf8_in_topics_closes_the_connection(
 #   activation  POST /provision/activate: no credential by design (the form names the client)
 #   provdevice  GET /provision/download, POST /provision/certificate: the device CIK activation
 #               returned (any other credential: 401)
+#   fwactivation  POST /fw/v1/activate: no credential by design (the serial number is the claim)
+#   fwdevice  a firmware device operation on {thingId}: the thing's API key in X-ApiKey (any other
+#           credential: 401; another thing's key: 403)
 #   public  the API's own description (/openapi.json, /docs): no credentials, no user data
 ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/dev/v1/token"): "basic",
@@ -1231,6 +1234,16 @@ ROUTES: dict[tuple[str, str], str] = {
         )
         for op in provisioning.DIALECT.operations
     },
+    **{
+        (op.method, bridge_config.HttpConfig().mounts["firmware"] + op.path): (
+            "fwactivation"
+            if op.path == "/activate"
+            else ("operator" if "{" in op.path else "catalog")
+            if op.path.startswith("/manage/")
+            else "fwdevice"
+        )
+        for op in firmware.DIALECT.operations
+    },
     ("GET", "/openapi.json"): "public",
     ("GET", "/docs"): "public",
 }
@@ -1263,9 +1276,9 @@ CONTROL_BODIES[("POST", "/provision/certificate")] = {
 }
 CONTROL_BODIES[("PATCH", "/dev/v1/things/{thing_id}/desired")] = {"json": {"UpdateRate": 7}}
 BASIC, DEVICE, VENDOR = frozenset({"basic"}), frozenset({"device", "either"}), frozenset({"vendor"})
-# Their successes (the controls below) are tested in tests/test_upgrader_http.py and
-# tests/test_provisioning_http.py.
-UPGRADER_KINDS = frozenset({"operator", "catalog", "updevice", "anydevice", "vendor"})
+# Their successes (the controls below) are tested in tests/test_upgrader_http.py,
+# tests/test_provisioning_http.py and tests/test_firmware_http.py.
+UPGRADER_KINDS = frozenset({"operator", "catalog", "updevice", "anydevice", "vendor", "fwdevice"})
 DESTRUCTIVE = {
     ("DELETE", "/dev/v1/token"),
     ("DELETE", "/dev/v1/things/{thing_id}"),
@@ -1354,6 +1367,8 @@ def expected(kind: str, cred: Credential, device: ThingFiles, path: str) -> set[
         return {205, 400, 404} if "{model}" in path else {204, 205}
     if kind in ("vendor", "provdevice"):
         return {401}
+    if kind == "fwdevice":  # the CIK is an API key too: that thing's, not the path's
+        return {403} if cred.cik else {401}
     if kind in ("updevice", "anydevice"):  # a thing JWT goes in the token header, not Authorization
         if (cred.cert is not None and cred.thing is not None) or cred.cik:  # a device credential
             return {403} if kind == "updevice" else {400}  # another thing, itself: no body -> 400
@@ -1423,7 +1438,7 @@ async def test_http_authorization_matrix(
         Credential("another vendor's token", headers={"X-Exosite-Token": bob_vendor}, vendor=True),
         Credential(
             "a provisioned thing's CIK",
-            headers={"X-Exosite-CIK": device_cik},
+            headers={"X-Exosite-CIK": device_cik, "X-ApiKey": device_cik},
             cik=True,
             right_for=frozenset({"provdevice"}),
         ),
@@ -1446,6 +1461,10 @@ async def test_http_authorization_matrix(
         "{sn}": "abuse-sn",
         "{id}": "abuse-content",
         "{vendorname}": "abuse-other",
+        "{productId}": "abuse-product",
+        "{version}": "1",
+        "{serialNumber}": "abuse-sn",
+        "{thingId}": target.id,
     }
 
     def url_of(path: str, cred: Credential | None = None) -> str:
@@ -1484,7 +1503,7 @@ async def test_http_authorization_matrix(
             *(
                 check(method, path, kind, cred)
                 for (method, path), kind in sorted(ROUTES.items())
-                if kind not in ("open", "public", "activation")
+                if kind not in ("open", "public", "activation", "fwactivation")
                 for cred in creds
             )
         )
@@ -1504,6 +1523,10 @@ async def test_http_authorization_matrix(
         elif kind == "activation":  # for anyone: a client nobody enrolled is not found
             form = {"vendor": "nobody", "model": "abuse-model", "sn": "abuse-sn"}
             assert (await call(method, f"{bridge.http}{path}", data=form)).status == 404
+        elif kind == "fwactivation":  # likewise a serial number of no product
+            assert (
+                await call(method, f"{bridge.http}{path}", json={"serialNumber": "abuse-sn"})
+            ).status == 404
         elif kind == "public":  # the API description, for anyone, with nobody's data in it
             r = await call(method, f"{bridge.http}{path}")
             assert r.status == 200, (method, path, r.status)
@@ -1518,7 +1541,7 @@ async def test_http_authorization_matrix(
     controls: list[tuple[str, str, Credential]] = []
     for (method, path), kind in sorted(ROUTES.items()):
         if (
-            kind in ("open", "public", "activation")
+            kind in ("open", "public", "activation", "fwactivation")
             or kind in UPGRADER_KINDS
             or (method, path) in DESTRUCTIVE
         ):

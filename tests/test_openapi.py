@@ -194,8 +194,8 @@ async def test_mounts_move_dialects_and_their_errors(tmp_path: Path) -> None:
         ({"portal": "/a b"}, "http.mounts.portal: expected"),
         ({"portal": 5}, "http.mounts.portal: expected"),
         (
-            {"firmware": "/fw"},
-            "http.mounts: unknown dialect(s) firmware; known: things_gateway, portal, upgrader, provisioning",
+            {"gadget": "/gk"},
+            "http.mounts: unknown dialect(s) gadget; known: things_gateway, portal, upgrader, provisioning, firmware",
         ),
         ({"portal": "/dev/v1"}, "http.mounts: two dialects share a mount"),
         ({"upgrader": []}, "http.mounts.upgrader: expected"),
@@ -373,6 +373,8 @@ class World:
     vendor_token: str  # its X-Exosite-Token
     device_cik: str  # the CIK fuzz-sn activated with: GET /provision/download
     other_vendor: str  # a vendor fuzz-model is shared with
+    fw_thing: str  # the thing of read-product's serial number read-fwsn (firmware device operations)
+    fw_key: str  # its API key
 
     def fresh_token(self) -> str:
         response = self.session.get(
@@ -402,6 +404,10 @@ class World:
             "sn": "fuzz-sn",
             "id": "fuzz-content",
             "vendorname": self.other_vendor,
+            "productId": f"{world}-product",
+            "version": "1.0",
+            "serialNumber": f"{world}-fwsn",
+            "thingId": self.fw_thing,
         }
         return {name: value for name, value in candidates.items() if "{" + name + "}" in path}
 
@@ -491,6 +497,7 @@ def world(bridge: Bridge) -> Iterator[World]:
         f"{base}/provision/manage/content/fuzz-model/fuzz-content", data=b"blob", headers=blob, timeout=10
     )
     assert response.status_code == 205, response.text
+    fw_key = _firmware_world(session, base, tok, vendor, manage)
     activation = {"vendor": vendor, "model": "fuzz-model", "sn": "fuzz-sn"}
     response = session.post(f"{base}/provision/activate", data=activation, timeout=10)
     assert response.status_code == 200, response.text
@@ -510,8 +517,36 @@ def world(bridge: Bridge) -> Iterator[World]:
         vendor_token=vendor_token,
         device_cik=response.text,
         other_vendor=other_vendor,
+        fw_thing="sn-read-fwmodel-read-fwsn",
+        fw_key=fw_key,
     )
     session.close()
+
+
+def _firmware_world(
+    session: requests.Session, base: str, tok: str, vendor: str, manage: dict[str, str]
+) -> str:
+    """A firmware product per upgrader world ("fuzz", "read": its software, a model <world>-fwmodel of
+    the admin's vendor with the serial number <world>-fwsn), firmware for version 1.0; read-fwsn
+    activated: its API key (the device operations work on it, whatever the fuzz run does to fuzz-product)."""
+    user = {"Authorization": f"Bearer {tok}"}
+    for world in ("fuzz", "read"):
+        model = f"{world}-fwmodel"
+        for path, form in (
+            ("/model/", {"model": model, "rid": "0" * 40}),
+            (f"/model/{model}/", {"sn": f"{world}-fwsn"}),
+        ):
+            response = session.post(f"{base}/provision/manage{path}", data=form, headers=manage, timeout=10)
+            assert response.status_code == 205, response.text
+        product = f"{base}/fw/v1/manage/products/{world}-product"
+        body = {"softwareName": f"{world}-fw", "vendor": vendor, "model": model}
+        response = session.put(product, json=body, headers=user, timeout=10)
+        assert response.status_code == 201, response.text
+        response = session.put(f"{product}/versions/1.0/firmware", data=b"firmware", headers=user, timeout=10)
+        assert response.status_code == 200, response.text
+    response = session.post(f"{base}/fw/v1/activate", json={"serialNumber": "read-fwsn"}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["apiKey"]
 
 
 def _vendor(bridge: Bridge) -> tuple[str, str]:
@@ -538,6 +573,8 @@ def _credential_headers(world: World, method: str, path: str, kind: int) -> dict
         return {} if kind == 1 else {"token": world.thing_jwt + ("x" if kind == 0 else "")}
     if "vendorToken" in schemes:
         return {} if kind == 1 else {"X-Exosite-Token": world.vendor_token + ("x" if kind == 0 else "")}
+    if "apiKey" in schemes:  # the firmware dialect's devices
+        return {} if kind == 1 else {"X-ApiKey": world.fw_key[: 39 if kind == 0 else 40]}
     if schemes == {"deviceCik"}:
         if {} in op["security"] and kind != 0:
             return {}  # optional (the portal's regId): the credential of another device is 403

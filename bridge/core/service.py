@@ -6,6 +6,7 @@ from bridge import pki
 from bridge.config import Config, mount_paths
 from bridge.core.accounts import Accounts, App
 from bridge.core.bundle import Endpoints
+from bridge.core.firmware import Firmware
 from bridge.core.messages import Messages
 from bridge.core.outbox import Outbox
 from bridge.core.ports import DeviceLink, NoLink
@@ -55,6 +56,15 @@ class Core:
         # Vendors enrol serial numbers; an activated one is a thing of the vendor's owner.
         self.provisioning = Provisioning(
             store, self.things, self.outbox, cfg.provisioning, free_plan_things=cfg.accounts.free_plan_things
+        )
+        # Firmware products: an upgrader software bound to a provisioning model (no third model).
+        self.firmware = Firmware(
+            store,
+            self.outbox,
+            self.things,
+            self.upgrades,
+            self.provisioning,
+            mount_paths(cfg.http.mounts.get("firmware", ""))[0],  # "": the dialect is not served
         )
         # Where devices reach us; the running process replaces the configured ports with bound ones.
         self.endpoints = Endpoints(

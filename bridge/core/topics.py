@@ -25,6 +25,13 @@ UPGRADE_CHECK_ACCEPTED = "upgrade/check/accepted"
 UPGRADE_CHECK_REJECTED = "upgrade/check/rejected"
 VERSIONS = "versions"  # device -> cloud: currentVersionNumbers
 UPGRADE_RESULT = "upgrade/result"  # device -> cloud: upgradeResult
+FIRMWARE_TARGET = "firmware/target"  # cloud -> device: the firmware target document (retained)
+FIRMWARE_GET = "firmware/get"  # device -> cloud: {version, offset, length} of a chunk
+FIRMWARE_GET_REJECTED = "firmware/get/rejected"
+FIRMWARE_CHUNK = "firmware/chunk"  # cloud -> device: firmware/chunk/{offset}, the raw bytes
+FIRMWARE_SWITCHED = "firmware/switched"  # device -> cloud: {version} it runs now
+FIRMWARE_SWITCHED_ACCEPTED = "firmware/switched/accepted"
+FIRMWARE_SWITCHED_REJECTED = "firmware/switched/rejected"
 
 # What a device bundle tells the device it publishes and subscribes to.
 DEVICE_TOPICS = (COLLECT, STATUS, CONFIG_GET, UPGRADE_CHECK, VERSIONS, UPGRADE_RESULT)
@@ -37,6 +44,7 @@ CLOUD_TOPICS = (
     UPGRADE_CHECK_ACCEPTED,
     UPGRADE_CHECK_REJECTED,
 )
+# Firmware over MQTT is for the things of a firmware product (not in every bundle's thing.json).
 
 # bridge -> applications: a staged rollout's progress (retained), rollouts/{id}/state.
 ROLLOUTS = "rollouts"
@@ -44,7 +52,7 @@ ROLLOUT_STATE = "state"
 
 # Topics only the bridge or applications publish on, with their whole subtrees (a thing
 # publishing on presence/x would reach apps subscribed to presence/#) ...
-CLOUD_TO_DEVICE = (PUBLISH, CONFIG, UPGRADE_NOTIFY, PRESENCE)
+CLOUD_TO_DEVICE = (PUBLISH, CONFIG, UPGRADE_NOTIFY, PRESENCE, FIRMWARE_TARGET, FIRMWARE_CHUNK)
 # ... except these device requests that live under them.
 DEVICE_REQUESTS = frozenset({CONFIG_GET})
 REPLY_SUFFIXES = ("/accepted", "/rejected")
@@ -82,6 +90,10 @@ def thing_may_publish(thing_id: str, name: str) -> bool:
     cloud = any(flow == t or flow.startswith(t + "/") for t in CLOUD_TO_DEVICE)
     replies = flow.endswith(REPLY_SUFFIXES) or "/accepted/" in flow or "/rejected/" in flow
     return not cloud and not replies
+
+
+def firmware_chunk(thing_id: str, offset: int) -> str:
+    return topic(thing_id, f"{FIRMWARE_CHUNK}/{offset}")
 
 
 def thing_may_subscribe(thing_id: str, topic_filter: str) -> bool:

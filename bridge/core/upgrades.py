@@ -71,6 +71,11 @@ class Put:
 # that transaction; returns the things it newly offered a version to.
 ResultsHook = Callable[[sqlite3.Connection, str], list[str]]
 
+# Documents of other models that follow a thing's offers (the firmware target, core/firmware.py,
+# registers itself on import): called with (conn, thing id) where the thing's notices are
+# re-published, in that transaction. Pure functions of the database, so one list serves every core.
+offer_hooks: list[Callable[[sqlite3.Connection, str], None]] = []
+
 
 # ---- input -------------------------------------------------------------------------------------
 def _object(body: Any, allowed: Iterable[str], what: str) -> dict[str, Any]:
@@ -483,6 +488,8 @@ def publish_notices(conn: sqlite3.Connection, thing_id: str, owner_id: str) -> N
     ]
     payload = orjson.dumps({"upgrades": upgrades}) if upgrades else b""
     enqueue(conn, topics.topic(thing_id, topics.UPGRADE_NOTIFY), payload, retain=True)
+    for hook in offer_hooks:
+        hook(conn, thing_id)
 
 
 def publish_all_notices(conn: sqlite3.Connection) -> None:

@@ -7,11 +7,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from bridge.config import mount_paths
-from bridge.http import docs, portal, provisioning, things_gateway, upgrader
+from bridge.http import docs, firmware, portal, provisioning, things_gateway, upgrader
 from bridge.http.common.dialect import Dialect, Mounted
 
 DIALECTS: dict[str, Dialect] = {
-    d.name: d for d in (things_gateway.DIALECT, portal.DIALECT, upgrader.DIALECT, provisioning.DIALECT)
+    d.name: d
+    for d in (
+        things_gateway.DIALECT,
+        portal.DIALECT,
+        upgrader.DIALECT,
+        provisioning.DIALECT,
+        firmware.DIALECT,
+    )
 }
 
 

@@ -457,8 +457,40 @@ def provisioning(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def firmware(conn: sqlite3.Connection) -> None:
+    """Firmware activation (issue #13): a product binds one upgrader software to one provisioning
+    model of the same owner (its versions are the software's, its serial numbers the model's), and
+    a version's firmware is a content entity of that model. Nothing else is stored: the API key is
+    the serial number's CIK hash, the device's version its upgrader report. The binding goes with
+    the software or the model, an image with its version or its content entity."""
+    for statement in (
+        """CREATE TABLE fw_products (
+            pk INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            owner_id TEXT NOT NULL REFERENCES users (id),
+            software_pk INTEGER NOT NULL UNIQUE REFERENCES software (pk) ON DELETE CASCADE,
+            model_pk INTEGER NOT NULL UNIQUE REFERENCES prov_models (pk) ON DELETE CASCADE,
+            enabled INTEGER NOT NULL,
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX fw_products_owner ON fw_products (owner_id, id)",
+        """CREATE TABLE fw_images (
+            version_pk INTEGER PRIMARY KEY REFERENCES software_versions (pk) ON DELETE CASCADE,
+            content_pk INTEGER NOT NULL REFERENCES prov_content (pk) ON DELETE CASCADE
+        )""",
+        "CREATE INDEX fw_images_content ON fw_images (content_pk)",
+    ):
+        conn.execute(statement)
+
+
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[tuple[int, Migration]] = [(1, baseline), (2, cascade), (3, upgrades), (4, provisioning)]
+MIGRATIONS: list[tuple[int, Migration]] = [
+    (1, baseline),
+    (2, cascade),
+    (3, upgrades),
+    (4, provisioning),
+    (5, firmware),
+]
 LATEST = MIGRATIONS[-1][0]
 
 
