@@ -110,6 +110,9 @@ class ProvisioningConfig:
     enable_expiry: int = _int(24 * 3600, 60, 365 * 24 * 3600)
     # Largest content blob a vendor may upload (bytes).
     max_content_size: int = _int(256 * 1024 * 1024, 1, 16 * 1024**3)
+    # Largest text/csv import of serial numbers in one request (bytes; spooled to disk as it is
+    # checked, so memory stays bounded): 64 MiB is about 2,000,000 serial numbers.
+    max_import_size: int = _int(64 * 1024 * 1024, 1024, 4 * 1024**3)
 
 
 @dataclass

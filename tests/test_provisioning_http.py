@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import Bridge
+from tests.conftest import Bridge, _bridge
 from tests.helpers import Account, Resp, ThingFiles, account, call, ok, thing_client, unique
 
 FORM = "application/x-www-form-urlencoded"
@@ -47,6 +48,14 @@ def add_vendor(bridge: Bridge, owner: Account) -> Vendor:
     cik = re.search(r"^X-Exosite-CIK: (\S+)$", out, re.M)
     assert token and cik, out
     return Vendor(name, token[1], cik[1])
+
+
+IMPORT_LIMIT = 2 * 1024 * 1024  # provisioning.max_import_size here: twice http.max_body (1 MiB)
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    yield from _bridge(tmp_path_factory, provisioning={"max_import_size": IMPORT_LIMIT})
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +209,11 @@ async def test_serial_numbers(bridge: Bridge, acme: Vendor) -> None:
     refused(await api("POST", sns, form={"sn": "c1", "sn[]": "c2"}), 400, "either sn or sn[]")
     refused(await api("POST", sns, form="sn=c1&sn=c2", headers={"Content-Type": FORM}), 400, "more than once")
     refused(await api("POST", "/manage/model/nope/", form={"sn": "c1"}), 404, "not found")
-    refused(await api("POST", sns, csv=b"x" * (1024 * 1024 + 1)), 413, "larger than")
+    # a serial-number import is bounded by provisioning.max_import_size, not http.max_body
+    big = b"".join(b"big-%06d,%s\r\n" % (i, b"e" * 40) for i in range(30_000))
+    assert 1024 * 1024 < len(big) < IMPORT_LIMIT
+    reset(await api("POST", f"/manage/model/{await new_model(api)}/", csv=big))
+    refused(await api("POST", sns, csv=b"x" * (IMPORT_LIMIT + 1)), 413, "larger than")
 
     # paging: defaults 0 and 5, the limit clamped to 5..1000
     expected = (
@@ -773,6 +786,8 @@ async def test_group_reads_and_deletes(bridge: Bridge, acme: Vendor, other: Vend
     assert csv_body(await api("GET", f"{groups}g0/")) == b'content,s1,99999999999,"a,b"\r\ngroup,g1,0,x\r\n'
     refused(await api("DELETE", members, csv=b"thing,s1\r\n"), 400, "member type")
     refused(await api("DELETE", f"{groups}nope/", csv=b"sn,s1\r\n"), 404, "not found")
+    # member lists are read whole: bounded by http.max_body (1 MiB), not the import limit
+    refused(await api("DELETE", members, csv=b"sn,s1\r\n" * 200_000), 413, "larger than")
     # #21 DELETE: with its memberships; a missing group is deleted already
     reset(await api("DELETE", f"{groups}g1"))
     reset(await api("DELETE", f"{groups}g1"))

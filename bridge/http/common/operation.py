@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
+from bridge.config import Config
 from bridge.core.errors import Invalid
 from bridge.core.service import Core
 from bridge.http.common.auth import CORE, NO_AUTH, Auth
@@ -70,12 +71,14 @@ class Form:
     """A body of HTML-form fields (application/x-www-form-urlencoded; the provisioning document's
     requests) decoded into `model` (None: no form is taken): a field whose wire name ends in `[]`
     is an array (`sn[]=a&sn[]=b`), any other one value. `streams`: further media types (text/csv)
-    the handler reads as it arrives, of any size up to http.max_body; for those `call.body` is a
-    `Stream`. The media type of the request picks which."""
+    the handler reads as it arrives, of any size up to `stream_limit` (http.max_body unless the
+    consumer spools it to disk and has a setting of its own); for those `call.body` is a `Stream`.
+    The media type of the request picks which."""
 
     model: type | None
     description: str
     streams: dict[str, Schema] = field(default_factory=dict)
+    stream_limit: Callable[[Config], int] = lambda cfg: cfg.http.max_body
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,7 @@ def route_handler(op: Operation, answer: Answer) -> Callable[[web.Request], Awai
 async def _form_or_stream(request: web.Request, form: Form) -> Any:
     media_type = request.content_type
     if media_type in form.streams:
-        return Stream(media_type, _bounded(request, request.app[CORE].cfg.http.max_body))
+        return Stream(media_type, _bounded(request, form.stream_limit(request.app[CORE].cfg)))
     if form.model is not None and (media_type == FORM_MEDIA_TYPE or not request.body_exists):
         return decode_form(await request.read(), form.model)
     accepted = ([FORM_MEDIA_TYPE] if form.model is not None else []) + list(form.streams)
@@ -287,7 +290,7 @@ async def _form_or_stream(request: web.Request, form: Form) -> Any:
 
 async def _bounded(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     """The body as it arrives; aiohttp's client_max_size bounds only bodies read whole, so a
-    streamed one is counted here against the same http.max_body (413 beyond it)."""
+    streamed one is counted here against its limit (413 beyond it)."""
     seen = 0
     async for chunk in request.content.iter_any():
         seen += len(chunk)

@@ -184,8 +184,9 @@ async def list_serials(call: Call[VendorCaller, models.ModelPath, models.Serials
     body=Form(
         models.SerialsForm,
         "A form: sn (and extra) or sn[], with delete=true to remove them; or text/csv lines <sn>,<extra> "
-        "to add, all or none in one transaction.",
+        "to add, all or none in one transaction, up to provisioning.max_import_size bytes.",
         {CSV: CSV_LINES},
+        lambda cfg: cfg.provisioning.max_import_size,
     ),
     status=205,
     answer=RESET,
