@@ -367,12 +367,17 @@ async def download_phase(
 # orchestration
 # ----------------------------------------------------------------------------------------------------
 class Env:
+    """The servers under test: the bridge, and the bare reference once it is started."""
+
     def __init__(self, fleet: bc.Fleet, server: bc.Server) -> None:
         self.fleet, self.server = fleet, server
         self.bare: bc.Server | None = None
 
     def pid_of(self, name: str) -> int:
-        return self.server.pid if name == "bridge" else (self.bare.pid if self.bare else 0)
+        server = self.server if name == "bridge" else self.bare
+        if server is None:
+            raise RuntimeError(f"{name} is not running")
+        return server.pid
 
 
 def start_bare(blob_file: Path) -> tuple[bc.Server, int]:
