@@ -498,7 +498,6 @@ def main() -> int:
     ap.add_argument("--content-mib", type=int, default=50)
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--range-mib", type=int, default=1)
-    ap.add_argument("--max-body-mib", type=int, default=16, help="http.max_body of the bridge under test")
     ap.add_argument("--profile", choices=PHASES, help="record this bridge phase with py-spy")
     ap.add_argument("--profile-seconds", type=float, default=60, help="upper bound of the recording")
     ap.add_argument("--max-seconds", type=float, default=900, help="hard bound of the whole bench")
@@ -517,12 +516,7 @@ def main() -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "cmd"},
     }
     try:
-        http = {
-            "http": {"host": bc.HOST, "port": 0},
-            "https": {"host": bc.HOST, "port": 0},
-            "public_host": bc.HOST,
-        }
-        fleet = bc.provision(work / "bridge", 0, http={**http, "max_body": a.max_body_mib * MIB})
+        fleet = bc.provision(work / "bridge", 0)  # the default limits (provisioning.max_import_size)
         cli(fleet, "plan", "set", bc.USER, "--things", str(a.activations + 100))
         server, ports = bc.start_bridge(fleet)
         env = Env(fleet, server)
