@@ -149,17 +149,21 @@ async def test_version_routes(bridge: Bridge, owner: Account, shop: Product) -> 
     assert content.body.decode().startswith(f"application/octet-stream,{len(V1)},")
 
     body = {"releaseDate": "2025-01-03T00:00:00Z", "status": "REQUIRED", "releaseNote": "beta"}
-    created = answer(await manage("PUT", f"{base}/3.0-beta", json=body), 201)
-    assert created == {"version": "3.0-beta", "releaseDate": body["releaseDate"], "status": "REQUIRED",
+    created = answer(await manage("PUT", f"{base}/3.0 beta", json=body), 201)
+    assert created == {"version": "3.0 beta", "releaseDate": body["releaseDate"], "status": "REQUIRED",
                        "rolloutProfiles": [], "size": None, "sha256": None, "contentType": None}  # fmt: skip
-    assert answer(await manage("PUT", f"{base}/3.0-beta", json=body))["status"] == "REQUIRED"
+    assert answer(await manage("PUT", f"{base}/3.0 beta", json=body))["status"] == "REQUIRED"
     blob = b"\x7fELF" + os.urandom(100)
     up = answer(
         await manage(
-            "PUT", f"{base}/3.0-beta/firmware", data=blob, headers={"Content-Type": "application/x-elf"}
+            "PUT", f"{base}/3.0 beta/firmware", data=blob, headers={"Content-Type": "application/x-elf"}
         )
     )
     assert (up["size"], up["contentType"]) == (len(blob), "application/x-elf")
+    beta = answer(
+        await call("GET", f"{bridge.http}/v2/software/{shop.software}/versions/3.0 beta", owner.token)
+    )
+    assert beta["downloadUrl"] == "/fw/v1/things/{thingId}/versions/3.0%20beta/firmware"  # percent-encoded
 
     failed(await manage("PUT", f"{base}/4.0", json={"releaseDate": "yesterday"}), 400, "RFC 3339")
     failed(await manage("PUT", f"{base}/4.0", json={**body, "rolloutProfiles": ["none"]}), 400, "none")
@@ -170,15 +174,15 @@ async def test_version_routes(bridge: Bridge, owner: Account, shop: Product) -> 
     failed(await manage("PUT", f"{base}/{'9' * 121}", json=body), 400, "version")
     failed(await Fw(bridge)("GET", base), 401, "Authorization")
 
-    assert (await manage("DELETE", f"{base}/3.0-beta")).status == 204
-    failed(await manage("GET", f"{base}/3.0-beta"), 404, "not found")
+    assert (await manage("DELETE", f"{base}/3.0 beta")).status == 204
+    failed(await manage("GET", f"{base}/3.0 beta"), 404, "not found")
     gone = await call(
         "GET",
-        f"{bridge.http}/provision/manage/content/{shop.model}/fw-3.0-beta",
+        f"{bridge.http}/provision/manage/content/{shop.model}/fw-3.0 beta",
         headers={"X-Exosite-Token": shop.vendor_token},
     )
     assert gone.status == 404
-    failed(await manage("DELETE", f"{base}/3.0-beta"), 404, "not found")
+    failed(await manage("DELETE", f"{base}/3.0 beta"), 404, "not found")
 
 
 async def test_serial_routes(bridge: Bridge, owner: Account, shop: Product) -> None:

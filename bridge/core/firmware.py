@@ -28,6 +28,7 @@ import sqlite3
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -133,7 +134,9 @@ def _things(conn: sqlite3.Connection, model_pk: int) -> list[str]:
 
 
 def firmware_path(mount: str, thing_id: str, version: str) -> str:
-    return f"{mount}/things/{thing_id}/versions/{version}/firmware"
+    """The device path of a version's firmware (the version percent-encoded: any character but '/'
+    may be in it)."""
+    return f"{mount}/things/{thing_id}/versions/{quote(version, safe='')}/firmware"
 
 
 def target_doc(conn: sqlite3.Connection, thing_id: str) -> Record | None:

@@ -13,7 +13,7 @@ from amqtt.plugins.base import BasePlugin
 from amqtt.session import Session
 
 from bridge.core import jsonvalue, topics
-from bridge.core.errors import DomainError, Invalid, NotFound, Revoked
+from bridge.core.errors import DomainError, Forbidden, Invalid, NotFound, Revoked
 from bridge.core.identity import DeviceIdentity
 from bridge.core.service import Core
 from bridge.core.status import DeviceRef
@@ -21,6 +21,8 @@ from bridge.mqtt.auth import PRINCIPAL, Counters, Principal
 from bridge.mqtt.hardened import REVOKED, ClientRevoked
 
 log = logging.getLogger(__name__)
+# A device's request the core refuses is answered on its .../rejected topic with one of these codes.
+REJECTED = ((Invalid, 400), (Forbidden, 403), (NotFound, 404))
 
 
 class Router:
@@ -88,12 +90,23 @@ class Router:
             try:
                 offer = await core.upgrades.check(device, _json_object(payload))
             except (Invalid, NotFound) as exc:
-                code = 404 if isinstance(exc, NotFound) else 400
-                await self._reply(
-                    thing.name, topics.UPGRADE_CHECK_REJECTED, {"errorCode": code, "errorMessage": str(exc)}
-                )
+                await self._reject(thing.name, topics.UPGRADE_CHECK_REJECTED, exc)
             else:
                 await self._reply(thing.name, topics.UPGRADE_CHECK_ACCEPTED, offer)
+        elif flow == topics.FIRMWARE_GET:
+            try:
+                offset, chunk = await core.firmware.chunk(device, _json_object(payload))
+            except (Invalid, Forbidden, NotFound) as exc:
+                await self._reject(thing.name, topics.FIRMWARE_GET_REJECTED, exc)
+            else:  # the raw bytes, named by their offset: a device resumes from the last it stored
+                await core.link.publish(topics.firmware_chunk(thing.name, offset), chunk)
+        elif flow == topics.FIRMWARE_SWITCHED:
+            try:
+                switched = await core.firmware.switched(device, _json_object(payload))
+            except (Invalid, Forbidden, NotFound) as exc:
+                await self._reject(thing.name, topics.FIRMWARE_SWITCHED_REJECTED, exc)
+            else:
+                await self._reply(thing.name, topics.FIRMWARE_SWITCHED_ACCEPTED, switched)
         elif flow == topics.VERSIONS:
             await core.upgrades.report_versions(device, _json_object(payload), transport="mqtt")
         elif flow == topics.UPGRADE_RESULT:
@@ -101,6 +114,10 @@ class Router:
         else:
             return False
         return True
+
+    async def _reject(self, thing_id: str, flow: str, exc: DomainError) -> None:
+        code = next(code for kind, code in REJECTED if isinstance(exc, kind))
+        await self._reply(thing_id, flow, {"errorCode": code, "errorMessage": str(exc)})
 
     async def _reply(self, thing_id: str, flow: str, body: dict[str, Any]) -> None:
         """A reply is a live message: through the link, like every message (see Core)."""

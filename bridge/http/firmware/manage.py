@@ -189,12 +189,17 @@ async def upload(call: Call[User, models.VersionPath, None, Stream]) -> models.V
     tag=TAG,
     auth=USER,
     path_model=models.ProductPath,
-    body=Form(None, "`<serial number>[,<extra>]` lines (RFC 4180).", {CSV: CSV_LINES}),
+    body=Form(
+        None,
+        "`<serial number>[,<extra>]` lines (RFC 4180), up to provisioning.max_import_size bytes.",
+        {CSV: CSV_LINES},
+        lambda cfg: cfg.provisioning.max_import_size,  # spooled to disk as provisioning's import
+    ),
     body_required=True,
     answer=models.Imported,
     errors=(400, 401, 404, 409, 413),
-    description="Into the product's model, all or none (409 naming the first that exists); up to "
-    "http.max_body here, any size with `thingbridge firmware import-serials`.",
+    description="Into the product's model, all or none (409 naming the first that exists), as provisioning's "
+    "import; any size with `thingbridge firmware import-serials`.",
 )
 async def import_serials(call: Call[User, models.ProductPath, None, Stream]) -> models.Imported:
     added = await call.core.firmware.import_serials(call.principal.id, call.path.productId, call.body.chunks)
