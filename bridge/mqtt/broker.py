@@ -27,6 +27,7 @@ from bridge.mqtt.hardened import (
     keep_unread_input,
 )
 from bridge.mqtt.router import Router
+from bridge.mqtt.sessions import DurableSessions
 
 log = logging.getLogger(__name__)
 TLS, PLAIN = "tls", "default"  # amqtt requires a listener named "default"
@@ -82,7 +83,12 @@ class MqttBroker:
             limits.max_pending = self.cfg.mqtt.max_unsent
             limits.max_queued_messages = self.cfg.mqtt.max_queued_messages
             limits.max_queued_bytes = self.cfg.mqtt.max_queued_bytes
+            limits.durable = DurableSessions(core.store, self.cfg.mqtt.session_expiry)
         await self.broker.start()
+        if isinstance(self.broker, HardenedBroker) and self.broker.limits.durable is not None:
+            # before the listeners open: a thing that reconnects finds its session
+            for stored in await self.broker.limits.durable.load():
+                self.broker.restore(stored)
 
     async def listen(self) -> None:
         """Open the listeners (after start())."""
@@ -127,6 +133,8 @@ class MqttBroker:
             server.close()
         if self.broker is not None:
             await self.broker.shutdown()
+        if isinstance(self.broker, HardenedBroker) and self.broker.limits.durable is not None:
+            await self.broker.limits.durable.journal.drain()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
@@ -150,7 +158,11 @@ class MqttBroker:
         assert self.broker is not None
         if retain:
             await self.broker.retain_message(None, topic, payload)
-        if payload or not retain:
+        if not payload and retain:
+            return
+        if isinstance(self.broker, HardenedBroker):
+            await self.broker.route(topic, payload)  # queued on disk for persistent sessions
+        else:
             await self.broker.internal_message_broadcast(topic, payload)
 
     def stats(self) -> dict[str, Any]:

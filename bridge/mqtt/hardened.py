@@ -22,6 +22,9 @@ Defects fixed (letters as in docs/amqtt-defects.md, which describes each one and
   G' a PUBLISH whose topic holds a wildcard fails to parse; stock logs "Message discarded" and
      reads on from the middle of that packet (its payload is parsed as the next packet)
                                                                    -> strict packet parsing below
+  Sessions only in memory: a restart forgot every persistent session. They are kept in SQLite
+     through the seam in bridge/mqtt/sessions.py -> route, restore, add_subscription,
+     _handle_unsubscription, _delete_session, _cleanup_session, the QoS 1 flow, Limits.enqueue
   H  (not changed) a message is delivered at the subscription's QoS, so a QoS 0 publish reaches a
      QoS 1 subscriber as QoS 1: an upgrade, never a loss.
 TLS: amqtt hard-codes CERT_OPTIONAL; we never let amqtt build a TLS context (our listeners are
@@ -68,6 +71,8 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+from bridge.mqtt.sessions import DurableSessions, Restored
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +176,7 @@ class Limits:
     max_queued_bytes: int = 16 * 1024 * 1024
     dropped_queued: int = 0
     refused_retained: int = 0
+    durable: DurableSessions | None = None  # a dropped message's row goes too
 
     def enqueue(self, session: Session, message: RetainedApplicationMessage) -> None:
         """Queue a message for an offline session. Full: drop the oldest (as EMQX does: the
@@ -178,8 +184,10 @@ class Limits:
         queue: OfflineQueue = session.retained_messages
         queue.put_nowait(message)
         while queue.qsize() > self.max_queued_messages or queue.bytes > self.max_queued_bytes:
-            queue.get_nowait()
+            dropped = queue.get_nowait()
             self.dropped_queued += 1
+            if self.durable is not None:
+                self.durable.done(session.client_id, dropped.data)
             log.warning("offline queue of %s is full: dropped its oldest message", session.client_id)
 
 
@@ -210,7 +218,8 @@ class BridgeHandler(BrokerProtocolHandler):
                 self.writer.abort()
             if session is not None and not session.clean_session and qos in (QOS_1, QOS_2):
                 # a persistent session gets it when it comes back, like anything sent while offline
-                self.limits.enqueue(session, RetainedApplicationMessage(None, topic, bytes(data), qos))
+                queued = data if isinstance(data, bytes) else bytes(data)  # a Stored one keeps its rows
+                self.limits.enqueue(session, RetainedApplicationMessage(None, topic, queued, qos))
             raise ConnectionResetError("the subscriber does not read")
         self._pending += size
         try:
@@ -293,6 +302,9 @@ class BridgeHandler(BrokerProtocolHandler):
         packet_id = app_message.packet_id
         session.inflight_out[packet_id] = app_message
         packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+        durable = self.limits.durable
+        if durable is not None:
+            durable.sent(session.client_id, app_message.data, packet_id)
         waiter: asyncio.Future[PubackPacket] = asyncio.get_running_loop().create_future()
         self._puback_waiters[packet_id] = waiter
         try:
@@ -304,6 +316,8 @@ class BridgeHandler(BrokerProtocolHandler):
                 del self._puback_waiters[packet_id]
         if session.inflight_out.get(packet_id) is app_message:
             del session.inflight_out[packet_id]
+        if durable is not None:
+            durable.done(session.client_id, app_message.data)
 
     async def _retry_deliveries(self) -> None:
         """Stock re-sends every in-flight message here and waits up to 10 s for the acknowledgements
@@ -472,6 +486,7 @@ class HardenedBroker(Broker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = Limits()
+        self._stopping = False
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         if session.attributes.pop(PREAUTHENTICATED, False):
@@ -540,6 +555,9 @@ class HardenedBroker(Broker):
         else:
             session.parent = 0
 
+        durable = self.limits.durable
+        if durable is not None and durable.persistent(session):
+            durable.connected(session)
         if session.keep_alive > 0:
             session.keep_alive = int(session.keep_alive * 1.5 + 0.5)
             if isinstance(reader, CappedReader):
@@ -564,6 +582,84 @@ class HardenedBroker(Broker):
             ended.set()
         if client_session.attributes.get(FORGET):
             await self._delete_session(client_session.client_id)
+        elif self.limits.durable is not None and self.limits.durable.persistent(client_session):
+            self.limits.durable.disconnected(client_session)  # session_expiry counts from here
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """A persistent session's subscription is on disk before its SUBACK."""
+        granted = await super().add_subscription(subscription, session)
+        durable = self.limits.durable
+        if granted != 0x80 and durable is not None and durable.persistent(session):
+            await durable.subscribed(session, subscription[0], granted)
+        return granted
+
+    async def _handle_unsubscription(
+        self, client_session: Session, handler: Any, unsubscribe_waiter: Any
+    ) -> None:
+        durable = self.limits.durable
+        if durable is not None and durable.persistent(client_session):
+            await durable.unsubscribed(client_session, list(unsubscribe_waiter.result().topics))
+        await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+
+    async def _delete_session(self, client_id: str) -> None:
+        """A clean session replacing a persistent one, a revoked identity: gone from disk too."""
+        session = self._sessions.get(client_id, (None, None))[0]
+        await super()._delete_session(client_id)
+        if session is not None and self.limits.durable is not None and not session.clean_session:
+            self.limits.durable.forget(client_id)
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        """Expiry (the session monitor) deletes a stored session; shutdown only leaves memory."""
+        session = self._sessions.get(client_id, (None, None))[0]
+        await super()._cleanup_session(client_id)
+        durable = self.limits.durable
+        if session is not None and durable is not None and not session.clean_session and not self._stopping:
+            durable.forget(client_id)
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        await super().shutdown()
+
+    async def route(self, topic: str, data: bytes) -> None:
+        """A message the bridge publishes. Each persistent session it reaches at QoS 1 gets a row
+        for it first (one write, awaited: the message is queued on disk before the caller
+        acknowledges anything), then it is broadcast, its payload knowing those rows."""
+        durable = self.limits.durable
+        if durable is not None:
+            targets = {
+                session.client_id: qos
+                for topic_filter, subscribers in self._subscriptions.items()
+                if self._matches(topic, topic_filter)
+                for session, qos in subscribers
+                if qos == QOS_1 and durable.persistent(session)
+            }
+            for client_id in list(targets):
+                session = self._sessions.get(client_id, (None, None))[0]
+                if session is None or not await self._topic_filtering(session, topic, Action.RECEIVE):
+                    del targets[client_id]
+            if targets:
+                data = await durable.enqueue(topic, data, targets)
+        await self._broadcast_message(None, topic, data)
+
+    def restore(self, stored: Restored) -> None:
+        """A session loaded at start-up: offline, subscribed, its in-flight messages re-sent with
+        DUP and then its queued ones when it reconnects (_resume), CONNACK session-present set."""
+        handler, session = self.create_offline_session(stored.client_id)
+        session.clean_session = False
+        session.attributes.update(stored.attributes)
+        session.retained_messages = OfflineQueue()
+        session.last_disconnect_time = int(stored.disconnected)
+        self._sessions[stored.client_id] = (session, handler)
+        for topic_filter, qos in stored.subscriptions:
+            self._subscriptions.setdefault(topic_filter, []).append((session, qos))
+        for topic, payload, qos, packet_id in stored.messages:
+            if packet_id is None:
+                self.limits.enqueue(session, RetainedApplicationMessage(None, topic, payload, qos))
+                continue
+            message = OutgoingApplicationMessage(packet_id, topic, qos, payload, False)
+            message.publish_packet = message.build_publish_packet()  # sent before: DUP when re-sent
+            session.inflight_out[packet_id] = message
+            session._packet_id = packet_id
 
     async def _send_will(self, session: Session) -> None:
         """A will is the client's last message: it goes the way its PUBLISH would have. On a flow

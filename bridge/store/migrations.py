@@ -483,6 +483,44 @@ def firmware(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def mqtt_sessions(conn: sqlite3.Connection) -> None:
+    """Version 6: persistent MQTT sessions (issue #14), so that a restart keeps a session's
+    subscriptions and the QoS 1 messages it has not acknowledged (bridge/store/sessions.py). A
+    thing's or application's sessions go with it (ON DELETE CASCADE), their messages with them."""
+    for statement in (
+        # thing_id / app_name: whose session it is (one of them); cert_id: a thing's credential
+        # it was made under (one re-issued since leaves it behind); principal: its identity for the
+        # receive ACL while it is offline; disconnected: epoch seconds, NULL while connected.
+        """CREATE TABLE mqtt_sessions (
+            client_id TEXT PRIMARY KEY,
+            thing_id TEXT REFERENCES things (id) ON DELETE CASCADE,
+            app_name TEXT REFERENCES apps (name) ON DELETE CASCADE,
+            cert_id TEXT,
+            principal BLOB NOT NULL,
+            disconnected REAL
+        )""",
+        "CREATE INDEX mqtt_sessions_thing ON mqtt_sessions (thing_id)",
+        "CREATE INDEX mqtt_sessions_app ON mqtt_sessions (app_name)",
+        """CREATE TABLE mqtt_subscriptions (
+            client_id TEXT NOT NULL REFERENCES mqtt_sessions (client_id) ON DELETE CASCADE,
+            topic_filter TEXT NOT NULL,
+            qos INTEGER NOT NULL,
+            PRIMARY KEY (client_id, topic_filter)
+        )""",
+        # packet_id NULL: queued; set: sent, awaiting its PUBACK (acknowledged: the row is gone)
+        """CREATE TABLE mqtt_queue (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            client_id TEXT NOT NULL REFERENCES mqtt_sessions (client_id) ON DELETE CASCADE,
+            topic TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            qos INTEGER NOT NULL,
+            packet_id INTEGER
+        )""",
+        "CREATE INDEX mqtt_queue_client ON mqtt_queue (client_id, seq)",
+    ):
+        conn.execute(statement)
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, baseline),
@@ -490,6 +528,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (3, upgrades),
     (4, provisioning),
     (5, firmware),
+    (6, mqtt_sessions),
 ]
 LATEST = MIGRATIONS[-1][0]
 

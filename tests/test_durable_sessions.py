@@ -1,0 +1,226 @@
+"""Persistent sessions survive a restart (issue #14): kill -9 the bridge with QoS 1 messages queued
+for offline things and in flight to an online one, restart it on the same data directory, and every
+message arrives once, in order (DUP only on those that were in flight), none again after its
+PUBACK; subscriptions and CONNACK session-present come back; an expired or deleted thing's session
+is gone from the database."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import aiomqtt
+import pytest
+
+from tests import mqttraw
+from tests.conftest import Bridge, _bridge, write_config
+from tests.helpers import Account, ThingFiles, account, call, create_thing, next_message, ok, unique
+
+HOST = "127.0.0.1"
+OFFLINE_THINGS = 10
+PER_THING = 100  # 1,000 queued for the offline things
+IN_FLIGHT = 100
+APP_PASSWORD = "app-password-1"
+EXPIRY = 2  # seconds: session_expiry in the expiry test, after its restart
+
+
+class Raw:
+    """A thing's MQTT connection in raw packets: the CONNACK's session-present flag, each PUBLISH's
+    DUP flag, and PUBACKs only when the test sends them."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, present: bool) -> None:
+        self.reader, self.writer, self.session_present = reader, writer, present
+
+    @classmethod
+    async def connect(cls, bridge: Bridge, thing: ThingFiles) -> Raw:
+        """Clean session off."""
+        tls = bridge.client_tls(thing.cert, thing.key)
+        reader, writer = await asyncio.open_connection(HOST, bridge.ports["mqtt_tls"], ssl=tls)
+        writer.write(mqttraw.connect(thing.id, clean=False))
+        async with asyncio.timeout(10):
+            kind, _flags, body = await mqttraw.read_packet(reader)
+        assert kind == 2 and body[1] == 0, body  # CONNACK, accepted
+        return cls(reader, writer, bool(body[0] & 1))
+
+    async def subscribe(self, topic: str) -> None:
+        self.writer.write(mqttraw.subscribe(topic, qos=1))
+        async with asyncio.timeout(10):
+            kind, _flags, body = await mqttraw.read_packet(self.reader)
+        assert kind == 9 and body[2:] == b"\x01", body  # SUBACK, QoS 1 granted
+
+    async def receive(self, count: int, *, ack: bool) -> list[tuple[bytes, int, bool]]:
+        """The next `count` PUBLISHes as (payload, packet id, dup), acknowledged one by one if `ack`."""
+        got = []
+        async with asyncio.timeout(30):
+            while len(got) < count:
+                kind, flags, body = await mqttraw.read_packet(self.reader)
+                assert kind == 3, (kind, body)
+                _topic, packet_id, payload, dup = mqttraw.parse_publish(flags, body)
+                assert packet_id is not None and flags & 0x06 == 0x02  # QoS 1
+                got.append((payload, packet_id, dup))
+                if ack:
+                    self.writer.write(b"\x40\x02" + struct.pack("!H", packet_id))
+        return got
+
+    async def close(self) -> None:
+        self.writer.write(b"\xe0\x00")  # DISCONNECT
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def rows(bridge: Bridge, sql: str, *args: object) -> list[tuple]:
+    with sqlite3.connect(bridge.db_path) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+async def until(condition, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
+    """Poll a condition on the database (the state the bridge writes behind an acknowledgement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def publish_all(bridge: Bridge, tok: str, plan: dict[str, list[bytes]]) -> None:
+    """Each thing's payloads in order (one at a time: a 200 means committed and queued), the
+    things in parallel."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {tok}"}) as http:
+
+        async def one_thing(thing_id: str, payloads: list[bytes]) -> None:
+            for payload in payloads:
+                async with http.post(f"{bridge.api}/things/{thing_id}/publish", data=payload) as r:
+                    assert r.status == 200, await r.text()
+
+        await asyncio.gather(*(one_thing(t, p) for t, p in plan.items()))
+
+
+def payloads(thing: ThingFiles, count: int, tag: str = "m") -> list[bytes]:
+    return [f"{thing.id}:{tag}{i:03d}".encode() for i in range(count)]
+
+
+@pytest.fixture
+def restartable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    yield from _bridge(tmp_path_factory, accounts={"free_plan_things": OFFLINE_THINGS + 1})
+
+
+def persistent_app(bridge: Bridge, name: str) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        HOST,
+        bridge.ports["mqtt_plain"],
+        identifier=f"app:{name}:durable",
+        username=name,
+        password=APP_PASSWORD,
+        clean_session=False,
+        timeout=5,
+    )
+
+
+async def things(bridge: Bridge, owner: Account, folder: Path, n: int) -> list[ThingFiles]:
+    return list(await asyncio.gather(*(create_thing(bridge, owner.token, folder) for _ in range(n))))
+
+
+async def test_kill_9_with_queued_and_in_flight_messages_delivers_each_once_in_order(
+    restartable: Bridge, tmp_path: Path
+) -> None:
+    bridge = restartable
+    alice = account(bridge)
+    *offline, online = await things(bridge, alice, tmp_path, OFFLINE_THINGS + 1)
+    app = unique("app")
+    bridge.cli("app", "add", app, "--owner", alice.name, "--password", APP_PASSWORD)
+    async with persistent_app(bridge, app) as listener:  # an application's session, offline too
+        await listener.subscribe(f"things/{online.id}/publish", qos=1)
+
+    for thing in offline:  # subscribed, then gone
+        raw = await Raw.connect(bridge, thing)
+        assert not raw.session_present
+        await raw.subscribe(f"things/{thing.id}/publish")
+        await raw.close()
+    live = await Raw.connect(bridge, online)
+    await live.subscribe(f"things/{online.id}/publish")
+
+    plan = {t.id: payloads(t, PER_THING) for t in offline}
+    plan[online.id] = payloads(online, IN_FLIGHT)
+    await publish_all(bridge, alice.token, plan)
+    before = await live.receive(IN_FLIGHT, ack=False)  # received, never acknowledged
+    assert [p for p, _, dup in before] == plan[online.id] and not any(dup for _, _, dup in before)
+
+    bridge.kill()  # SIGKILL
+    bridge.start()
+
+    live = await Raw.connect(bridge, online)
+    assert live.session_present
+    again = await live.receive(IN_FLIGHT, ack=True)
+    assert [p for p, _, _ in again] == plan[online.id]  # DUP allowed: these were in flight
+    for thing in offline:
+        raw = await Raw.connect(bridge, thing)
+        assert raw.session_present
+        got = await raw.receive(PER_THING, ack=True)
+        assert [p for p, _, _ in got] == plan[thing.id]
+        assert not any(dup for _, _, dup in got)  # never sent before the restart
+        await raw.close()
+    await live.close()
+    async with persistent_app(bridge, app) as listener:  # acknowledges as it receives
+        heard = [(await next_message(listener, 10)).payload for _ in range(IN_FLIGHT)]
+    assert heard == plan[online.id]
+
+    # Every PUBACK recorded: a second kill -9 brings none of them back. Subscriptions are restored
+    # without any SUBSCRIBE: what is published while the things are offline is queued for them.
+    await until(lambda: rows(bridge, "SELECT count(*) FROM mqtt_queue") == [(0,)])
+    bridge.kill()
+    bridge.start()
+    markers = {t.id: payloads(t, 1, "after") for t in [*offline, online]}
+    await publish_all(bridge, alice.token, markers)
+    for thing in [*offline, online]:
+        raw = await Raw.connect(bridge, thing)
+        assert raw.session_present
+        [(payload, _, dup)] = await raw.receive(1, ack=True)
+        assert (payload, dup) == (markers[thing.id][0], False)  # the first one is the new one
+        await raw.close()
+
+    # A deleted thing's session and its queued messages are gone with it.
+    gone = offline[0].id
+    await publish_all(bridge, alice.token, {gone: payloads(offline[0], 3, "late")})
+    assert rows(bridge, "SELECT count(*) FROM mqtt_queue q WHERE q.client_id = ?", gone) == [(3,)]
+    ok(await call("DELETE", f"{bridge.api}/things/{gone}", alice.token))
+    for table in ("mqtt_sessions", "mqtt_subscriptions", "mqtt_queue"):
+        assert rows(bridge, f"SELECT count(*) FROM {table} WHERE client_id = ?", gone) == [(0,)]
+
+
+async def test_an_expired_session_is_deleted_at_restart_and_while_running(
+    restartable: Bridge, tmp_path: Path
+) -> None:
+    bridge = restartable
+    alice = account(bridge)
+    stopped, running = await things(bridge, alice, tmp_path, 2)
+    raw = await Raw.connect(bridge, stopped)
+    await raw.subscribe(f"things/{stopped.id}/publish")
+    await raw.close()
+    await publish_all(bridge, alice.token, {stopped.id: payloads(stopped, 2)})
+    assert rows(bridge, "SELECT count(*) FROM mqtt_queue WHERE client_id = ?", stopped.id) == [(2,)]
+
+    # Offline longer than session_expiry while the bridge was down: deleted when it starts, with
+    # its subscriptions and queued messages; the thing then gets a new session.
+    bridge.kill()
+    write_config(
+        bridge.folder, accounts={"free_plan_things": OFFLINE_THINGS + 1}, mqtt={"session_expiry": EXPIRY}
+    )
+    [(disconnected,)] = rows(bridge, "SELECT disconnected FROM mqtt_sessions WHERE client_id = ?", stopped.id)
+    await until(lambda: time.time() > disconnected + EXPIRY + 1)  # the clock passes the expiry
+    bridge.start()
+    for table in ("mqtt_sessions", "mqtt_subscriptions", "mqtt_queue"):
+        assert rows(bridge, f"SELECT count(*) FROM {table}") == [(0,)]
+    raw = await Raw.connect(bridge, stopped)
+    assert not raw.session_present
+    await raw.close()
+
+    # While running: the session monitor deletes it once it has been offline for that long.
+    raw = await Raw.connect(bridge, running)
+    await raw.subscribe(f"things/{running.id}/publish")
+    await raw.close()
+    assert rows(bridge, "SELECT count(*) FROM mqtt_subscriptions WHERE client_id = ?", running.id) == [(1,)]
+    await until(lambda: not rows(bridge, "SELECT 1 FROM mqtt_sessions WHERE client_id = ?", running.id))
