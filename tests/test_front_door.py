@@ -6,6 +6,7 @@ no orphan thing; the database is private to its owner."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import stat
@@ -18,7 +19,7 @@ import orjson
 import pytest
 
 from tests.conftest import ADMIN_PASSWORD, Bridge, write_config
-from tests.helpers import new_user, token, unique
+from tests.helpers import create_thing, new_user, thing_client, token, unique
 
 
 def thingbridge(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -262,3 +263,21 @@ def test_database_files_are_owner_only(bridge: Bridge) -> None:
     bridge.db_path.chmod(0o644)  # as an older version left it
     assert bridge.cli("status", "--owner", "admin").returncode == 0
     assert mode(bridge.db_path) == 0o600
+
+
+# ---- issue #14: the event loop ---------------------------------------------------------------------
+async def test_event_loop_setting_is_honoured(bridge: Bridge, tmp_path: Path) -> None:
+    """uvloop by default where it is installed; `uvloop: false` runs asyncio's own loop, and a thing
+    still connects over TLS (the listeners' own TLS set-up) and has its QoS 1 message acknowledged."""
+    assert bridge.ports["loop"] == ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+    plain = Bridge(tmp_path, write_config(tmp_path, uvloop=False))
+    plain.start()
+    try:
+        assert plain.ports["loop"] == "asyncio"
+        name, password = new_user(plain)
+        thing = await create_thing(plain, await token(plain, name, password), tmp_path)
+        async with thing_client(plain, thing) as client:
+            await client.publish(f"things/{thing.id}/collect", b'{"t": 1}', qos=1)
+        assert plain.stop() == 0
+    finally:
+        plain.kill()

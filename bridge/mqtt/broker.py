@@ -24,10 +24,10 @@ from bridge.mqtt.hardened import (
     HardenedBroker,
     Limits,
     close_client,
-    keep_unread_input,
 )
 from bridge.mqtt.router import Router
 from bridge.mqtt.sessions import DurableSessions
+from bridge.mqtt.transport import listen
 
 log = logging.getLogger(__name__)
 TLS, PLAIN = "tls", "default"  # amqtt requires a listener named "default"
@@ -104,19 +104,14 @@ class MqttBroker:
         for name, listener, ctx in listeners:
             if not listener.enabled:
                 continue
-            server = await asyncio.start_server(
-                lambda r, w, name=name: self._serve(r, w, name),
-                listener.host,
-                listener.port,
-                ssl=ctx,
-                ssl_handshake_timeout=10 if ctx else None,
+            server = await listen(
+                listener.host, listener.port, ctx, lambda r, w, name=name: self._serve(r, w, name)
             )
             self._servers.append(server)
             self.ports[name] = server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: str) -> None:
         assert self.broker is not None
-        keep_unread_input(writer.transport)
         try:
             await self.broker.external_connected(
                 CappedReader(reader, self.cfg.mqtt.max_packet_size),

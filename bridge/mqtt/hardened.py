@@ -446,36 +446,6 @@ class BridgeWriter(StreamWriterAdapter):
             self._writer.transport.abort()
 
 
-def keep_unread_input(transport: asyncio.BaseTransport) -> None:
-    """asyncio stops reading a socket at the first failed write and drops what the peer sent that
-    was not read yet. A client that acknowledges its last message, sends DISCONNECT and resets the
-    connection (it leaves with our later packets unread, so its kernel sends RST; mosquitto_sub -C
-    does this) made our next write fail, and its PUBACK was lost: the acknowledged message was
-    re-sent on every reconnect. The kernel still holds those bytes: read them before closing."""
-    raw = getattr(transport, "_ssl_protocol", None)
-    raw = raw._transport if raw is not None else transport  # TLS: the socket transport below
-    force_close = raw._force_close  # type: ignore[attr-defined]
-
-    def read_then_close(exc: BaseException | None) -> None:
-        if exc is not None and not raw._closing:  # type: ignore[attr-defined]
-            protocol = raw.get_protocol()
-            with contextlib.suppress(OSError):
-                while data := raw._sock.recv(65536):  # type: ignore[attr-defined]
-                    if isinstance(protocol, asyncio.BufferedProtocol):
-                        view = memoryview(data)
-                        while view:
-                            buffer = protocol.get_buffer(len(view))
-                            n = min(len(buffer), len(view))
-                            buffer[:n] = view[:n]
-                            protocol.buffer_updated(n)
-                            view = view[n:]
-                    else:
-                        protocol.data_received(data)  # type: ignore[attr-defined]
-        force_close(exc)
-
-    raw._force_close = read_then_close  # type: ignore[attr-defined]
-
-
 class HardenedBroker(Broker):
     connect_timeout: float = 10.0
 
