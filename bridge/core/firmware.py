@@ -48,9 +48,9 @@ from bridge.core.outbox import Outbox, enqueue
 from bridge.core.provisioning import Provisioning
 from bridge.core.provisioning.common import Vendor, key, secret_hash
 from bridge.core.provisioning.content import Download
-from bridge.core.provisioning.serials import _log
+from bridge.core.provisioning.serials import log_attempt
 from bridge.core.provisioning.vendors import new_cik
-from bridge.core.things import Things
+from bridge.core.things import CIK_INCARNATION, Things
 from bridge.store import Store
 
 CHUNK_MAX = 32 * 1024  # bytes one MQTT chunk carries at most (a device with a few KiB of RAM asks for less)
@@ -474,7 +474,7 @@ class Firmware:
         serial number is disabled, or the owner's plan is full. Each attempt is in the serial
         number's activation log."""
         api_key = new_cik()
-        incarnation = f"cik:{secrets.token_hex(16)}"
+        incarnation = f"{CIK_INCARNATION}{secrets.token_hex(16)}"
         serials = self.provisioning.serials
 
         def activate(conn: sqlite3.Connection) -> tuple[str | None, str | None, DomainError | None]:
@@ -504,10 +504,10 @@ class Firmware:
                         (row["pk"], new_cik(), ids.now(), row["vendor_pk"]),
                     )
                 try:
-                    serials._activate(conn, row, secret_hash(api_key), incarnation)
+                    serials.activate_client(conn, row, secret_hash(api_key), incarnation)
                 except QuotaExceeded as exc:
                     refused = Forbidden(f"the vendor's owner has no room for another thing ({exc})")
-            _log(
+            log_attempt(
                 conn, row["pk"], ids.now(), remote, agent, str(refused) if refused else "activated (firmware)"
             )
             if refused is not None:

@@ -496,10 +496,10 @@ class Serials:
             refused = _refusal(row, self.clock())
             if refused is None:
                 try:
-                    self._activate(conn, row, secret_hash(cik), incarnation)
+                    self.activate_client(conn, row, secret_hash(cik), incarnation)
                 except QuotaExceeded as exc:
                     refused = f"the vendor's owner has no room for another thing ({exc})"
-            _log(conn, row["pk"], self.clock(), remote, agent, refused or "activated")
+            log_attempt(conn, row["pk"], self.clock(), remote, agent, refused or "activated")
             return (
                 Conflict(f"serial number {sn!r:.140} is not enabled for activation: {refused}")
                 if refused
@@ -512,7 +512,12 @@ class Serials:
         self.outbox.kick()  # a new thing's config document
         return cik
 
-    def _activate(self, conn: sqlite3.Connection, row: sqlite3.Row, cik_hash: str, incarnation: str) -> None:
+    def activate_client(
+        self, conn: sqlite3.Connection, row: sqlite3.Row, cik_hash: str, incarnation: str
+    ) -> None:
+        """In the caller's transaction (provisioning's activation, and the firmware dialect's): the
+        serial number's client (`row`: its pk, sn, model, owner_id, thing_id) is activated with this
+        CIK; its thing is made at the first activation, else enabled again on `incarnation`."""
         thing_id = row["thing_id"]
         if thing_id is None:
             thing_id = _thing_id(conn, row["model"], row["sn"])
@@ -579,7 +584,7 @@ def _room(conn: sqlite3.Connection, owner_id: str, free_plan_things: int) -> Non
         )
 
 
-def _log(conn: sqlite3.Connection, sn_pk: int, ts: float, remote: str, agent: str, entry: str) -> None:
+def log_attempt(conn: sqlite3.Connection, sn_pk: int, ts: float, remote: str, agent: str, entry: str) -> None:
     conn.execute(
         "INSERT INTO sn_log (sn_pk, ts, remote, agent, entry) VALUES (?,?,?,?,?)",
         (sn_pk, ts, remote[:256], agent[:256], entry),
