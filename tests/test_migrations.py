@@ -80,6 +80,8 @@ def shape(conn: sqlite3.Connection) -> dict[str, Any]:
             "indexes": sorted(indexes),
             "autoincrement": "AUTOINCREMENT" in sql.upper(),
         }
+    triggers = conn.execute("SELECT tbl_name, name FROM sqlite_master WHERE type = 'trigger'")
+    result["(triggers)"] = sorted(tuple(row) for row in triggers)
     return result
 
 
@@ -164,6 +166,10 @@ async def test_a_database_of_release_79a1643_opens_migrates_and_serves(old_relea
         # The old release's revocation record is still there too.
         assert rows_naming(bridge.db_path, MANIFEST["deleted"]) == {"revoked_certs": 1}
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        # each owner's count of things (version 7) was taken from the rows and kept by the delete
+        counted = [tuple(r) for r in conn.execute("SELECT owner_id, things FROM owner_things ORDER BY 1")]
+        real = "SELECT owner_id, count(*) FROM things GROUP BY owner_id ORDER BY 1"
+        assert counted == [tuple(r) for r in conn.execute(real)] and counted[0][1] == len(things) - 1
 
 
 async def test_delete_on_a_new_database_leaves_only_the_revocation(fresh_bridge: Bridge) -> None:

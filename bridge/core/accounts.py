@@ -322,7 +322,8 @@ def active_policy(conn: sqlite3.Connection, user_id: str, free_quota: int) -> Su
         (user_id,),
     ).fetchone()
     sub = new_subscription(user_id, free_quota) if row is None else _subscription(row)
-    actual = conn.execute("SELECT count(*) FROM things WHERE owner_id = ?", (user_id,)).fetchone()[0]
+    counted = conn.execute("SELECT things FROM owner_things WHERE owner_id = ?", (user_id,)).fetchone()
+    actual = counted[0] if counted else 0
     effect = "Allow" if actual < sub.thing_quota else "Deny"
     statement = PolicyStatement(CREATE_THING_ACTION, effect, f"{user_id}:thing:*", sub.thing_quota, actual)
     return SubscriptionPolicy(sub, [statement])

@@ -521,6 +521,28 @@ def mqtt_sessions(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def owner_counts(conn: sqlite3.Connection) -> None:
+    """Version 7: each owner's count of things, kept by triggers on every insert and delete of a
+    thing (ON DELETE CASCADE included), so that the plan check of a thing's creation or a serial
+    number's activation reads one row instead of counting the owner's registry (6.8 ms at
+    100,000 things, on the one writer thread: bench_provisioning). Things never change owner."""
+    for statement in (
+        """CREATE TABLE owner_things (
+            owner_id TEXT PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+            things INTEGER NOT NULL
+        )""",
+        "INSERT INTO owner_things (owner_id, things) SELECT owner_id, count(*) FROM things GROUP BY owner_id",
+        """CREATE TRIGGER owner_things_insert AFTER INSERT ON things BEGIN
+            INSERT INTO owner_things (owner_id, things) VALUES (NEW.owner_id, 1)
+            ON CONFLICT (owner_id) DO UPDATE SET things = things + 1;
+        END""",
+        """CREATE TRIGGER owner_things_delete AFTER DELETE ON things BEGIN
+            UPDATE owner_things SET things = things - 1 WHERE owner_id = OLD.owner_id;
+        END""",
+    ):
+        conn.execute(statement)
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, baseline),
@@ -529,6 +551,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (4, provisioning),
     (5, firmware),
     (6, mqtt_sessions),
+    (7, owner_counts),
 ]
 LATEST = MIGRATIONS[-1][0]
 
