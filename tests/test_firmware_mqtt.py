@@ -157,31 +157,37 @@ async def test_device_walk(bridge: Bridge, owner: Account, tmp_path: Path) -> No
         "errorThreshold": 0.5,
         "waveTimeout": 3600,
     }
-    rollout_id = answer(await call("POST", f"{api}/v2/rollouts", tok, json=rollout), 201)["id"]
-
-    # HTTP: the walker is offered v1 (v2 is held back by the rollout) and downloads it by ranges
-    device = {"X-ApiKey": key}
-    target = answer(await call("GET", f"{api}/fw/v1/things/{thing}/target", headers=device))
-    assert (target["currentVersion"], target["targetVersion"], target["size"]) == (None, "1.0", len(V1))
-    url = api + target["firmwareUrl"]
-    first = await call("GET", url, headers={**device, "Range": "bytes=0-24999"})
-    assert first.status == 206
-    etag = first.headers["ETag"]
-    rest = await call("GET", url, headers={**device, "Range": f"bytes={len(first.body)}-", "If-Range": etag})
-    assert rest.status == 206 and rest.headers["Content-Range"] == f"bytes 25000-{len(V1) - 1}/{len(V1)}"
-    image = first.body + rest.body
-    assert hashlib.sha256(image).hexdigest() == target["sha256"] == etag.strip('"')
-    done = answer(
-        await call("PUT", f"{api}/fw/v1/things/{thing}/version", headers=device, json={"version": "1.0"})
-    )
-    assert done == {"thingId": thing, "currentVersion": "1.0"}
-
-    # MQTT: the same thing with a certificate for its own key, got with its API key
+    # the walker, with a certificate for its own key (got with its API key), watches its target
     files = await certified_device(bridge, tmp_path / "walker", thing, key)
     flows = ("firmware/target", "firmware/chunk/+", "firmware/get/rejected", "firmware/switched/+")
+    target_topic = f"things/{thing}/firmware/target"
     async with thing_client(bridge, files, clean_session=True) as client:
         for flow in flows:
             await client.subscribe(f"things/{thing}/{flow}", qos=1)
+        assert (await until(client, target_topic))["targetVersion"] == "2.0"  # no rollout yet
+        rollout_id = answer(await call("POST", f"{api}/v2/rollouts", tok, json=rollout), 201)["id"]
+        # held back by the rollout from now on: the retained target says so at once
+        held = await until(client, target_topic, lambda d: d["targetVersion"] == "1.0")
+        assert held["currentVersion"] is None
+
+        # HTTP: the walker downloads v1 by ranges, resuming once, and confirms it
+        device = {"X-ApiKey": key}
+        target = answer(await call("GET", f"{api}/fw/v1/things/{thing}/target", headers=device))
+        assert target == held and target["size"] == len(V1)
+        url = api + target["firmwareUrl"]
+        first = await call("GET", url, headers={**device, "Range": "bytes=0-24999"})
+        assert first.status == 206
+        etag = first.headers["ETag"]
+        rest = await call(
+            "GET", url, headers={**device, "Range": f"bytes={len(first.body)}-", "If-Range": etag}
+        )
+        assert rest.status == 206 and rest.headers["Content-Range"] == f"bytes 25000-{len(V1) - 1}/{len(V1)}"
+        image = first.body + rest.body
+        assert hashlib.sha256(image).hexdigest() == target["sha256"] == etag.strip('"')
+        done = answer(
+            await call("PUT", f"{api}/fw/v1/things/{thing}/version", headers=device, json={"version": "1.0"})
+        )
+        assert done == {"thingId": thing, "currentVersion": "1.0"}
         held = await until(client, f"things/{thing}/firmware/target", lambda d: d["currentVersion"] == "1.0")
         assert held["targetVersion"] == "1.0"
         # the first wave (the peer) confirms v2: the second wave is released, the target re-sent
@@ -312,3 +318,38 @@ async def test_a_new_activation_voids_the_certificate(bridge: Bridge, owner: Acc
     with pytest.raises(aiomqtt.MqttError):  # and the certificate is refused (CONNACK 5)
         async with thing_client(bridge, files, clean_session=True):
             pass
+
+
+async def test_the_target_follows_account_moves(bridge: Bridge, owner: Account, tmp_path: Path) -> None:
+    """1.0 targets the profile, 2.0 none: in the profile's account the thing is offered 1.0, in no
+    account every version (2.0); each move re-sends the retained target."""
+    product = await firmware_product(bridge, owner)
+    profile, account_id = unique("fwprofile"), unique("fwaccount")
+    answer(await call("POST", f"{bridge.http}/v2/rolloutProfile", owner.token, json={"id": profile}), 201)
+    await upload(bridge, product, "1.0", 1, V1, [profile])
+    await upload(bridge, product, "2.0", 2, V2, [])
+    (device,) = await enrol_and_activate(bridge, product, unique("MOVE-"))
+    thing = device["thingId"]
+    files = await certified_device(bridge, tmp_path / "device", thing, device["apiKey"])
+    account = f"{bridge.http}/v2/rolloutProfile/{profile}/accounts/{account_id}"
+    target = f"things/{thing}/firmware/target"
+    async with thing_client(bridge, files, clean_session=True) as client:
+        await client.subscribe(target, qos=1)
+        assert (await until(client, target))["targetVersion"] == "2.0"
+        answer(
+            await call(
+                "PUT",
+                f"{account}/devices/add",
+                owner.token,
+                json={"deviceList": [{"id": thing, "type": "fw"}]},
+            )
+        )
+        await until(client, target, lambda d: d["targetVersion"] == "1.0")
+        answer(await call("PUT", f"{account}/devices/remove", owner.token, json={"deviceIdList": [thing]}))
+        await until(client, target, lambda d: d["targetVersion"] == "2.0")
+        assert (
+            await call("PUT", account, owner.token, json={"devices": [{"id": thing, "type": "fw"}]})
+        ).status == 200
+        await until(client, target, lambda d: d["targetVersion"] == "1.0")
+        answer(await call("DELETE", account, owner.token))
+        await until(client, target, lambda d: d["targetVersion"] == "2.0")

@@ -16,8 +16,9 @@ software); its target is what checkForUpgrade resolves for it (account, profile,
 confirmation is a SUCCESS upgrade result, recorded by the upgrader's own report, so the device's
 history and the staged rollouts it is in move exactly as after an upgradeResult. The target
 document is retained on `things/{id}/firmware/target`, re-sent in the transaction of whatever may
-change it here (activation, confirmation, the product's versions and firmware) and whenever the
-upgrader tells the thing of a new offer (notify, a released rollout wave)."""
+change it here (activation, confirmation, the product's versions and firmware) and wherever the
+upgrader reports a change of the thing's offers (upgrades.offers_changed: notify, a released
+rollout wave, an account move, a new rollout holding it back)."""
 
 from __future__ import annotations
 

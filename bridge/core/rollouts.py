@@ -42,6 +42,7 @@ from bridge.core.upgrades import (
     _version,
     list_owned,
     notify_device,
+    offers_changed,
     publish_all_notices,
 )
 from bridge.store import Store
@@ -288,10 +289,13 @@ class Rollouts(Background):
                     at,
                 ),
             )
+            placed = waves_of(members, waves)
             conn.executemany(
                 "INSERT INTO rollout_devices (rollout_id, thing_id, wave) VALUES (?,?,?)",
-                [(rollout_id, t, w) for t, w in waves_of(members, waves).items()],
+                [(rollout_id, t, w) for t, w in placed.items()],
             )
+            for thing_id in sorted(t for t, w in placed.items() if w > 0):
+                offers_changed(conn, thing_id)  # held back from now on (a version it may have been offered)
             told = _release(conn, _row(conn, rollout_id), 0) + evaluate(conn, rollout_id, at)
             return _doc(conn, _row(conn, rollout_id)), told
 

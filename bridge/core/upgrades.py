@@ -72,9 +72,16 @@ class Put:
 ResultsHook = Callable[[sqlite3.Connection, str], list[str]]
 
 # Documents of other models that follow a thing's offers (the firmware target, core/firmware.py,
-# registers itself on import): called with (conn, thing id) where the thing's notices are
-# re-published, in that transaction. Pure functions of the database, so one list serves every core.
+# registers itself on import): called by offers_changed. Pure functions of the database, so one
+# list serves every core.
 offer_hooks: list[Callable[[sqlite3.Connection, str], None]] = []
+
+
+def offers_changed(conn: sqlite3.Connection, thing_id: str) -> None:
+    """In the transaction that may have changed what the thing is offered: where its notices are
+    re-published, when it joins or leaves an account, and when a new staged rollout holds it back."""
+    for hook in offer_hooks:
+        hook(conn, thing_id)
 
 
 # ---- input -------------------------------------------------------------------------------------
@@ -488,8 +495,7 @@ def publish_notices(conn: sqlite3.Connection, thing_id: str, owner_id: str) -> N
     ]
     payload = orjson.dumps({"upgrades": upgrades}) if upgrades else b""
     enqueue(conn, topics.topic(thing_id, topics.UPGRADE_NOTIFY), payload, retain=True)
-    for hook in offer_hooks:
-        hook(conn, thing_id)
+    offers_changed(conn, thing_id)
 
 
 def publish_all_notices(conn: sqlite3.Connection) -> None:
@@ -749,22 +755,36 @@ class Upgrades:
                 )
             account = _account(conn, profile, account_id)
             if "devices" in body:
-                conn.execute("DELETE FROM account_devices WHERE account_pk = ?", (account["pk"],))
+                gone = conn.execute(
+                    "DELETE FROM account_devices WHERE account_pk = ? RETURNING thing_id", (account["pk"],)
+                ).fetchall()
                 self._add(conn, owner_id, account, devices)
+                for row in gone:
+                    if not conn.execute(
+                        "SELECT 1 FROM account_devices WHERE thing_id = ?", (row[0],)
+                    ).fetchone():
+                        offers_changed(conn, row[0])
             return Put(
                 int(not created),
                 int(not created and _account_doc(conn, account, profile_id) != before),
                 created,
             )
 
-        return await self.store.write(put)
+        return await self._change(put)
 
     async def delete_account(self, owner_id: str, profile_id: str, account_id: str) -> int:
         def delete(conn: sqlite3.Connection) -> int:
             account = _account(conn, _profile(conn, owner_id, profile_id), account_id)
-            return conn.execute("DELETE FROM upgrade_accounts WHERE pk = ?", (account["pk"],)).rowcount
+            members = conn.execute(
+                "SELECT thing_id FROM account_devices WHERE account_pk = ? ORDER BY thing_id",
+                (account["pk"],),
+            ).fetchall()
+            deleted = conn.execute("DELETE FROM upgrade_accounts WHERE pk = ?", (account["pk"],)).rowcount
+            for row in members:
+                offers_changed(conn, row[0])
+            return deleted
 
-        return await self.store.write(delete)
+        return await self._change(delete)
 
     @staticmethod
     def _devices(items: list[Any]) -> list[tuple[str, str]]:
@@ -792,6 +812,7 @@ class Upgrades:
                     "INSERT OR REPLACE INTO account_devices (thing_id, account_pk, device_id, type) VALUES (?,?,?,?)",
                     (thing_id, account["pk"], device_id, kind),
                 )
+                offers_changed(conn, thing_id)
                 changed += 1
         return changed
 
@@ -813,7 +834,7 @@ class Upgrades:
             changed = self._add(conn, owner_id, _account(conn, profile, account_id), devices)
             return Put(int(not created), int(not created and changed > 0)), account_id if created else None
 
-        return await self.store.write(add)
+        return await self._change(add)
 
     async def remove_devices(self, owner_id: str, profile_id: str, account_id: str, body: Any) -> Put:
         """PUT .../devices/remove {deviceIdList}: ids or regIds; absent ones are no change."""
@@ -835,7 +856,7 @@ class Upgrades:
             account = _account(conn, _profile(conn, owner_id, profile_id), account_id)
             return Put(1, int(self._add(conn, owner_id, account, [(device_id, kind)]) > 0))
 
-        return await self.store.write(add)
+        return await self._change(add)
 
     async def remove_device(
         self, owner_id: str, profile_id: str, account_id: str, device_id: str, body: Any = None
@@ -850,16 +871,20 @@ class Upgrades:
     ) -> Put:
         def remove(conn: sqlite3.Connection) -> Put:
             account = _account(conn, _profile(conn, owner_id, profile_id), account_id)
-            removed = sum(
-                conn.execute(
-                    "DELETE FROM account_devices WHERE account_pk = ? AND (device_id = ? OR thing_id = ?)",
-                    (account["pk"], d, d),
-                ).rowcount
+            removed = [
+                row[0]
                 for d in device_ids
-            )
-            return Put(1, int(removed > 0))
+                for row in conn.execute(
+                    "DELETE FROM account_devices WHERE account_pk = ? AND (device_id = ? OR thing_id = ?)"
+                    " RETURNING thing_id",
+                    (account["pk"], d, d),
+                ).fetchall()
+            ]
+            for thing_id in removed:
+                offers_changed(conn, thing_id)
+            return Put(1, int(bool(removed)))
 
-        return await self.store.write(remove)
+        return await self._change(remove)
 
     # ---- software and versions -----------------------------------------------------------------
     async def list_software(self, owner_id: str, query: ListQuery) -> tuple[int, list[Record]]:
