@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import secrets
 import sqlite3
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -252,11 +252,6 @@ class Firmware:
         self.provisioning = provisioning
         self.mount = mount
 
-    async def _change(self, fn: Callable[..., Any], *args: Any) -> Any:
-        result = await self.store.write(fn, *args)
-        self.outbox.kick()
-        return result
-
     async def republish(self) -> None:
         """At start-up the broker holds no retained messages: every product thing's target again."""
 
@@ -264,7 +259,7 @@ class Firmware:
             for row in conn.execute("SELECT model_pk FROM fw_products ORDER BY pk").fetchall():
                 _publish_product(conn, row["model_pk"])
 
-        await self._change(queue_all)
+        await self.outbox.write(queue_all)
 
     # ---- products (the vendor's owner, an operator) ----------------------------------------------
     async def put_product(self, owner_id: str, product_id: str, body: dict[str, Any]) -> tuple[Record, bool]:
@@ -315,7 +310,7 @@ class Firmware:
             _publish_product(conn, product["model_pk"])
             return _product_doc(product), existing is None
 
-        return await self._change(put)
+        return await self.outbox.write(put)
 
     async def products(self, owner_id: str) -> list[Record]:
         rows = await self.store.read(
@@ -335,7 +330,7 @@ class Firmware:
             conn.execute("DELETE FROM fw_products WHERE pk = ?", (product["pk"],))
             _clear_targets(conn, product["model_pk"])
 
-        await self._change(delete)
+        await self.outbox.write(delete)
 
     # ---- template versions and their firmware ----------------------------------------------------
     async def versions(self, owner_id: str, product_id: str) -> list[Record]:
@@ -377,7 +372,7 @@ class Firmware:
             _publish_product(conn, current["model_pk"])
             return _version_doc(conn, current, _version_row(conn, current, version))
 
-        return await self._change(publish), put.created
+        return await self.outbox.write(publish), put.created
 
     async def upload(
         self, owner_id: str, product_id: str, version: str, content_type: str, chunks: AsyncIterable[bytes]
@@ -414,7 +409,7 @@ class Firmware:
             _publish_product(conn, current["model_pk"])
             return _version_doc(conn, current, row)
 
-        return await self._change(link)
+        return await self.outbox.write(link)
 
     async def delete_version(self, owner_id: str, product_id: str, version: str) -> None:
         """The upgrader's version (with its profiles, notices and rollouts) and its firmware entity."""
@@ -423,7 +418,7 @@ class Firmware:
         await self.provisioning.content.delete(
             _vendor(product), product["model_name"], CONTENT_PREFIX + version
         )
-        await self._change(_publish_product, product["model_pk"])
+        await self.outbox.write(_publish_product, product["model_pk"])
 
     # ---- serial numbers (provisioning's, through the product) ------------------------------------
     async def _model(self, owner_id: str | None, product_id: str) -> tuple[Vendor, str]:
@@ -519,10 +514,9 @@ class Firmware:
             publish_target(conn, thing_id)
             return thing_id, row["thing_id"], None
 
-        thing_id, previous, refused = await self.store.write(activate)
+        thing_id, previous, refused = await self.outbox.write(activate)
         if refused is not None:
             raise refused
-        self.outbox.kick()
         if previous is not None:  # sessions and cached checks of the previous key go
             await self.things.revoke(previous, deleted=False)
         assert thing_id is not None
@@ -599,7 +593,7 @@ class Firmware:
         await self.upgrades.report_results(
             device, {"currentVersionsUpgradeResult": [result]}, transport=transport
         )
-        await self._change(publish_target, device.thing_id)
+        await self.outbox.write(publish_target, device.thing_id)
         return {"thingId": device.thing_id, "currentVersion": version}
 
 

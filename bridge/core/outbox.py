@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from bridge.core import topics
 from bridge.core.background import Background
@@ -17,6 +19,7 @@ from bridge.core.ports import DeviceLink
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def enqueue(conn: sqlite3.Connection, topic: str, payload: bytes, *, retain: bool) -> None:
@@ -41,6 +44,12 @@ class Outbox(Background):
 
     def kick(self) -> None:
         self._kick.set()
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store write that may queue documents here: committed, then drained at once."""
+        result = await self.store.write(fn, *args)
+        self.kick()
+        return result
 
     async def drain(self) -> int:
         async with self.lock:

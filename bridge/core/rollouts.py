@@ -233,11 +233,6 @@ class Rollouts(Background):
         self.tick = tick  # seconds between timeout checks
         self._owners: dict[str, str] = {}  # rollout id -> owner, for per-delivery tenancy checks
 
-    async def _change(self, fn: Any, *args: Any) -> Any:
-        result = await self.store.write(fn, *args)
-        self.outbox.kick()
-        return result
-
     async def create(self, owner_id: str, body: Any, now: float | None = None) -> Record:
         """POST /v2/rollouts: the first wave is released (and told) at once."""
         body = _object(body, ROLLOUT_FIELDS, "rollout")
@@ -299,7 +294,7 @@ class Rollouts(Background):
             told = _release(conn, _row(conn, rollout_id), 0) + evaluate(conn, rollout_id, at)
             return _doc(conn, _row(conn, rollout_id)), told
 
-        doc, told = await self._change(create)
+        doc, told = await self.outbox.write(create)
         self._owners[rollout_id] = owner_id
         self.messages.wake(told)
         return doc
@@ -343,7 +338,7 @@ class Rollouts(Background):
             told = evaluate(conn, rollout_id, now)
             return _doc(conn, _row(conn, rollout_id)), told
 
-        doc, told = await self._change(change)
+        doc, told = await self.outbox.write(change)
         self.messages.wake(told)
         return doc
 
@@ -375,7 +370,7 @@ class Rollouts(Background):
             )
             return changed, told
 
-        changed, told = await self._change(step)
+        changed, told = await self.outbox.write(step)
         self.messages.wake(told)
         return changed
 
@@ -388,7 +383,7 @@ class Rollouts(Background):
                 _publish(conn, row["id"])
             publish_all_notices(conn)
 
-        await self._change(queue_all)
+        await self.outbox.write(queue_all)
 
     async def owner_of(self, rollout_id: str) -> str | None:
         owner = self._owners.get(rollout_id)

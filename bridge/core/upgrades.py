@@ -617,12 +617,6 @@ class Upgrades:
         self.messages = messages
         self.on_results = on_results
 
-    async def _change(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """A write that may have queued retained documents: publish them now."""
-        result = await self.store.write(fn, *args)
-        self.outbox.kick()
-        return result
-
     # ---- rollout profiles ----------------------------------------------------------------------
     async def create_profile(self, owner_id: str, body: Any) -> str:
         """POST /v2/rolloutProfile -> the id (given, or generated)."""
@@ -705,7 +699,7 @@ class Upgrades:
             forget_rollouts(conn, "profile_pk = ?", (profile["pk"],))
             return conn.execute("DELETE FROM rollout_profiles WHERE pk = ?", (profile["pk"],)).rowcount
 
-        return await self._change(delete)
+        return await self.outbox.write(delete)
 
     # ---- accounts ------------------------------------------------------------------------------
     async def list_accounts(
@@ -770,7 +764,7 @@ class Upgrades:
                 created,
             )
 
-        return await self._change(put)
+        return await self.outbox.write(put)
 
     async def delete_account(self, owner_id: str, profile_id: str, account_id: str) -> int:
         def delete(conn: sqlite3.Connection) -> int:
@@ -784,7 +778,7 @@ class Upgrades:
                 offers_changed(conn, row[0])
             return deleted
 
-        return await self._change(delete)
+        return await self.outbox.write(delete)
 
     @staticmethod
     def _devices(items: list[Any]) -> list[tuple[str, str]]:
@@ -834,7 +828,7 @@ class Upgrades:
             changed = self._add(conn, owner_id, _account(conn, profile, account_id), devices)
             return Put(int(not created), int(not created and changed > 0)), account_id if created else None
 
-        return await self._change(add)
+        return await self.outbox.write(add)
 
     async def remove_devices(self, owner_id: str, profile_id: str, account_id: str, body: Any) -> Put:
         """PUT .../devices/remove {deviceIdList}: ids or regIds; absent ones are no change."""
@@ -856,7 +850,7 @@ class Upgrades:
             account = _account(conn, _profile(conn, owner_id, profile_id), account_id)
             return Put(1, int(self._add(conn, owner_id, account, [(device_id, kind)]) > 0))
 
-        return await self._change(add)
+        return await self.outbox.write(add)
 
     async def remove_device(
         self, owner_id: str, profile_id: str, account_id: str, device_id: str, body: Any = None
@@ -884,7 +878,7 @@ class Upgrades:
                 offers_changed(conn, thing_id)
             return Put(1, int(bool(removed)))
 
-        return await self._change(remove)
+        return await self.outbox.write(remove)
 
     # ---- software and versions -----------------------------------------------------------------
     async def list_software(self, owner_id: str, query: ListQuery) -> tuple[int, list[Record]]:
@@ -965,7 +959,7 @@ class Upgrades:
             after = conn.execute("SELECT * FROM software WHERE pk = ?", (software["pk"],)).fetchone()
             return Put(1, int(_software_doc(conn, after) != before))
 
-        return await self._change(update)
+        return await self.outbox.write(update)
 
     async def delete_software(self, owner_id: str, name: str) -> int:
         """Its versions go with it, and so leave every profile; pending notices and rollouts too."""
@@ -983,7 +977,7 @@ class Upgrades:
                 publish_notices(conn, thing_id, owner_id)
             return deleted
 
-        return await self._change(delete)
+        return await self.outbox.write(delete)
 
     async def get_version(self, owner_id: str, name: str, number: str) -> Record:
         return await self.store.read(
@@ -993,7 +987,9 @@ class Upgrades:
     async def put_version(self, owner_id: str, name: str, number: str, body: Any) -> Put:
         """Upsert (CATALOG 001 #15): NotFound only when the software is missing."""
         spec = VersionSpec.parse(body, _key(number, "versionNumber"))
-        return await self._change(lambda c: _upsert_version(c, owner_id, _software(c, owner_id, name), spec))
+        return await self.outbox.write(
+            lambda c: _upsert_version(c, owner_id, _software(c, owner_id, name), spec)
+        )
 
     async def delete_version(self, owner_id: str, name: str, number: str) -> int:
         def delete(conn: sqlite3.Connection) -> int:
@@ -1001,7 +997,7 @@ class Upgrades:
                 conn, owner_id, _version(conn, _software(conn, owner_id, name), number)["pk"]
             )
 
-        return await self._change(delete)
+        return await self.outbox.write(delete)
 
     async def dependencies(self, owner_id: str, name: str, number: str) -> list[Record]:
         def read(conn: sqlite3.Connection) -> list[Record]:
@@ -1026,7 +1022,7 @@ class Upgrades:
             ]
             return [t for t in _profile_members(conn, profiles) if notify_device(conn, t, owner_id, software)]
 
-        return self._told(await self._change(notify))
+        return self._told(await self.outbox.write(notify))
 
     async def notify_pending(self, owner_id: str) -> list[str]:
         """POST /v2/devices/software/pendingUpdate/notify: every device in the operator's accounts
@@ -1047,7 +1043,7 @@ class Upgrades:
             told = [t for t in members for s in everything if notify_device(conn, t, owner_id, s)]
             return list(dict.fromkeys(told))
 
-        return self._told(await self._change(notify))
+        return self._told(await self.outbox.write(notify))
 
     def _told(self, things: list[str]) -> list[str]:
         self.messages.wake(things)
@@ -1087,7 +1083,7 @@ class Upgrades:
                 _record_running(conn, device.thing_id, name, number, transport, client_token)
             _clear_satisfied(conn, device.thing_id, device.owner_id)
 
-        await self._change(record)
+        await self.outbox.write(record)
         await self.link.publish(topics.topic(device.thing_id, topics.VERSIONS), payload)
 
     async def report_results(
@@ -1129,7 +1125,7 @@ class Upgrades:
             _clear_satisfied(conn, device.thing_id, device.owner_id)
             return self.on_results(conn, device.thing_id)
 
-        self._told(await self._change(record))
+        self._told(await self.outbox.write(record))
         await self.link.publish(topics.topic(device.thing_id, topics.UPGRADE_RESULT), payload)
 
     # ---- operator reads of device state --------------------------------------------------------
