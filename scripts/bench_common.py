@@ -324,15 +324,17 @@ def _write_pair(pem: Path, cert: str, key: str) -> None:
 
 
 def start_bridge(
-    fleet: Fleet, timeout: float = 120, prelude: str | None = None
+    fleet: Fleet, timeout: float = 120, prelude: str | None = None, config: Path | None = None
 ) -> tuple[Server, dict[str, int]]:
     """`thingbridge serve` as `python -m bridge serve`; `prelude`: Python run first in the server
-    process (for what-if experiments only, e.g. a smaller asyncio TLS read buffer)."""
+    process (for what-if experiments only, e.g. a smaller asyncio TLS read buffer); `config`:
+    another file for the same installation (default: the fleet's)."""
+    config = config or fleet.config
     if prelude is None:
-        argv = [sys.executable, "-m", "bridge", "serve", "--config", str(fleet.config)]
+        argv = [sys.executable, "-m", "bridge", "serve", "--config", str(config)]
     else:
         code = f"{prelude}\nimport sys\nfrom bridge.cli import main\nsys.exit(main(sys.argv[1:]))"
-        argv = [sys.executable, "-c", code, "serve", "--config", str(fleet.config)]
+        argv = [sys.executable, "-c", code, "serve", "--config", str(config)]
     server = Server(
         "thingbridge",
         argv,
@@ -912,7 +914,7 @@ _ENTRY = {("<module>", "bridge/__main__.py"), ("main", "bridge/cli.py"), ("run",
 
 def _thread(frames: list[tuple[str, str, str]]) -> str:
     names = {f[0] for f in frames}
-    if "BaseEventLoop.run_forever" in names:
+    if "BaseEventLoop.run_forever" in names or "Runner.run" in names:  # uvloop's loop is native
         return "event loop thread"
     if "Store._write_loop" in names:
         return "SQLite writer thread"

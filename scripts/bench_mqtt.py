@@ -15,6 +15,8 @@ psutil (CPU user+sys and RSS of its pid).
 Targets (one at a time, each in its own process, 127.0.0.1 only):
   bridge     thingbridge serve: hardened amqtt, identity + ACL plugins, every message committed to
              SQLite (synchronous=FULL) before its PUBACK and before it is routed
+  bridge-asyncio  the same bridge and installation with `uvloop: false` (asyncio's own loop); not in
+             the default set: name it in --targets to measure the loop in the same run
   amqtt      bare amqtt 0.12.1, default settings (its default plugin set), no persistence, TLS
              listener with the bridge's server certificate (amqtt's CERT_OPTIONAL verifies the
              client certificate it is shown)
@@ -58,6 +60,7 @@ import psutil
 
 TARGETS = {
     "bridge": "thingbridge (persisted)",
+    "bridge-asyncio": "thingbridge on asyncio's loop (uvloop: false)",
     "amqtt": "bare amqtt, default plugins",
     "amqtt-min": "bare amqtt, minimal plugins",
     "mosquitto": "mosquitto",
@@ -302,8 +305,13 @@ class Target:
 
 
 def start_target(name: str, fleet: bc.Fleet, work: Path) -> Target:
-    if name == "bridge":
-        server, ports = bc.start_bridge(fleet)
+    if name in ("bridge", "bridge-asyncio"):
+        config = None
+        if name == "bridge-asyncio":  # the same installation, another file: uvloop off
+            config = fleet.folder / "broker-asyncio.yaml"
+            config.write_bytes(orjson.dumps({**orjson.loads(fleet.config.read_bytes()), "uvloop": False}))
+        server, ports = bc.start_bridge(fleet, config=config)
+        print(f"  {name}: pid {server.pid}, event loop {ports.get('loop', 'asyncio')}", flush=True)
         bc.wait_outbox_empty(fleet.db_path)
         sub = {"client_id": f"app:{bc.APP}", "username": bc.APP, "password": bc.APP_PASSWORD}
         return Target(name, server, ports["mqtt_tls"], ports["mqtt_plain"], sub, fleet.db_path)
@@ -523,7 +531,9 @@ def main() -> int:
     srv.add_argument("--certs", required=True)
     srv.add_argument("--plugins", choices=["default", "minimal"], default="default")
     srv.add_argument("--seconds", type=float, default=3600, help="stop by itself after this long")
-    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument(
+        "--targets", nargs="+", choices=list(TARGETS), default=[t for t in TARGETS if t != "bridge-asyncio"]
+    )
     ap.add_argument("--things", type=int, default=20, help="publishing things (TLS connections)")
     ap.add_argument("--count", type=int, default=20000, help="messages per run (all things together)")
     ap.add_argument("--size", type=int, default=100, help="payload bytes")
@@ -546,8 +556,8 @@ def main() -> int:
         "--idle-things",
         type=int,
         default=0,
-        help=f"also connect this many idle TLS things to the bridge and to mosquitto, each on a fresh"
-        f" server: handshakes/s, server CPU per handshake, RSS (the target is for {IDLE_TARGET:,}; 0: skip)",
+        help=f"also connect this many idle TLS things to the bridge (and bridge-asyncio) and to mosquitto, each"
+        f" on a fresh server: handshakes/s, server CPU per handshake, RSS (the target is for {IDLE_TARGET:,}; 0: skip)",
     )
     ap.add_argument("--idle-window", type=int, default=32, help="handshakes in flight per load process")
     ap.add_argument("--profile", action="store_true", help="one more bridge QoS 1 run under py-spy")
@@ -623,7 +633,9 @@ def main() -> int:
                 finally:
                     target.server.stop()
         idle = {}
-        for name in [t for t in ("bridge", "mosquitto") if t in a.targets] if a.idle_things else []:
+        for name in (
+            [t for t in ("bridge", "bridge-asyncio", "mosquitto") if t in a.targets] if a.idle_things else []
+        ):
             idle[name] = idle_phase(a, name, fleet, work)
         summary = aggregate(rows)
         print(
@@ -688,7 +700,7 @@ def ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
         bridge = by.get(("bridge", qos))
         if bridge is None:
             continue
-        for other in ("amqtt", "amqtt-min", "mosquitto"):
+        for other in ("bridge-asyncio", "amqtt", "amqtt-min", "mosquitto"):
             ref = by.get((other, qos))
             if ref is None:
                 continue

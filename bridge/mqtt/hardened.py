@@ -72,6 +72,7 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
+from bridge.mqtt import codec
 from bridge.mqtt.sessions import DurableSessions, Restored
 
 log = logging.getLogger(__name__)
@@ -282,11 +283,22 @@ class BridgeHandler(BrokerProtocolHandler):
             return  # stored and routed; nothing to acknowledge
         if publish_packet.qos == QOS_1:
             # Acknowledge directly: the broker's delivery queue (a task per message) has nothing to do.
-            await self._send_packet(PubackPacket.build(packet_id))
+            await self._send_raw(codec.puback(packet_id))
             return
         message = ConsumedMessage(packet_id, topic, publish_packet.qos, data, publish_packet.retain_flag)
         message.publish_packet = publish_packet
         await self._handle_message_flow(message)  # QoS 2: the stock PUBREC/PUBREL/PUBCOMP exchange
+
+    async def _send_raw(self, data: bytes) -> None:
+        """_send_packet for a packet codec encoded: one write (no lock to take), and no
+        packet-sent event (none of our plugins listens to it)."""
+        if self.writer is None:
+            return
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionResetError, BrokenPipeError):
+            await self.handle_connection_closed()
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         """An outgoing QoS 1 message stays in `inflight_out` from its first send until its PUBACK,
@@ -347,12 +359,18 @@ class BridgeHandler(BrokerProtocolHandler):
         ready.set()
         try:
             while self.reader is not None:
-                async with asyncio.timeout(keepalive):
-                    fixed_header = await StrictFixedHeader.from_stream(self.reader)
-                if not fixed_header or fixed_header.packet_type in (RESERVED_0, RESERVED_15):
-                    break
-                packet = await packet_class(fixed_header).from_stream(self.reader, fixed_header=fixed_header)
-                kind = fixed_header.packet_type
+                hot = self.reader.take_hot() if isinstance(self.reader, CappedReader) else None
+                if hot is not None:
+                    kind, packet = hot
+                else:
+                    async with asyncio.timeout(keepalive):
+                        fixed_header = await StrictFixedHeader.from_stream(self.reader)
+                    if not fixed_header or fixed_header.packet_type in (RESERVED_0, RESERVED_15):
+                        break
+                    packet = await packet_class(fixed_header).from_stream(
+                        self.reader, fixed_header=fixed_header
+                    )
+                    kind = fixed_header.packet_type
                 if kind == DISCONNECT:
                     await self.handle_disconnect(packet)
                     break
@@ -402,6 +420,17 @@ class CappedReader(StreamReaderAdapter):
         self.max_read = max_read
         self.body_timeout = body_timeout
 
+    def take_hot(self) -> tuple[int, Any] | None:
+        """The next packet when codec decodes it from what is buffered (PUBLISH at QoS 0/1, PUBACK,
+        PINGREQ): (type, packet); else None, and the stock parser reads it."""
+        try:
+            hot = codec.take(self._reader._buffer, self.max_read)  # type: ignore[attr-defined]
+        except codec.Malformed as exc:
+            raise MalformedPacket(str(exc)) from exc
+        if hot is not None:
+            self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
+        return hot
+
     async def read(self, n: int = -1) -> bytes:
         if n > self.max_read:
             # Not ConnectionResetError: amqtt turns that into NoDataError and reads on.
@@ -428,9 +457,37 @@ class CappedReader(StreamReaderAdapter):
 
 class BridgeWriter(StreamWriterAdapter):
     """A writer that can be cut: stock close() waits in drain(), forever for a peer that does not
-    read, and so do the writes queued behind it."""
+    read, and so do the writes queued behind it. Writes are coalesced: the packets written during
+    one turn of the event loop go out in one transport write at its end (one TLS record, one
+    send(); stock sent each packet on its own, a third of the loop's time under QoS 1 load)."""
+
+    FLUSH_AT = 64 * 1024  # bytes held before a turn ends at most
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        super().__init__(writer)
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+
+    def write(self, data: bytes) -> None:
+        if self.is_closed:
+            return
+        if not self._held:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._held:
+            data = b"".join(self._held) if len(self._held) > 1 else self._held[0]
+            self._held.clear()
+            self._held_bytes = 0
+            if not self._writer.transport.is_closing():
+                self._writer.write(data)
 
     def abort(self) -> None:
+        self._held.clear()
         self._writer.transport.abort()
 
     async def drain(self) -> None:
@@ -439,6 +496,7 @@ class BridgeWriter(StreamWriterAdapter):
         await super().drain()
 
     async def close(self) -> None:
+        self.flush()
         try:
             async with asyncio.timeout(5):
                 await super().close()

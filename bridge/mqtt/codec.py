@@ -1,0 +1,88 @@
+"""The hot path's packets, decoded and encoded directly (issue #14): amqtt builds every packet from
+header objects and reads each field with an awaited read of its own. BridgeHandler's reader loop
+takes here a PUBLISH at QoS 0 or 1, a PUBACK or a PINGREQ whose bytes are all buffered, with the
+rules of the strict parsing in hardened.py (UTF-8 topic without U+0000 or wildcards); any other
+packet, or one not wholly buffered yet, is left to amqtt's parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from amqtt.errors import MQTTError
+from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.pingreq import PingReqPacket
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
+
+PUBLISH, PUBACK, PINGREQ = 3, 4, 12
+
+
+class Malformed(ValueError):
+    """A hot packet that does not parse: the connection ends (hardened.MalformedPacket)."""
+
+
+def puback(packet_id: int) -> bytes:
+    return b"\x40\x02" + packet_id.to_bytes(2, "big")
+
+
+def take(buffer: bytearray, max_size: int) -> tuple[int, Any] | None:
+    """(packet type, packet) of the packet at the start of `buffer`, removed from it, when it is a
+    hot one and wholly there; else None and `buffer` is left as it is."""
+    size = len(buffer)
+    if size < 2:
+        return None
+    first = buffer[0]
+    kind = first >> 4
+    if kind == PUBLISH:
+        if (first >> 1) & 0x03 > 1:  # QoS 2 (or the invalid 3): amqtt's exchange
+            return None
+    elif first not in (0x40, 0xC0):  # PUBACK, PINGREQ with their fixed flags
+        return None
+    length, mult, i = 0, 1, 1
+    while True:
+        if i >= size or i > 4:
+            return None  # incomplete, or a 5th length byte: amqtt's parser says so
+        byte = buffer[i]
+        i += 1
+        length += (byte & 0x7F) * mult
+        if not byte & 0x80:
+            break
+        mult <<= 7
+    if length > max_size or size < i + length:
+        return None
+    if kind == PUBACK:
+        if length != 2:
+            return None
+        packet: Any = PubackPacket.build((buffer[i] << 8) | buffer[i + 1])
+    elif kind == PINGREQ:
+        if length != 0:
+            return None
+        packet = PingReqPacket()
+    else:
+        packet = _publish(first, bytes(buffer[i : i + length]))
+    del buffer[: i + length]
+    return kind, packet
+
+
+def _publish(first: int, body: bytes) -> PublishPacket:
+    qos = (first >> 1) & 0x03
+    if len(body) < 2:
+        raise Malformed("PUBLISH without a topic")
+    n = (body[0] << 8) | body[1]
+    head = 2 + n + (2 if qos else 0)
+    if len(body) < head:
+        raise Malformed("PUBLISH shorter than its topic and packet id")
+    try:
+        topic = body[2 : 2 + n].decode()
+    except UnicodeDecodeError as exc:
+        raise Malformed("a string field is not valid UTF-8") from exc
+    if "\x00" in topic:
+        raise Malformed("a string field contains U+0000")
+    packet_id = ((body[2 + n] << 8) | body[3 + n]) if qos else None
+    try:
+        variable = PublishVariableHeader(topic, packet_id)  # refuses wildcards [MQTT-3.3.2-2]
+    except MQTTError as exc:
+        raise Malformed(f"malformed PublishPacket: {exc}") from exc
+    return PublishPacket(
+        MQTTFixedHeader(PUBLISH, first & 0x0F, len(body)), variable, PublishPayload(body[head:])
+    )
