@@ -322,7 +322,8 @@ async def test_a_new_activation_voids_the_certificate(bridge: Bridge, owner: Acc
 
 async def test_the_target_follows_account_moves(bridge: Bridge, owner: Account, tmp_path: Path) -> None:
     """1.0 targets the profile, 2.0 none: in the profile's account the thing is offered 1.0, in no
-    account every version (2.0); each move re-sends the retained target."""
+    account every version (2.0); each move re-sends the retained target, and so does a version
+    added or deleted through the upgrader's own routes."""
     product = await firmware_product(bridge, owner)
     profile, account_id = unique("fwprofile"), unique("fwaccount")
     answer(await call("POST", f"{bridge.http}/v2/rolloutProfile", owner.token, json={"id": profile}), 201)
@@ -352,4 +353,16 @@ async def test_the_target_follows_account_moves(bridge: Bridge, owner: Account, 
         ).status == 200
         await until(client, target, lambda d: d["targetVersion"] == "1.0")
         answer(await call("DELETE", account, owner.token))
+        await until(client, target, lambda d: d["targetVersion"] == "2.0")
+        # versions changed through the upgrader's own routes re-send it too (3.0: no firmware yet)
+        version = f"{bridge.http}/v2/software/{product.software}/versions/3.0"
+        body = {
+            "releaseDate": "2025-03-03T00:00:00Z",
+            "status": "OK",
+            "downloadUrl": "https://cdn.example/3.0",
+        }
+        answer(await call("PUT", version, owner.token, json=body))  # created: matchedCount 0
+        newer = await until(client, target, lambda d: d["targetVersion"] == "3.0")
+        assert (newer["size"], newer["sha256"], newer["firmwareUrl"]) == (None, None, None)
+        answer(await call("DELETE", version, owner.token))
         await until(client, target, lambda d: d["targetVersion"] == "2.0")

@@ -16,9 +16,10 @@ software); its target is what checkForUpgrade resolves for it (account, profile,
 confirmation is a SUCCESS upgrade result, recorded by the upgrader's own report, so the device's
 history and the staged rollouts it is in move exactly as after an upgradeResult. The target
 document is retained on `things/{id}/firmware/target`, re-sent in the transaction of whatever may
-change it here (activation, confirmation, the product's versions and firmware) and wherever the
-upgrader reports a change of the thing's offers (upgrades.offers_changed: notify, a released
-rollout wave, an account move, a new rollout holding it back)."""
+change it here (activation, confirmation, the product's firmware) and wherever the upgrader
+reports a change of the thing's offers (upgrades.offers_changed: notify, a released rollout wave,
+an account move, a new rollout holding it back) or of its software's versions
+(upgrades.versions_changed: through the upgrader's routes as through ours)."""
 
 from __future__ import annotations
 
@@ -184,8 +185,18 @@ def _clear_targets(conn: sqlite3.Connection, model_pk: int) -> None:
         enqueue(conn, topics.topic(thing_id, topics.FIRMWARE_TARGET), b"", retain=True)
 
 
-# The upgrader re-publishes a thing's notices whenever it tells it of a new offer: the target too.
+def _publish_software(conn: sqlite3.Connection, software_pk: int) -> None:
+    product = conn.execute(
+        "SELECT model_pk FROM fw_products WHERE software_pk = ?", (software_pk,)
+    ).fetchone()
+    if product is not None:
+        _publish_product(conn, product["model_pk"])
+
+
+# Where the upgrader changes a thing's offers, or a software's versions (through its own routes as
+# through ours), the target follows in the same transaction.
 upgrades.offer_hooks.append(publish_target)
+upgrades.versions_hooks.append(_publish_software)
 
 
 def _version_doc(conn: sqlite3.Connection, product: sqlite3.Row, row: sqlite3.Row) -> Record:
@@ -366,13 +377,7 @@ class Firmware:
             "downloadUrl": firmware_path(self.mount, THING_ID, version),
         }
         put = await self.upgrades.put_version(owner_id, product["software_name"], version, spec)
-
-        def publish(conn: sqlite3.Connection) -> Record:
-            current = _owned(conn, owner_id, product_id)
-            _publish_product(conn, current["model_pk"])
-            return _version_doc(conn, current, _version_row(conn, current, version))
-
-        return await self.outbox.write(publish), put.created
+        return await self.version(owner_id, product_id, version), put.created
 
     async def upload(
         self, owner_id: str, product_id: str, version: str, content_type: str, chunks: AsyncIterable[bytes]
@@ -418,7 +423,6 @@ class Firmware:
         await self.provisioning.content.delete(
             _vendor(product), product["model_name"], CONTENT_PREFIX + version
         )
-        await self.outbox.write(_publish_product, product["model_pk"])
 
     # ---- serial numbers (provisioning's, through the product) ------------------------------------
     async def _model(self, owner_id: str | None, product_id: str) -> tuple[Vendor, str]:

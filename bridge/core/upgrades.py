@@ -77,6 +77,16 @@ ResultsHook = Callable[[sqlite3.Connection, str], list[str]]
 offer_hooks: list[Callable[[sqlite3.Connection, str], None]] = []
 
 
+# And the same for a software whose versions (or their profiles) changed: (conn, software pk).
+versions_hooks: list[Callable[[sqlite3.Connection, int], None]] = []
+
+
+def versions_changed(conn: sqlite3.Connection, software_pk: int) -> None:
+    """In the transaction that added, changed or deleted versions of the software, or their profiles."""
+    for hook in versions_hooks:
+        hook(conn, software_pk)
+
+
 def offers_changed(conn: sqlite3.Connection, thing_id: str) -> None:
     """In the transaction that may have changed what the thing is offered: where its notices are
     re-published, when it joins or leaves an account, and when a new staged rollout holds it back."""
@@ -658,11 +668,15 @@ class Upgrades:
                 pks.append(_version(conn, software, ref["versionNumber"])["pk"])
             except NotFound as exc:
                 raise Invalid(f"softwareVersions: {exc}") from exc
+        linked = "SELECT DISTINCT v.software_pk FROM version_profiles vp JOIN software_versions v ON v.pk = vp.version_pk WHERE vp.profile_pk = ?"
+        softwares = {r[0] for r in conn.execute(linked, (profile["pk"],))}
         conn.execute("DELETE FROM version_profiles WHERE profile_pk = ?", (profile["pk"],))
         conn.executemany(
             "INSERT OR IGNORE INTO version_profiles (version_pk, profile_pk) VALUES (?,?)",
             [(pk, profile["pk"]) for pk in pks],
         )
+        for software_pk in sorted(softwares | {r[0] for r in conn.execute(linked, (profile["pk"],))}):
+            versions_changed(conn, software_pk)
 
     async def list_profiles(self, owner_id: str, query: ListQuery) -> tuple[int, list[Record]]:
         sql = "SELECT * FROM rollout_profiles WHERE owner_id = ? ORDER BY created, pk"
@@ -697,7 +711,11 @@ class Upgrades:
         def delete(conn: sqlite3.Connection) -> int:
             profile = _profile(conn, owner_id, profile_id)
             forget_rollouts(conn, "profile_pk = ?", (profile["pk"],))
-            return conn.execute("DELETE FROM rollout_profiles WHERE pk = ?", (profile["pk"],)).rowcount
+            members = _profile_members(conn, [profile["pk"]])
+            deleted = conn.execute("DELETE FROM rollout_profiles WHERE pk = ?", (profile["pk"],)).rowcount
+            for thing_id in members:  # in no account now
+                offers_changed(conn, thing_id)
+            return deleted
 
         return await self.outbox.write(delete)
 
@@ -1206,6 +1224,7 @@ def _upsert_version(conn: sqlite3.Connection, owner_id: str, software: sqlite3.R
         "INSERT INTO version_profiles (version_pk, profile_pk) VALUES (?,?)",
         [(version["pk"], p) for p in profiles],
     )
+    versions_changed(conn, software["pk"])
     if existing is None:
         return Put(0, 0, created=True)
     return Put(1, int(_version_doc(conn, version) != before))
@@ -1214,7 +1233,11 @@ def _upsert_version(conn: sqlite3.Connection, owner_id: str, software: sqlite3.R
 def _delete_version(conn: sqlite3.Connection, owner_id: str, version_pk: int) -> int:
     told = _things_told_of(conn, "version_pk = ?", (version_pk,))
     forget_rollouts(conn, "version_pk = ?", (version_pk,))
-    deleted = conn.execute("DELETE FROM software_versions WHERE pk = ?", (version_pk,)).rowcount
+    row = conn.execute(
+        "DELETE FROM software_versions WHERE pk = ? RETURNING software_pk", (version_pk,)
+    ).fetchone()
     for thing_id in told:
         publish_notices(conn, thing_id, owner_id)
-    return deleted
+    if row is not None:
+        versions_changed(conn, row[0])
+    return int(row is not None)
