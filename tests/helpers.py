@@ -168,14 +168,16 @@ def thing_client(bridge: Bridge, thing, client_id: str | None = None, **kw) -> a
     )
 
 
-def app_client(bridge: Bridge, name: str, password: str, client_id: str | None = None) -> aiomqtt.Client:
+def app_client(
+    bridge: Bridge, name: str, password: str, client_id: str | None = None, **kw: Any
+) -> aiomqtt.Client:
     return aiomqtt.Client(
         "127.0.0.1",
         bridge.ports["mqtt_plain"],
         identifier=client_id or f"app:{name}",
         username=name,
         password=password,
-        timeout=5,
+        **{"timeout": 5, **kw},
     )
 
 

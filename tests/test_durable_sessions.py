@@ -19,7 +19,17 @@ import pytest
 
 from tests import mqttraw
 from tests.conftest import Bridge, _bridge, write_config
-from tests.helpers import Account, ThingFiles, account, call, create_thing, next_message, ok, unique
+from tests.helpers import (
+    Account,
+    ThingFiles,
+    account,
+    app_client,
+    call,
+    create_thing,
+    next_message,
+    ok,
+    unique,
+)
 
 HOST = "127.0.0.1"
 OFFLINE_THINGS = 10
@@ -52,6 +62,14 @@ class Raw:
         async with asyncio.timeout(10):
             kind, _flags, body = await mqttraw.read_packet(self.reader)
         assert kind == 9 and body[2:] == b"\x01", body  # SUBACK, QoS 1 granted
+
+    async def unsubscribe(self, topic: str) -> None:
+        raw = topic.encode()
+        body = struct.pack("!HH", 2, len(raw)) + raw
+        self.writer.write(bytes([0xA2, len(body)]) + body)
+        async with asyncio.timeout(10):
+            kind, _flags, body = await mqttraw.read_packet(self.reader)
+        assert kind == 11, body  # UNSUBACK
 
     async def receive(self, count: int, *, ack: bool) -> list[tuple[bytes, int, bool]]:
         """The next `count` PUBLISHes as (payload, packet id, dup), acknowledged one by one if `ack`."""
@@ -109,15 +127,7 @@ def restartable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
 
 
 def persistent_app(bridge: Bridge, name: str) -> aiomqtt.Client:
-    return aiomqtt.Client(
-        HOST,
-        bridge.ports["mqtt_plain"],
-        identifier=f"app:{name}:durable",
-        username=name,
-        password=APP_PASSWORD,
-        clean_session=False,
-        timeout=5,
-    )
+    return app_client(bridge, name, APP_PASSWORD, f"app:{name}:durable", clean_session=False)
 
 
 async def things(bridge: Bridge, owner: Account, folder: Path, n: int) -> list[ThingFiles]:
@@ -221,6 +231,9 @@ async def test_an_expired_session_is_deleted_at_restart_and_while_running(
     # While running: the session monitor deletes it once it has been offline for that long.
     raw = await Raw.connect(bridge, running)
     await raw.subscribe(f"things/{running.id}/publish")
+    await raw.subscribe(f"things/{running.id}/status/accepted")
+    await raw.unsubscribe(f"things/{running.id}/status/accepted")  # on disk before its UNSUBACK
     await raw.close()
-    assert rows(bridge, "SELECT count(*) FROM mqtt_subscriptions WHERE client_id = ?", running.id) == [(1,)]
+    subscribed = rows(bridge, "SELECT topic_filter FROM mqtt_subscriptions WHERE client_id = ?", running.id)
+    assert subscribed == [(f"things/{running.id}/publish",)]
     await until(lambda: not rows(bridge, "SELECT 1 FROM mqtt_sessions WHERE client_id = ?", running.id))

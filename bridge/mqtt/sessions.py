@@ -73,6 +73,10 @@ def _apply(conn: sqlite3.Connection, ops: list[tuple[Callable[..., Any], tuple[A
 
 
 class Journal:
+    """Session writes in submission order, one store.write per event-loop turn. Bounded by what
+    feeds it: a routed message waits for its row, and "sent" / "acknowledged" come one per
+    message in flight."""
+
     def __init__(self, store: Store) -> None:
         self.store = store
         self._ops: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any] | None]] = []
@@ -107,8 +111,12 @@ class Journal:
             if fut is None:
                 if not ok:
                     log.warning("session write %s failed: %r", fn.__name__, value)
-            elif not fut.done():
-                fut.set_result(value) if ok else fut.set_exception(value)
+            elif fut.done():
+                continue
+            elif ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is committed (at shutdown)."""
