@@ -243,7 +243,14 @@ class Thing(Model):
     thingDist: str
     thingName: str
     thingType: str
-    keyType: KeyType
+    keyType: Annotated[
+        Literal["RSA", "EC", "CIK"],
+        Meta(
+            description="CIK: a provisioned device whose credential is its CIK, without a certificate yet "
+            "(certificatePem and keyPairPublic empty, certificateId `cik:<random>`) until it sends a CSR "
+            "to POST /provision/certificate"
+        ),
+    ]
     enabled: Annotated[bool, Meta(description="false: suspended (extension)")]
 
 
