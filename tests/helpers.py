@@ -256,19 +256,26 @@ async def certified_device(bridge: Bridge, folder: Path, thing_id: str, cik: str
     """A provisioned device's own EC key and the certificate `POST /provision/certificate` issues for
     its CSR with its CIK (a firmware API key is one): the files to connect over MQTT/TLS as its thing."""
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
     resp = await call(
         "POST",
         f"{bridge.http}/provision/certificate",
         headers={"X-Exosite-CIK": cik, "Content-Type": "application/x-pem-file"},
-        data=csr.public_bytes(serialization.Encoding.PEM),
+        data=csr_pem(key),
     )
     assert resp.status == 200, resp.body
-    _write_device_files(folder, resp.body, key, bridge.ca_file)
-    return ThingFiles(thing_id, folder, {})
+    return device_files(folder, thing_id, key, resp.body, bridge.ca_file)
 
 
-def _write_device_files(folder: Path, chain: bytes, key: ec.EllipticCurvePrivateKey, ca: Path) -> None:
+def csr_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A certificate signing request for `key`; its subject is not read (the bridge names the thing)."""
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def device_files(
+    folder: Path, thing_id: str, key: ec.EllipticCurvePrivateKey, chain: bytes, ca: Path
+) -> ThingFiles:
+    """A thing's folder (certificate chain, private key, CA) as `thing_client` reads it."""
     folder.mkdir(parents=True)
     (folder / "certificate.pem").write_bytes(chain)
     pem = key.private_bytes(
@@ -276,3 +283,4 @@ def _write_device_files(folder: Path, chain: bytes, key: ec.EllipticCurvePrivate
     )
     (folder / "private.key").write_bytes(pem)
     (folder / "ca.pem").write_bytes(ca.read_bytes())
+    return ThingFiles(thing_id, folder, {})

@@ -31,8 +31,6 @@ import jwt
 import orjson
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from yarl import URL
 
@@ -54,6 +52,7 @@ from tests.helpers import (
     app_client,
     call,
     create_thing,
+    csr_pem,
     ok,
     run_sync,
     thing_client,
@@ -1269,10 +1268,7 @@ BODIES: dict[tuple[str, str], dict] = {
 }
 CONTROL_BODIES = {**BODIES, ("PATCH", "/dev/v1/things/{thing_id}"): {"json": {"enabled": True}}}
 CONTROL_BODIES[("POST", "/provision/certificate")] = {
-    "data": x509.CertificateSigningRequestBuilder()
-    .subject_name(x509.Name([]))
-    .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
-    .public_bytes(serialization.Encoding.PEM)
+    "data": csr_pem(ec.generate_private_key(ec.SECP256R1()))
 }
 CONTROL_BODIES[("PATCH", "/dev/v1/things/{thing_id}/desired")] = {"json": {"UpdateRate": 7}}
 BASIC, DEVICE, VENDOR = frozenset({"basic"}), frozenset({"device", "either"}), frozenset({"vendor"})

@@ -18,12 +18,12 @@ from typing import Any
 import aiomqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import Bridge, _bridge
-from tests.helpers import Account, Resp, ThingFiles, account, call, ok, thing_client, unique
+from tests.helpers import Account, Resp, account, call, csr_pem, device_files, ok, thing_client, unique
 
 FORM = "application/x-www-form-urlencoded"
 CSV = "text/csv; charset=utf-8"
@@ -443,23 +443,6 @@ async def test_cik_is_the_device_credential_of_every_dialect(bridge: Bridge, acm
     ).status == 401
 
 
-def _csr(key: ec.EllipticCurvePrivateKey) -> bytes:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whatever-the-device-says")])
-    request = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
-    return request.public_bytes(serialization.Encoding.PEM)
-
-
-def _device_files(folder: Path, thing_id: str, key: ec.EllipticCurvePrivateKey, chain: bytes) -> ThingFiles:
-    folder.mkdir()
-    (folder / "certificate.pem").write_bytes(chain)
-    (folder / "private.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return ThingFiles(thing_id, folder, {})
-
-
 async def test_csr_with_the_cik_moves_the_device_to_mqtt(
     bridge: Bridge, acme: Vendor, owner: Account, tmp_path: Path
 ) -> None:
@@ -470,11 +453,11 @@ async def test_csr_with_the_cik_moves_the_device_to_mqtt(
     device = Api(bridge, **{"X-Exosite-CIK": cik})
     key = ec.generate_private_key(ec.SECP256R1())
 
-    refused(await Api(bridge)("POST", "/certificate", data=_csr(key)), 401, "X-Exosite-CIK")
+    refused(await Api(bridge)("POST", "/certificate", data=csr_pem(key)), 401, "X-Exosite-CIK")
     refused(await device("POST", "/certificate", data=b"not a csr"), 400, "certificate signing request")
     refused(await device("POST", "/certificate", data=b"\xff\xfe"), 400, "PEM")
     got = await device(
-        "POST", "/certificate", data=_csr(key), headers={"Content-Type": "application/x-pem-file"}
+        "POST", "/certificate", data=csr_pem(key), headers={"Content-Type": "application/x-pem-file"}
     )
     assert got.status == 200 and got.headers["Content-Type"] == "application/x-pem-file; charset=utf-8", got
     leaf, ca = x509.load_pem_x509_certificates(got.body)
@@ -483,7 +466,7 @@ async def test_csr_with_the_cik_moves_the_device_to_mqtt(
     assert leaf.public_key().public_numbers() == key.public_key().public_numbers()
 
     # the same thing over MQTT/TLS: what it collects is in its history, and the CIK still works
-    files = _device_files(tmp_path / "first", thing_id, key, got.body)
+    files = device_files(tmp_path / "first", thing_id, key, got.body, bridge.ca_file)
     async with thing_client(bridge, files) as mqtt:
         await mqtt.publish(f"things/{thing_id}/collect", b"from-mqtt", qos=1)
     history = ok(await call("GET", f"{bridge.api}/things/{thing_id}/messages", owner.token))
@@ -493,7 +476,7 @@ async def test_csr_with_the_cik_moves_the_device_to_mqtt(
     # a second CSR voids the first certificate: its live session is closed, a new one refused
     key2 = ec.generate_private_key(ec.SECP256R1())
     async with thing_client(bridge, files) as mqtt:
-        second = await device("POST", "/certificate", data=_csr(key2))
+        second = await device("POST", "/certificate", data=csr_pem(key2))
         assert second.status == 200, second
         with pytest.raises(aiomqtt.MqttError):
             async with asyncio.timeout(5):
@@ -502,7 +485,7 @@ async def test_csr_with_the_cik_moves_the_device_to_mqtt(
     with pytest.raises(aiomqtt.MqttError):
         async with thing_client(bridge, files):
             pass
-    files2 = _device_files(tmp_path / "second", thing_id, key2, second.body)
+    files2 = device_files(tmp_path / "second", thing_id, key2, second.body, bridge.ca_file)
     async with thing_client(bridge, files2):
         pass
 
@@ -516,7 +499,7 @@ async def test_csr_with_the_cik_moves_the_device_to_mqtt(
     with pytest.raises(aiomqtt.MqttError):
         async with thing_client(bridge, files2):
             pass
-    refused(await device("POST", "/certificate", data=_csr(key2)), 401, "")  # the old CIK
+    refused(await device("POST", "/certificate", data=csr_pem(key2)), 401, "")  # the old CIK
 
 
 # ---- content ------------------------------------------------------------------------------------------
