@@ -25,7 +25,9 @@ from tests.helpers import (
     account,
     app_client,
     call,
+    certified_device,
     create_thing,
+    firmware_product,
     next_message,
     ok,
     unique,
@@ -237,3 +239,46 @@ async def test_an_expired_session_is_deleted_at_restart_and_while_running(
     subscribed = rows(bridge, "SELECT topic_filter FROM mqtt_subscriptions WHERE client_id = ?", running.id)
     assert subscribed == [(f"things/{running.id}/publish",)]
     await until(lambda: not rows(bridge, "SELECT 1 FROM mqtt_sessions WHERE client_id = ?", running.id))
+
+
+async def test_a_re_certified_thing_resumes_its_own_session_before_and_after_a_restart(
+    restartable: Bridge, tmp_path: Path
+) -> None:
+    """A new certificate (a new CSR with the CIK) is the same thing's: its persistent session, with
+    what was queued for it, resumes on the new certificate (it was closed and dead before), in
+    memory and after kill -9; the connection that resumed it may publish."""
+    bridge = restartable
+    alice = account(bridge)
+    product = await firmware_product(bridge, alice)
+    sn = unique("DUR-")
+    csv = {"Content-Type": "text/csv"}
+    enrolled = await call("POST", f"{bridge.http}/fw/v1/manage/products/{product.id}/serials", alice.token,
+                          data=f"{sn}\n".encode(), headers=csv)  # fmt: skip
+    assert enrolled.status == 200, enrolled.body
+    device = (await call("POST", f"{bridge.http}/fw/v1/activate", json={"serialNumber": sn})).json
+    thing, cik = device["thingId"], device["apiKey"]
+    first = await certified_device(bridge, tmp_path / "first", thing, cik)
+    raw = await Raw.connect(bridge, first)
+    await raw.subscribe(f"things/{thing}/publish")
+    await raw.subscribe(f"things/{thing}/status/accepted")
+    await raw.close()
+
+    await publish_all(bridge, alice.token, {thing: [b"before"]})
+    second = await certified_device(bridge, tmp_path / "second", thing, cik)
+    await publish_all(bridge, alice.token, {thing: [b"between"]})
+    raw = await Raw.connect(bridge, second)
+    assert raw.session_present
+    assert [p for p, _, _ in await raw.receive(2, ack=True)] == [b"before", b"between"]
+    raw.writer.write(mqttraw.publish(f"things/{thing}/status", b'{"status": "ok"}'))  # not cut off
+    [(answer, _, _)] = await raw.receive(1, ack=True)
+    assert b"config" in answer
+    await raw.close()
+
+    await publish_all(bridge, alice.token, {thing: [b"queued"]})
+    third = await certified_device(bridge, tmp_path / "third", thing, cik)
+    bridge.kill()
+    bridge.start()
+    raw = await Raw.connect(bridge, third)
+    assert raw.session_present
+    assert [p for p, _, _ in await raw.receive(1, ack=True)] == [b"queued"]
+    await raw.close()

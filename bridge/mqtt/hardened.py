@@ -577,6 +577,11 @@ class HardenedBroker(Broker):
                 "remote_port",
             ):
                 setattr(existing, attr, getattr(incoming, attr))
+            # A revocation marked the earlier connection; this one was authenticated just now with
+            # a current credential of the same thing (re-enabled, re-certified; start() checks
+            # its standing again), so it resumes a live session, not a revoked one.
+            for mark in (REVOKED, FORGET):
+                existing.attributes.pop(mark, None)
             existing.attributes.update(incoming.attributes)
             session = existing
             session.parent = 1

@@ -89,15 +89,11 @@ def remove(conn: sqlite3.Connection, seq: int) -> None:
 
 def load(conn: sqlite3.Connection, now: float, expiry: float) -> list[StoredSession]:
     """At start-up: a session connected when the process ended is disconnected now; one
-    disconnected for longer than `expiry` seconds is deleted, and so is a thing's session whose
-    credential was re-issued since (its revocation may not have reached the broker before the
-    process ended); the others, in full."""
+    disconnected for longer than `expiry` seconds is deleted; the others, in full. A thing's
+    session whose credential was re-issued since stays (a deleted thing's went with it): it is the
+    same thing's, resumed only by a connection with its current certificate."""
     conn.execute("UPDATE mqtt_sessions SET disconnected = ? WHERE disconnected IS NULL", (now,))
     conn.execute("DELETE FROM mqtt_sessions WHERE disconnected < ?", (now - expiry,))
-    conn.execute(
-        "DELETE FROM mqtt_sessions WHERE thing_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM things"
-        " WHERE things.id = mqtt_sessions.thing_id AND things.cert_id = mqtt_sessions.cert_id)"
-    )
     sessions = {
         r[0]: StoredSession(r[0], bytes(r[1]), r[2])
         for r in conn.execute("SELECT client_id, principal, disconnected FROM mqtt_sessions")
