@@ -5,17 +5,27 @@ dialects show it (upgrade results, the model's content, the activation log)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Bridge
+from tests.conftest import Bridge, _bridge
 from tests.helpers import Account, Product, Resp, account, call, firmware_product, run_sync, unique
 
 V1, V2 = os.urandom(70_000), os.urandom(50_000)
+MAX_FIRMWARE = 128 * 1024  # provisioning.max_content_size here
+MAX_IMPORT = 4096  # provisioning.max_import_size here
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    limits = {"max_content_size": MAX_FIRMWARE, "max_import_size": MAX_IMPORT}
+    yield from _bridge(tmp_path_factory, provisioning=limits)
 
 
 def failed(resp: Resp, status: int, text: str) -> None:
@@ -25,7 +35,7 @@ def failed(resp: Resp, status: int, text: str) -> None:
     body = resp.json
     assert set(body) == {"error", "message"}, body
     assert body["error"] == {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                             409: "conflict"}[status]  # fmt: skip
+                             409: "conflict", 413: "request_entity_too_large"}[status]  # fmt: skip
     assert text in body["message"], body
 
 
@@ -202,7 +212,15 @@ async def test_serial_routes(bridge: Bridge, owner: Account, shop: Product) -> N
         await manage("POST", "/manage/products/nothing/serials", data=b"x\r\n", headers=csv), 404, "not found"
     )
     failed(await manage("GET", f"{path}/absent"), 404, "not found")
-    failed(await manage("PUT", f"{path}/{sn}", json={"enabled": False}), 409, "no client")
+    # a serial number never activated: enabling it changes nothing (activation needs no enable
+    # step), disabling it blocks its activation until it is enabled again
+    assert answer(await manage("PUT", f"{path}/{sn}", json={"enabled": True}))["status"] == "unused"
+    assert answer(await manage("PUT", f"{path}/{sn}", json={"enabled": False}))["status"] == "disabled"
+    failed(await Fw(bridge)("POST", "/activate", json={"serialNumber": sn}), 403, "disabled")
+    vendor = {"X-Exosite-Token": shop.vendor_token}
+    info = await call("GET", f"{bridge.http}/provision/manage/model/{shop.model}/{sn}", headers=vendor)
+    assert info.body.startswith(b"disabled,")  # provisioning sees the same serial number
+    assert answer(await manage("PUT", f"{path}/{sn}", json={"enabled": True}))["status"] == "enabled"
 
     thing = (await activate(bridge, sn))["thingId"]
     assert answer(await manage("GET", f"{path}/{sn}")) == {
@@ -282,6 +300,10 @@ async def test_target_download_and_switch(bridge: Bridge, owner: Account, shop: 
     assert (whole.status, whole.body, whole.headers["ETag"]) == (200, V2, f'"{sha2}"')
     part = await device("GET", f"/things/{thing}/versions/2.0/firmware", headers={"Range": "bytes=100-199"})
     assert (part.status, part.body) == (206, V2[100:200])
+    several = await device(
+        "GET", f"/things/{thing}/versions/2.0/firmware", headers={"Range": "bytes=0-9,20-29"}
+    )
+    assert (several.status, several.body) == (200, V2)  # several ranges: the whole firmware
     assert part.headers["Content-Range"] == f"bytes 100-199/{len(V2)}"
     stale = await device(
         "GET", f"/things/{thing}/versions/2.0/firmware", headers={"Range": "bytes=100-", "If-Range": '"0000"'}
@@ -352,3 +374,34 @@ def test_cli_imports_serial_numbers(bridge: Bridge, owner: Account, shop: Produc
     assert missing.returncode == 1 and "not found" in missing.stderr
     absent = bridge.cli("firmware", "import-serials", shop.id, str(tmp_path / "absent.csv"), check=False)
     assert absent.returncode == 2 and "absent.csv" in absent.stderr
+
+
+async def test_size_limits(bridge: Bridge, owner: Account, shop: Product) -> None:
+    """An upload past provisioning.max_content_size is 413: declared (answered before the body is
+    sent) or streamed without a length (cut as it passes); the firmware stays as it was. A serial
+    number import past provisioning.max_import_size is 413, none of it enrolled."""
+    manage = Fw(bridge, owner.token)
+    version = f"/manage/products/{shop.id}/versions/1.0"
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.ports["http"])
+    writer.write(
+        f"PUT /fw/v1{version}/firmware HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {owner.token}\r\n"
+        f"Content-Length: {MAX_FIRMWARE + 1}\r\nConnection: close\r\n\r\n".encode()
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")  # the server answers after the head alone
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413 "), head[:200]
+
+    async def stream() -> Any:
+        for _ in range(MAX_FIRMWARE // 16_384 + 1):
+            yield os.urandom(16_384)
+
+    failed(await manage("PUT", f"{version}/firmware", data=stream()), 413, f"limited to {MAX_FIRMWARE}")
+    assert answer(await manage("GET", version))["sha256"] == hashlib.sha256(V1).hexdigest()
+
+    serials = f"/manage/products/{shop.id}/serials"
+    first = unique("BIG-")
+    body = f"{first}\r\n".encode() + b"".join(b"big-%06d\r\n" % i for i in range(MAX_IMPORT // 12 + 1))
+    assert len(body) > MAX_IMPORT
+    failed(await manage("POST", serials, data=body, headers={"Content-Type": "text/csv"}), 413, "larger than")
+    failed(await manage("GET", f"{serials}/{first}"), 404, "not found")

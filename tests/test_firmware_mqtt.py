@@ -366,3 +366,27 @@ async def test_the_target_follows_account_moves(bridge: Bridge, owner: Account, 
         assert (newer["size"], newer["sha256"], newer["firmwareUrl"]) == (None, None, None)
         answer(await call("DELETE", version, owner.token))
         await until(client, target, lambda d: d["targetVersion"] == "2.0")
+        # its firmware replaced through provisioning's content route: the size and SHA-256 follow
+        patched = os.urandom(1000)
+        resp = await call(
+            "POST",
+            f"{bridge.http}/provision/manage/content/{product.model}/fw-2.0",
+            headers={"X-Exosite-Token": product.vendor_token, "Content-Type": "application/octet-stream"},
+            data=patched,
+        )
+        assert resp.status == 205, resp.body
+        replaced = await until(client, target, lambda d: d["sha256"] == hashlib.sha256(patched).hexdigest())
+        assert replaced["size"] == len(patched)
+
+    # the software deleted through the upgrader's route takes the product with it: the thing is of
+    # no product, its retained target is gone (as when the product is deleted)
+    assert (await call("DELETE", f"{bridge.http}/v2/software/{product.software}", owner.token)).status == 200
+    async with thing_client(bridge, files, clean_session=True) as client:
+        await client.subscribe(target, qos=1)
+        await client.subscribe(f"things/{thing}/status/accepted", qos=1)
+        await client.publish(f"things/{thing}/status", b'{"status": "ok"}', qos=1)  # answered after
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                assert message.topic.value != target, message.payload
+                if message.topic.value.endswith("/status/accepted"):
+                    break

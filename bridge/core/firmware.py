@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import sqlite3
 from collections.abc import AsyncIterable
@@ -50,6 +51,7 @@ from bridge.core.outbox import Outbox, enqueue
 from bridge.core.provisioning import Provisioning
 from bridge.core.provisioning.common import Vendor, key, secret_hash
 from bridge.core.provisioning.content import Download
+from bridge.core.provisioning.content import blob_hooks as content_blob_hooks
 from bridge.core.provisioning.serials import log_attempt
 from bridge.core.provisioning.vendors import new_cik
 from bridge.core.things import CIK_INCARNATION, Things
@@ -185,18 +187,32 @@ def _clear_targets(conn: sqlite3.Connection, model_pk: int) -> None:
         enqueue(conn, topics.topic(thing_id, topics.FIRMWARE_TARGET), b"", retain=True)
 
 
-def _publish_software(conn: sqlite3.Connection, software_pk: int) -> None:
+def _publish_software(conn: sqlite3.Connection, software_pk: int, *, deleting: bool = False) -> None:
     product = conn.execute(
         "SELECT model_pk FROM fw_products WHERE software_pk = ?", (software_pk,)
     ).fetchone()
     if product is not None:
-        _publish_product(conn, product["model_pk"])
+        (_clear_targets if deleting else _publish_product)(conn, product["model_pk"])
+
+
+def _publish_firmware(conn: sqlite3.Connection, model_pk: int, content_id: str) -> None:
+    """A firmware's blob replaced or deleted through provisioning's content routes: the size and
+    SHA-256 a device checks its download against follow."""
+    if (
+        content_id.startswith(CONTENT_PREFIX)
+        and conn.execute("SELECT 1 FROM fw_products WHERE model_pk = ?", (model_pk,)).fetchone()
+    ):
+        _publish_product(conn, model_pk)
 
 
 # Where the upgrader changes a thing's offers, or a software's versions (through its own routes as
-# through ours), the target follows in the same transaction.
+# through ours), or provisioning a firmware's blob, the target follows in the same transaction. A
+# deleted software takes its product with it (ON DELETE CASCADE): its things are of no product any
+# more, and their retained targets are cleared as when the product is deleted.
 upgrades.offer_hooks.append(publish_target)
 upgrades.versions_hooks.append(_publish_software)
+upgrades.deleting_hooks.append(functools.partial(_publish_software, deleting=True))
+content_blob_hooks.append(_publish_firmware)
 
 
 def _version_doc(conn: sqlite3.Connection, product: sqlite3.Row, row: sqlite3.Row) -> Record:
@@ -461,10 +477,28 @@ class Firmware:
 
     async def set_serial(self, owner_id: str, product_id: str, sn: str, enabled: bool) -> Record:
         """Disable (the API key stops working, the thing is disabled, activations refused) or enable
-        again (provisioning's re-enable: the next activation issues a key)."""
+        again (provisioning's re-enable: the next activation issues a key). A serial number never
+        activated has no client in provisioning's terms (whose disable=true is 409 then): disabling
+        it gives it a disabled one, so that its activations are refused until it is enabled;
+        enabling an unused one changes nothing (firmware activation needs no enable step)."""
         vendor, model = await self._model(owner_id, product_id)
         serials = self.provisioning.serials
-        await (serials.regenerate if enabled else serials.disable)(vendor, model, sn)
+        if not enabled:
+
+            def block(conn: sqlite3.Connection) -> None:
+                row = conn.execute(
+                    "SELECT s.pk FROM serial_numbers s JOIN prov_models m ON m.pk = s.model_pk"
+                    " WHERE m.vendor_pk = ? AND m.name = ? AND s.sn = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM sn_clients c WHERE c.sn_pk = s.pk)",
+                    (vendor.pk, model, sn),
+                ).fetchone()
+                if row is not None:
+                    _new_client(conn, row["pk"], vendor.pk, "disabled")
+
+            await self.store.write(block)
+            await serials.disable(vendor, model, sn)
+        elif (await self.serial(owner_id, product_id, sn))["status"] != "unused":
+            await serials.regenerate(vendor, model, sn)
         return await self.serial(owner_id, product_id, sn)
 
     # ---- the device -----------------------------------------------------------------------------
@@ -498,11 +532,7 @@ class Firmware:
                 refused = Forbidden(f"serial number {sn!r:.100} is disabled")
             else:
                 if row["rid"] is None:  # never made a client: firmware activation needs no enable step
-                    conn.execute(
-                        "INSERT INTO sn_clients (sn_pk, rid, status, enable_expires, enabled_by)"
-                        " VALUES (?,?,'enabled',?,?)",
-                        (row["pk"], new_cik(), ids.now(), row["vendor_pk"]),
-                    )
+                    _new_client(conn, row["pk"], row["vendor_pk"], "enabled")
                 try:
                     serials.activate_client(conn, row, secret_hash(api_key), incarnation)
                 except QuotaExceeded as exc:
@@ -599,6 +629,15 @@ class Firmware:
         )
         await self.outbox.write(publish_target, device.thing_id)
         return {"thingId": device.thing_id, "currentVersion": version}
+
+
+def _new_client(conn: sqlite3.Connection, sn_pk: int, vendor_pk: int, status: str) -> None:
+    """Provisioning's client of a serial number that had none (no enable period: the firmware
+    dialect's activation needs none)."""
+    conn.execute(
+        "INSERT INTO sn_clients (sn_pk, rid, status, enable_expires, enabled_by) VALUES (?,?,?,?,?)",
+        (sn_pk, new_cik(), status, ids.now(), vendor_pk),
+    )
 
 
 def _read(download: Download, offset: int, length: int) -> bytes:

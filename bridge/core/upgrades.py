@@ -80,6 +80,9 @@ offer_hooks: list[Callable[[sqlite3.Connection, str], None]] = []
 # And the same for a software whose versions (or their profiles) changed: (conn, software pk).
 versions_hooks: list[Callable[[sqlite3.Connection, int], None]] = []
 
+# And for a software about to be deleted, in that transaction, while its rows still exist.
+deleting_hooks: list[Callable[[sqlite3.Connection, int], None]] = []
+
 
 def versions_changed(conn: sqlite3.Connection, software_pk: int) -> None:
     """In the transaction that added, changed or deleted versions of the software, or their profiles."""
@@ -984,6 +987,8 @@ class Upgrades:
 
         def delete(conn: sqlite3.Connection) -> int:
             software = _software(conn, owner_id, name)
+            for hook in deleting_hooks:
+                hook(conn, software["pk"])
             told = _things_told_of(conn, "software_pk = ?", (software["pk"],))
             forget_rollouts(
                 conn,

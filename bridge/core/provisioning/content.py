@@ -25,6 +25,11 @@ from bridge.store import Store
 DEFAULT_TYPE = "application/octet-stream"  # until the first upload names one
 _CONTENT_TYPE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")  # a header value: printable ASCII
 
+# Documents of other models that follow a content entity's blob (the firmware target,
+# core/firmware.py, registers itself on import): (conn, model pk, content id), in the transaction
+# that uploaded or deleted it.
+blob_hooks: list[Callable[[sqlite3.Connection, int, str], None]] = []
+
 # A membership counts while it has not expired (0 = never); `:now` is the injected clock.
 LIVE = "(m.expire = 0 OR m.expire > :now)"
 
@@ -231,9 +236,11 @@ class Content:
                 "UPDATE prov_content SET sha256 = ?, size = ?, content_type = ?, updated = ? WHERE pk = ?",
                 (received.sha256, received.size, content_type, int(self.clock()), row["pk"]),
             )
+            _blob_changed(conn, row["model_pk"], content_id)
             return row["sha256"]
 
         await self.blobs.place(received, write)
+        self.serials.outbox.kick()
 
     async def delete(self, vendor: Vendor, model: str, content_id: str) -> None:
         """With its memberships, and its blob unless another entity has the same bytes. Deleting
@@ -245,9 +252,13 @@ class Content:
                 "DELETE FROM prov_content WHERE model_pk = ? AND id = ? RETURNING sha256",
                 (access.model_pk, content_id),
             ).fetchone()
-            return None if row is None else row["sha256"]
+            if row is None:
+                return None
+            _blob_changed(conn, access.model_pk, content_id)
+            return row["sha256"]
 
         await self.blobs.release([await self.store.write(delete)])
+        self.serials.outbox.kick()
 
     # ---- the device's side (X-Exosite-CIK) ------------------------------------------------------
     async def _device_model(self, cik: str, vendor: str, model: str) -> tuple[int, int]:
@@ -280,3 +291,8 @@ class Content:
         """...&id=: the blob, if the device may have it."""
         model_pk, sn_pk = await self._device_model(cik, vendor, model)
         return self._download(await self.store.read(self._row, model_pk, content_id, sn_pk))
+
+
+def _blob_changed(conn: sqlite3.Connection, model_pk: int, content_id: str) -> None:
+    for hook in blob_hooks:
+        hook(conn, model_pk, content_id)

@@ -229,9 +229,10 @@ async def get_serial(call: Call[User, models.SerialPath, None, None]) -> models.
     body=models.SerialBody,
     body_required=True,
     answer=models.Serial,
-    errors=(400, 401, 404, 409, 413),
+    errors=(400, 401, 404, 413),
     description="Disabled: its API key stops working, its thing is disabled (sessions closed) and activations "
-    "are refused (403); enabled: the next activation issues a key. 409 for a serial number never activated.",
+    "are refused (403), also for a serial number never activated; enabled: the next activation issues a key "
+    "(an unused serial number stays unused: activation needs no enable step).",
 )
 async def set_serial(call: Call[User, models.SerialPath, None, models.SerialBody]) -> models.Serial:
     found = await call.core.firmware.set_serial(

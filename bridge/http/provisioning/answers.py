@@ -50,7 +50,8 @@ class BlobResponse(web.FileResponse):
     as its strong ETag. aiohttp's own ETag is the file's mtime and size: the tag it sends and the
     one If-Match / If-None-Match are compared with are replaced by ours. Its If-Range compares dates
     only, so an entity-tag If-Range is decided here: ours, the ranges are served (206); any other,
-    the whole blob (200)."""
+    the whole blob (200). aiohttp serves one range and refuses several with 416; RFC 9110 14.2
+    lets a server ignore a Range it does not serve, so several ranges get the whole blob (200)."""
 
     def __init__(self, download: Download) -> None:
         super().__init__(download.path, headers={hdrs.CONTENT_TYPE: download.content_type})
@@ -65,10 +66,12 @@ class BlobResponse(web.FileResponse):
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if_range = request.headers.get(hdrs.IF_RANGE, "")
-        if if_range.startswith(('"', "W/")):
+        several = "," in request.headers.get(hdrs.RANGE, "")
+        if if_range.startswith(('"', "W/")) or several:
             headers = request.headers.copy()
-            del headers[hdrs.IF_RANGE]
-            if if_range != f'"{self._sha256}"':  # a weak tag never matches (RFC 9110 13.1.5)
+            headers.popall(hdrs.IF_RANGE, None)
+            # a weak tag never matches (RFC 9110 13.1.5)
+            if several or (if_range and if_range != f'"{self._sha256}"'):
                 headers.popall(hdrs.RANGE, None)
             request = request.clone(headers=headers)
         return await super().prepare(request)
