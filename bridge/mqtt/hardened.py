@@ -359,7 +359,13 @@ class BridgeHandler(BrokerProtocolHandler):
         ready.set()
         try:
             while self.reader is not None:
-                hot = self.reader.take_hot() if isinstance(self.reader, CappedReader) else None
+                hot = None
+                if isinstance(self.reader, CappedReader):
+                    hot = self.reader.take_hot()
+                    if hot is None and self.reader.empty():
+                        async with asyncio.timeout(keepalive):
+                            await self.reader.wait_for_data()
+                        hot = self.reader.take_hot()
                 if hot is not None:
                     kind, packet = hot
                 else:
@@ -430,6 +436,15 @@ class CappedReader(StreamReaderAdapter):
         if hot is not None:
             self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
         return hot
+
+    def empty(self) -> bool:
+        reader = self._reader
+        return not reader._buffer and not reader.at_eof() and reader.exception() is None
+
+    async def wait_for_data(self) -> None:
+        """Until bytes arrive (or the stream ends): the reader loop then tries take_hot first, so
+        the first packet of each read is not parsed the stock way, byte by byte."""
+        await self._reader._wait_for_data("read")  # type: ignore[attr-defined]
 
     async def read(self, n: int = -1) -> bytes:
         if n > self.max_read:
