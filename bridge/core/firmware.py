@@ -424,7 +424,8 @@ class Firmware:
             if entity is None:
                 raise NotFound(f"the firmware of version {version!r:.100} was deleted meanwhile")
             conn.execute(
-                "INSERT OR REPLACE INTO fw_images (version_pk, content_pk) VALUES (?,?)",
+                "INSERT INTO fw_images (version_pk, content_pk) VALUES (?,?)"
+                " ON CONFLICT (version_pk) DO UPDATE SET content_pk = excluded.content_pk",
                 (row["pk"], entity["pk"]),
             )
             _publish_product(conn, current["model_pk"])

@@ -120,17 +120,18 @@ def insert_message(
     when a delete or disable committed is refused, and a re-created id starts empty."""
     msg_id, ts = ids.new_id(), ids.now()
     device = " AND cert_id = ? AND enabled = 1" if cert_id is not None else ""
-    cur = conn.execute(
+    inserted = conn.execute(
         "INSERT INTO messages (id, thing_id, owner_id, type, ts, encoding, payload, transport)"
-        f" SELECT ?,?,?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM things WHERE id = ? AND owner_id = ?{device})",
+        f" SELECT ?,?,?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM things WHERE id = ? AND owner_id = ?{device})"
+        " RETURNING seq",
         (msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport, thing_id, owner_id)
         + ((cert_id,) if cert_id is not None else ()),
-    )
-    if cur.rowcount != 1:
+    ).fetchone()
+    if inserted is None:
         if cert_id is not None:
             raise Revoked(f"thing {thing_id!r} was deleted or disabled; nothing was stored")
         raise thing_not_found(thing_id)
-    return Message(cur.lastrowid or 0, msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport)
+    return Message(inserted[0], msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport)
 
 
 def _where(

@@ -103,7 +103,7 @@ def publish_config(conn: sqlite3.Connection, ref: DeviceRef) -> None:
 
 
 def _ensure_state(conn: sqlite3.Connection, thing_id: str) -> None:
-    conn.execute("INSERT OR IGNORE INTO thing_state (thing_id) VALUES (?)", (thing_id,))
+    conn.execute("INSERT INTO thing_state (thing_id) VALUES (?) ON CONFLICT DO NOTHING", (thing_id,))
 
 
 def _mark_fetched(conn: sqlite3.Connection, ref: DeviceRef, current: Effective) -> None:
@@ -284,7 +284,7 @@ class Status:
 
         def update(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT OR IGNORE INTO fleet_defaults (owner_id, thing_type) VALUES (?, ?)",
+                "INSERT INTO fleet_defaults (owner_id, thing_type) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 (owner_id, thing_type),
             )
             for column, value in changes.items():

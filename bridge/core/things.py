@@ -33,6 +33,11 @@ MAX_REMEMBERED_TOKENS = 100_000
 # The cert_id of a thing whose credential is a provisioning CIK (no certificate yet): this prefix and
 # a random part, renewed at each activation.
 CIK_INCARNATION = "cik:"
+# A certificate revoked again (re-issued, then its thing deleted) keeps one row, the latest reason.
+REVOKED_UPSERT = (
+    "ON CONFLICT (cert_id) DO UPDATE SET thing_id = excluded.thing_id, revoked_at = excluded.revoked_at,"
+    " reason = excluded.reason"
+)
 
 
 @dataclass(frozen=True)
@@ -190,8 +195,8 @@ class Things:
             ).rowcount
             if updated and not identity.cert_id.startswith(CIK_INCARNATION):
                 conn.execute(
-                    "INSERT OR REPLACE INTO revoked_certs (cert_id, thing_id, revoked_at, reason)"
-                    " VALUES (?,?,?,?)",
+                    "INSERT INTO revoked_certs (cert_id, thing_id, revoked_at, reason) VALUES (?,?,?,?)"
+                    f" {REVOKED_UPSERT}",
                     (identity.cert_id, identity.thing_id, ids.now(), "replaced by a new certificate"),
                 )
             return updated
@@ -219,7 +224,7 @@ class Things:
             # Its messages, presence and device-twin state go with it (ON DELETE CASCADE).
             conn.execute("DELETE FROM things WHERE id = ?", (thing_id,))
             conn.execute(
-                "INSERT OR REPLACE INTO revoked_certs (cert_id, thing_id, revoked_at, reason) VALUES (?,?,?,?)",
+                f"INSERT INTO revoked_certs (cert_id, thing_id, revoked_at, reason) VALUES (?,?,?,?) {REVOKED_UPSERT}",
                 (row["cert_id"], thing_id, ids.now(), "thing deleted"),
             )
             return row["cert_id"]

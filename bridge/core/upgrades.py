@@ -537,7 +537,8 @@ def notify_device(conn: sqlite3.Connection, thing_id: str, owner_id: str, softwa
     if told is not None and told["version_pk"] == latest["pk"]:
         return False
     conn.execute(
-        "INSERT OR REPLACE INTO upgrade_notices (thing_id, software_pk, version_pk) VALUES (?,?,?)",
+        "INSERT INTO upgrade_notices (thing_id, software_pk, version_pk) VALUES (?,?,?)"
+        " ON CONFLICT (thing_id, software_pk) DO UPDATE SET version_pk = excluded.version_pk",
         (thing_id, software["pk"], latest["pk"]),
     )
     notice = orjson.dumps(_offer_doc(conn, owner_id, software, latest))
@@ -583,8 +584,10 @@ def _record_running(
     conn: sqlite3.Connection, thing_id: str, name: str, number: str, transport: str, client_token: str | None
 ) -> None:
     conn.execute(
-        "INSERT OR REPLACE INTO device_versions (thing_id, software_name, version_number, ts, transport, client_token)"
-        " VALUES (?,?,?,?,?,?)",
+        "INSERT INTO device_versions (thing_id, software_name, version_number, ts, transport, client_token)"
+        " VALUES (?,?,?,?,?,?) ON CONFLICT (thing_id, software_name) DO UPDATE SET"
+        " version_number = excluded.version_number, ts = excluded.ts, transport = excluded.transport,"
+        " client_token = excluded.client_token",
         (thing_id, name, number, ids.now(), transport, client_token),
     )
 
@@ -675,7 +678,7 @@ class Upgrades:
         softwares = {r[0] for r in conn.execute(linked, (profile["pk"],))}
         conn.execute("DELETE FROM version_profiles WHERE profile_pk = ?", (profile["pk"],))
         conn.executemany(
-            "INSERT OR IGNORE INTO version_profiles (version_pk, profile_pk) VALUES (?,?)",
+            "INSERT INTO version_profiles (version_pk, profile_pk) VALUES (?,?) ON CONFLICT DO NOTHING",
             [(pk, profile["pk"]) for pk in pks],
         )
         for software_pk in sorted(softwares | {r[0] for r in conn.execute(linked, (profile["pk"],))}):
@@ -824,7 +827,9 @@ class Upgrades:
             ).fetchone()
             if same is None:
                 conn.execute(
-                    "INSERT OR REPLACE INTO account_devices (thing_id, account_pk, device_id, type) VALUES (?,?,?,?)",
+                    "INSERT INTO account_devices (thing_id, account_pk, device_id, type) VALUES (?,?,?,?)"
+                    " ON CONFLICT (thing_id) DO UPDATE SET account_pk = excluded.account_pk,"
+                    " device_id = excluded.device_id, type = excluded.type",
                     (thing_id, account["pk"], device_id, kind),
                 )
                 offers_changed(conn, thing_id)
@@ -843,7 +848,7 @@ class Upgrades:
         def add(conn: sqlite3.Connection) -> tuple[Put, str | None]:
             profile = _profile(conn, owner_id, profile_id)
             created = conn.execute(
-                "INSERT OR IGNORE INTO upgrade_accounts (owner_id, id, profile_pk) VALUES (?,?,?)",
+                "INSERT INTO upgrade_accounts (owner_id, id, profile_pk) VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 (owner_id, account_id, profile["pk"]),
             ).rowcount
             changed = self._add(conn, owner_id, _account(conn, profile, account_id), devices)

@@ -49,9 +49,10 @@ class Vendors:
         def insert(conn: sqlite3.Connection) -> int:
             try:
                 return conn.execute(
-                    "INSERT INTO vendors (name, owner_id, token_hash, cik_hash, created) VALUES (?,?,?,?,?)",
+                    "INSERT INTO vendors (name, owner_id, token_hash, cik_hash, created) VALUES (?,?,?,?,?)"
+                    " RETURNING pk",
                     (name, owner.id, secret_hash(token), secret_hash(cik), ids.now()),
-                ).lastrowid
+                ).fetchone()[0]
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"vendor {name!r} already exists") from exc
 
