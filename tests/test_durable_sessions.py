@@ -30,6 +30,7 @@ from tests.helpers import (
     firmware_product,
     next_message,
     ok,
+    thing_client,
     unique,
 )
 
@@ -282,3 +283,11 @@ async def test_a_re_certified_thing_resumes_its_own_session_before_and_after_a_r
     assert raw.session_present
     assert [p for p, _, _ in await raw.receive(1, ack=True)] == [b"queued"]
     await raw.close()
+
+    # a clean session replacing it discards the stored one: its rows, queued messages included
+    await publish_all(bridge, alice.token, {thing: [b"discarded"]})
+    assert rows(bridge, "SELECT count(*) FROM mqtt_queue") == [(1,)]
+    async with thing_client(bridge, third, clean_session=True):
+        pass
+    for table in ("mqtt_sessions", "mqtt_subscriptions", "mqtt_queue"):
+        await until(lambda table=table: rows(bridge, f"SELECT count(*) FROM {table}") == [(0,)])
