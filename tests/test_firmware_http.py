@@ -313,6 +313,8 @@ async def test_target_download_and_switch(bridge: Bridge, owner: Account, shop: 
         "GET", f"/things/{thing}/versions/2.0/firmware", headers={"Range": f"bytes={len(V2)}-"}
     )
     assert past.status == 416 and past.headers["Content-Range"] == f"bytes */{len(V2)}"
+    none = await device("GET", f"/things/{thing}/versions/2.0/firmware", headers={"Range": "bytes=-0"})
+    assert none.status == 416 and none.headers["Content-Range"] == f"bytes */{len(V2)}"
     failed(await device("GET", f"/things/{thing}/versions/9.9/firmware"), 404, "not found")
 
     # credentials: none, unknown, another thing's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Sequence
 
 from aiohttp import hdrs, web
@@ -18,6 +19,7 @@ CSV = "text/csv"
 TEXT = "text/plain"
 OCTET = "application/octet-stream"
 STRING = {"type": "string"}
+_EMPTY_SUFFIX = re.compile(r"bytes=\s*-0+\s*", re.IGNORECASE)  # the last 0 bytes
 
 
 def csv_media(columns: str) -> Media:
@@ -51,11 +53,14 @@ class BlobResponse(web.FileResponse):
     one If-Match / If-None-Match are compared with are replaced by ours. Its If-Range compares dates
     only, so an entity-tag If-Range is decided here: ours, the ranges are served (206); any other,
     the whole blob (200). aiohttp serves one range and refuses several with 416; RFC 9110 14.2
-    lets a server ignore a Range it does not serve, so several ranges get the whole blob (200)."""
+    lets a server ignore a Range it does not serve, so several ranges get the whole blob (200).
+    aiohttp answers the last 0 bytes (`bytes=-0`) with all of them (206): that range is
+    unsatisfiable (RFC 9110 14.1.2), 416 as a start past the end is."""
 
     def __init__(self, download: Download) -> None:
         super().__init__(download.path, headers={hdrs.CONTENT_TYPE: download.content_type})
         self._sha256 = download.etag
+        self._size = download.size
 
     @web.FileResponse.etag.setter  # type: ignore[attr-defined, untyped-decorator]
     def etag(self, value: object) -> None:
@@ -65,11 +70,13 @@ class BlobResponse(web.FileResponse):
         return super()._etag_match(self._sha256, etags, weak=weak)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if_range = request.headers.get(hdrs.IF_RANGE, "")
-        several = "," in request.headers.get(hdrs.RANGE, "")
-        if if_range.startswith(('"', "W/")) or several:
+        if_range, ranges = request.headers.get(hdrs.IF_RANGE, ""), request.headers.get(hdrs.RANGE, "")
+        several, empty = "," in ranges, _EMPTY_SUFFIX.fullmatch(ranges) is not None
+        if if_range.startswith(('"', "W/")) or several or empty:
             headers = request.headers.copy()
             headers.popall(hdrs.IF_RANGE, None)
+            if empty:  # aiohttp's own 416, with Content-Range: bytes */<size>
+                headers[hdrs.RANGE] = f"bytes={self._size}-"
             # a weak tag never matches (RFC 9110 13.1.5)
             if several or (if_range and if_range != f'"{self._sha256}"'):
                 headers.popall(hdrs.RANGE, None)
