@@ -28,6 +28,7 @@ from bridge.core.service import Core
 from bridge.http.app import https_context, make_app
 from bridge.mqtt.broker import PLAIN, TLS, MqttBroker
 from bridge.store import Store
+from bridge.store import create as create_store
 
 log = logging.getLogger("thingbridge")
 ADMIN_PASSWORD_ENV = "THINGBRIDGE_ADMIN_PASSWORD"
@@ -63,12 +64,14 @@ def check_folders(cfg: Config) -> None:
 
 
 def open_store(cfg: Config) -> Store:
-    store = Store(cfg.db_path, cfg.store.synchronous)
+    store = create_store(cfg.store.url, cfg.db_path, cfg.store.synchronous)
     try:
         store.open()
     except (OSError, sqlite3.Error) as exc:
         store.close()
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        if cfg.store.url != "sqlite:":
+            raise StartupError(f"store.url: cannot open the PostgreSQL database: {reason}") from None
         raise StartupError(f"data_dir: cannot open the database {cfg.db_path}: {reason}") from None
     return store
 
@@ -208,7 +211,7 @@ def run(cfg: Config, config_file: Path | None = None) -> int:
     `config_file`: the file `cfg` came from (None: built-in defaults)."""
     check_folders(cfg)
     first_start = None
-    if not cfg.db_path.exists():
+    if not (cfg.local_db or cfg.data_dir / "secret.key").exists():
         source = config_file.resolve() if config_file else f"built-in defaults; no config file ({LOOKED_FOR})"
         first_start = (
             f"New installation ({source}): database and secret key in {cfg.data_dir}, CA in {cfg.pki.dir}"

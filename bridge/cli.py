@@ -354,8 +354,8 @@ def _require_installation(cfg: config.Config, path: Path | None) -> None:
     database, secret and CA that the running server never sees) is what a command run from the
     wrong folder used to do."""
     # what the first `serve` creates: the database, the keyring's secret, the CA
-    made_by_serve = (cfg.db_path, cfg.data_dir / "secret.key", cfg.pki.dir / "ca.pem")
-    missing = next((file for file in made_by_serve if not file.exists()), None)
+    made_by_serve = (cfg.local_db, cfg.data_dir / "secret.key", cfg.pki.dir / "ca.pem")
+    missing = next((file for file in made_by_serve if file is not None and not file.exists()), None)
     if missing is None:
         return
     if path is None:

@@ -4,8 +4,10 @@ a value outside its field's range is an error too, named by its path)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,8 @@ class ProvisioningConfig:
 
 @dataclass
 class StoreConfig:
+    # sqlite: the file in data_dir; postgresql://...: a PostgreSQL database (the postgres extra)
+    url: str = field(default="sqlite:", metadata={"store_url": True})
     # FULL: a commit is on disk before we acknowledge it (QoS 1 PUBACK, HTTP 2xx).
     synchronous: str = _choice("FULL", "FULL", "NORMAL", "EXTRA")
 
@@ -138,6 +142,11 @@ class Config:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "thingbridge.sqlite"
+
+    @property
+    def local_db(self) -> Path | None:
+        """The database file in data_dir; None when the store is a PostgreSQL server."""
+        return self.db_path if self.store.url == "sqlite:" else None
 
 
 def check(cls: type, name: str, value: Any, path: str) -> Any:
@@ -168,11 +177,32 @@ def check(cls: type, name: str, value: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected a string (got {value!r})")
     if isinstance(default, Path):
         return Path(value)
+    if spec.metadata.get("store_url"):
+        return _check_store_url(value, path)
     choices = spec.metadata.get("choices")
     if choices is not None:
         if value.upper() not in choices:
             raise ConfigError(f"{path}: expected {', '.join(choices[:-1])} or {choices[-1]} (got {value!r})")
         return value.upper()
+    return value
+
+
+def _check_store_url(value: str, path: str) -> str:
+    if value == "sqlite:":
+        return value
+    scheme = value.partition(":")[0]  # only this is echoed: the rest may hold a password
+    try:
+        port = urllib.parse.urlsplit(value).port if scheme in ("postgresql", "postgres") else None
+    except ValueError:
+        raise ConfigError(f"{path}: the PostgreSQL URL's port is not a port number") from None
+    if scheme not in ("postgresql", "postgres") or port == 0:
+        raise ConfigError(
+            f"{path}: expected sqlite: or postgresql://user@host:port/database (got {scheme!r}:...)"
+        )
+    if importlib.util.find_spec("psycopg") is None:
+        raise ConfigError(
+            f"{path}: PostgreSQL needs the postgres extra (pip install 'thingbridge[postgres]')"
+        )
     return value
 
 

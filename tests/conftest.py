@@ -47,6 +47,7 @@ class Bridge:
     folder: Path
     config: Path
     proc: subprocess.Popen[str] | None = None
+    store_url: str = "sqlite:"
     ports: dict[str, int] = field(default_factory=dict)
     output: list[str] = field(default_factory=list)
 
@@ -155,3 +156,48 @@ def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
 @pytest.fixture
 def fresh_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
     yield from _bridge(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """One PostgreSQL server per test process (xdist worker), started on first use."""
+    from tests.helpers import PostgresServer, postgres_bin
+
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql"
+        )
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+STORES = ["sqlite", "postgresql"]
+
+
+def _store_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "sqlite":
+        return "sqlite:"
+    return request.getfixturevalue("postgres_server").new_database()
+
+
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest) -> str:
+    """store.url for a test that runs against both stores: the SQLite file, or a fresh PostgreSQL
+    database of its own."""
+    return _store_url(request)
+
+
+@pytest.fixture(scope="module", params=STORES)
+def bridge_on_each_store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Bridge]:
+    """The module's server once per store: a module runs on both by naming this as its `bridge`."""
+    url = _store_url(request)
+    for bridge in _bridge(tmp_path_factory, store={"url": url}):
+        bridge.store_url = url
+        yield bridge

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import ADMIN_PASSWORD, Bridge, basic, write_config
-from tests.helpers import Account, account, call, error, new_user, ok, run_sync, token
+from tests.helpers import Account, account, call, error, new_user, ok, postgres_files, run_sync, token
 
 SUBSCRIPTION_FIELDS = {
     "flsubscriptionspk",
@@ -55,6 +55,11 @@ THING_FIELDS = {
     "thingName",
     "thingType",
 }
+
+
+@pytest.fixture(scope="module")
+def bridge(bridge_on_each_store: Bridge) -> Bridge:
+    return bridge_on_each_store
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,9 @@ def server_cpu_seconds(bridge: Bridge) -> float:
 
 
 def db_bytes(bridge: Bridge) -> bytes:
-    """The database as it is on disk: main file, WAL and shared memory."""
+    """The database as it is on disk: main file, WAL and shared memory (PostgreSQL: its files)."""
+    if bridge.store_url != "sqlite:":
+        return postgres_files(bridge.store_url)
     base = bridge.db_path
     parts = [base, base.with_name(base.name + "-wal"), base.with_name(base.name + "-shm")]
     return b"".join(p.read_bytes() for p in parts if p.exists())

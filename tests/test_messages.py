@@ -58,6 +58,11 @@ MESSAGE_FIELDS = {
 
 # ---- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
+def bridge(bridge_on_each_store: Bridge) -> Bridge:
+    return bridge_on_each_store
+
+
+@pytest.fixture(scope="module")
 def alice(bridge: Bridge) -> Account:
     return account(bridge)
 

@@ -28,6 +28,7 @@ from bridge.core.provisioning.common import Page, Vendor, csv_batches, secret_ha
 from bridge.core.provisioning.serials import Model, SerialInfo, SerialNumber
 from bridge.core.service import Core
 from bridge.store import Store
+from bridge.store import create as create_store
 from tests.conftest import write_config
 
 DAY = 24 * 3600
@@ -57,10 +58,10 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def open_world(tmp_path: Path, **settings: int) -> AsyncIterator[World]:
+async def open_world(tmp_path: Path, store_url: str = "sqlite:", **settings: int) -> AsyncIterator[World]:
     """`settings`: provisioning settings other than the defaults."""
-    cfg = bridge_config.load(write_config(tmp_path))
-    store = Store(cfg.db_path, "OFF")
+    cfg = bridge_config.load(write_config(tmp_path, store={"url": store_url}))
+    store = create_store(cfg.store.url, cfg.db_path, "OFF")
     store.open()
     core = Core(cfg, store)
     clock = Clock()
@@ -73,8 +74,8 @@ async def open_world(tmp_path: Path, **settings: int) -> AsyncIterator[World]:
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with open_world(tmp_path) as opened:
+async def world(tmp_path: Path, store_url: str) -> AsyncIterator[World]:
+    async with open_world(tmp_path, store_url) as opened:
         yield opened
 
 

@@ -41,6 +41,11 @@ def _owner_fixture(bridge: Bridge, things: int | None = None) -> Owner:
 
 
 @pytest.fixture(scope="module")
+def bridge(bridge_on_each_store: Bridge) -> Bridge:
+    return bridge_on_each_store
+
+
+@pytest.fixture(scope="module")
 def owner(bridge: Bridge) -> Owner:
     """The operator most tests share (each test works on its own things and thingTypes)."""
     return _owner_fixture(bridge, things=100)

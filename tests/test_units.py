@@ -133,6 +133,8 @@ def test_audiences_refused(aud: object, reason: str) -> None:
         ({"messages": {"page_limit": 0}}, "messages.page_limit"),
         ({"http": {"token_audiences": "x"}}, "http.token_audiences"),
         ({"nonsense": 1}, "nonsense"),
+        ({"store": {"url": "mysql://db/x"}}, "store.url: expected sqlite: or postgresql://"),
+        ({"store": {"url": "postgresql://db:port/x"}}, "store.url: the PostgreSQL URL's port"),
     ],
 )
 def test_settings_out_of_range_name_their_path(raw: dict, message: str) -> None:

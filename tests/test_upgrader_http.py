@@ -94,6 +94,11 @@ def device_headers(
 
 
 @pytest.fixture(scope="module")
+def bridge(bridge_on_each_store: Bridge) -> Bridge:
+    return bridge_on_each_store
+
+
+@pytest.fixture(scope="module")
 def alice(bridge: Bridge) -> Account:
     acct = account(bridge)
     bridge.cli("plan", "set", acct.name, "--things", "100")  # the fleet walk's 20 and more

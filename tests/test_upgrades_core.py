@@ -25,7 +25,7 @@ from bridge.core.rollouts import parse_waves, wave_order, wave_sizes, waves_of
 from bridge.core.service import Core
 from bridge.core.things import DeviceIdentity, NewThing
 from bridge.core.upgrades import Put
-from bridge.store import Store
+from bridge.store import create as create_store
 from tests.conftest import write_config
 
 # The document's example version, with its "High" priority (an alias of UPGRADE_TYPE_FORCED).
@@ -100,9 +100,9 @@ def test_wave_membership_is_stable_and_cumulative() -> None:
 
 # ---- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture
-async def core(tmp_path: Path) -> AsyncIterator[Core]:
-    cfg = bridge_config.load(write_config(tmp_path))
-    store = Store(cfg.db_path, "OFF")
+async def core(tmp_path: Path, store_url: str) -> AsyncIterator[Core]:
+    cfg = bridge_config.load(write_config(tmp_path, store={"url": store_url}))
+    store = create_store(cfg.store.url, cfg.db_path, "OFF")
     store.open()
     try:
         yield Core(cfg, store)

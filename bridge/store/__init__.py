@@ -1,5 +1,18 @@
-"""SQLite persistence: the schema as versioned migrations, one writer thread that commits in groups, pooled readers."""
+"""Persistence: the schema as versioned migrations, one writer thread that commits in groups, pooled
+readers; on the SQLite file in data_dir (default) or on PostgreSQL (store.url)."""
+
+from pathlib import Path
 
 from bridge.store.db import Store
 
-__all__ = ["Store"]
+__all__ = ["Store", "create"]
+
+
+def create(url: str, path: Path, synchronous: str = "FULL") -> Store:
+    """The store `url` names (config's store.url, already checked): "sqlite:" the file at `path`,
+    else a PostgreSQL database (psycopg is imported only then: the postgres extra)."""
+    if url == "sqlite:":
+        return Store(path, synchronous)
+    from bridge.store.postgres import PostgresStore
+
+    return PostgresStore(url, path)

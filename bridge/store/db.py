@@ -52,16 +52,20 @@ class Store:
     """Async face of the database. `write(fn, ...)` runs fn(conn, ...) inside the writer's current
     group transaction (each call in its own savepoint, so one failing write does not undo the
     others) and resolves only after the group is committed: an acknowledgement sent after
-    `await store.write(...)` is durable."""
+    `await store.write(...)` is durable. bridge/store/postgres.py reuses the writer and the readers
+    on PostgreSQL connections (open and _connect_reader are what differ)."""
+
+    # SQLite: take the write lock at once (another process, the CLI, waits instead of failing later)
+    BEGIN = "BEGIN IMMEDIATE"
 
     def __init__(self, path: Path, synchronous: str = "FULL", readers: int = 2) -> None:
         self.path = path
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
-        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-read")
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="store-read")
         self._local = threading.local()
-        self._read_conns: list[sqlite3.Connection] = []
+        self._read_conns: list[Any] = []
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -76,8 +80,11 @@ class Store:
         except BaseException:
             conn.close()
             raise
+        self._start_writer(conn)
+
+    def _start_writer(self, conn: Any) -> None:
         self._writer = threading.Thread(
-            target=self._write_loop, args=(conn,), name="sqlite-write", daemon=True
+            target=self._write_loop, args=(conn,), name="store-write", daemon=True
         )
         self._writer.start()
 
@@ -106,13 +113,16 @@ class Store:
     def _read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path, self._synchronous)
+            conn = self._connect_reader()
             self._local.conn = conn
             with self._lock:
                 self._read_conns.append(conn)
         return fn(conn, *args)
 
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
+    def _connect_reader(self) -> Any:
+        return _connect(self.path, self._synchronous)
+
+    def _write_loop(self, conn: Any) -> None:
         stopping = False
         while not stopping:
             group = [self._queue.get()]
@@ -135,10 +145,9 @@ class Store:
                 self._commit_group(conn, group)
         conn.close()
 
-    @staticmethod
-    def _commit_group(conn: sqlite3.Connection, group: list[Any]) -> None:
+    def _commit_group(self, conn: Any, group: list[Any]) -> None:
         outcomes: list[tuple[bool, Any]] = []
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(self.BEGIN)
         for fn, args, _loop, _fut in group:
             conn.execute("SAVEPOINT w")
             try:

@@ -1,0 +1,286 @@
+"""PostgreSQL behind the same Store API as the SQLite file (store.url: postgresql://...): the same
+group-committing writer thread and reader pool (bridge/store/db.py), on psycopg 3 connections wrapped
+so that the core's functions run unchanged: `?` placeholders, rows addressable by name and by
+index, rowcount, fetchone/fetchall, executemany, total_changes, and the sqlite3 exception classes
+the core catches (IntegrityError for a constraint, OperationalError for the rest).
+
+The schema has one source of truth, bridge/store/migrations.py: a new PostgreSQL database is made
+at its latest version from the DDL SQLite holds after running every step (`schema()`), with the
+types and triggers translated. Nothing was released on PostgreSQL before, so there are no
+PostgreSQL migration steps yet: a database of an older version is refused with a clear message."""
+
+from __future__ import annotations
+
+import functools
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import RowMaker
+
+from bridge.store import db, migrations
+
+# A one-row table holds the schema version (SQLite keeps it in PRAGMA user_version).
+_VERSION_TABLE = "thingbridge_schema"
+# Serialises schema creation between processes opening the same database (server and CLI).
+_SCHEMA_LOCK = 0x7468696E67
+
+
+class Row:
+    """What sqlite3.Row offers the core: row[0], row["name"] (case-insensitive, like SQLite's),
+    keys(), len, iteration and equality."""
+
+    __slots__ = ("_shape", "_values")
+
+    def __init__(self, shape: tuple[tuple[str, ...], dict[str, int]], values: Sequence[Any]) -> None:
+        self._shape = shape
+        self._values = values
+
+    def __getitem__(self, key: int | str | slice) -> Any:
+        if isinstance(key, str):
+            index = self._shape[1]
+            position = index.get(key)
+            return self._values[index[key.lower()] if position is None else position]
+        return self._values[key]
+
+    def keys(self) -> list[str]:
+        return list(self._shape[0])
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Row) and self._shape[0] == other._shape[0] and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Row({dict(zip(self._shape[0], self._values, strict=True))!r})"
+
+
+def _rows(cursor: psycopg.Cursor[Any]) -> RowMaker[Row]:
+    """One shape per result, shared by its rows: the column names as PostgreSQL answers them
+    (lower case unless quoted) and an index by name and by lower-case name."""
+    names = tuple(column.name for column in cursor.description or ())
+    index: dict[str, int] = {}
+    for i, name in enumerate(names):
+        index.setdefault(name, i)
+        index.setdefault(name.lower(), i)
+    return functools.partial(Row, (names, index))
+
+
+@functools.lru_cache(maxsize=4096)
+def translate(sql: str) -> str:
+    """`?` placeholders as psycopg's `%s` (and a literal `%` doubled), outside quoted strings and
+    identifiers; computed once per statement text."""
+    parts = re.split(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""", sql)
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("%", "%%").replace("?", "%s")
+    for i in range(1, len(parts), 2):
+        parts[i] = parts[i].replace("%", "%%")
+    return "".join(parts)
+
+
+def _params(params: Sequence[Any]) -> Sequence[Any]:
+    """SQLite stores a bool as 0/1 in INTEGER columns; PostgreSQL refuses a boolean there."""
+    if any(type(p) is bool for p in params):
+        return [int(p) if type(p) is bool else p for p in params]
+    return params
+
+
+def _sqlite_error(exc: psycopg.Error) -> sqlite3.Error:
+    """The core catches sqlite3's classes (the DB-API ones it was written against)."""
+    kind = sqlite3.IntegrityError if isinstance(exc, psycopg.IntegrityError) else sqlite3.OperationalError
+    return kind(" ".join(str(exc).split()))  # one line: it may end a start's one-line message
+
+
+class Cursor:
+    """The result of one statement, fetched: rowcount, fetchone, fetchall, iteration."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Row], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Row | None:
+        return self._rows.pop(0) if self._rows else None
+
+    def fetchall(self) -> list[Row]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.fetchall())
+
+
+class Connection:
+    """A psycopg connection with the surface of sqlite3.Connection the core and the store use."""
+
+    def __init__(self, conn: psycopg.Connection[Row]) -> None:
+        self.raw = conn
+        self.total_changes = 0
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        try:
+            cur = self.raw.execute(translate(sql) if params else sql, _params(params) if params else None)
+            rows = cur.fetchall() if cur.description is not None else []
+        except psycopg.Error as exc:
+            raise _sqlite_error(exc) from exc
+        if cur.rowcount > 0 and cur.statusmessage and not cur.statusmessage.startswith("SELECT"):
+            self.total_changes += cur.rowcount
+        return Cursor(rows, cur.rowcount)
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Cursor:
+        """All parameter sets in one pipeline; like sqlite3's, a failing one leaves the earlier ones
+        applied and counted in total_changes (rare: then they are replayed one by one up to it)."""
+        batch = [_params(params) for params in seq]
+        if not batch:
+            return Cursor([], 0)
+        within = self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        if within:
+            self.raw.execute("SAVEPOINT executemany")
+        try:
+            # server-side binding here: the same statement many times, twice as fast as literals
+            cur = psycopg.Cursor(self.raw)
+            cur.executemany(translate(sql), batch)
+        except psycopg.IntegrityError:
+            if not within:
+                raise
+            self.raw.execute("ROLLBACK TO executemany")
+            self.raw.execute("RELEASE executemany")
+            for params in batch:
+                self.execute(sql, params)
+            raise AssertionError("executemany: the replay did not fail like the pipeline") from None
+        except psycopg.Error as exc:
+            raise _sqlite_error(exc) from exc
+        if within:
+            self.raw.execute("RELEASE executemany")
+        self.total_changes += max(cur.rowcount, 0)
+        return Cursor([], cur.rowcount)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def connect(url: str, autocommit: bool) -> Connection:
+    try:
+        # Client-side binding, like sqlite3's: a parameter takes its type from the statement (a
+        # NULL compared with IS NULL, a number in a TEXT column), not from the Python value.
+        raw = psycopg.connect(
+            url, autocommit=autocommit, row_factory=_rows, cursor_factory=psycopg.ClientCursor
+        )
+    except psycopg.Error as exc:
+        raise _sqlite_error(exc) from exc
+    return Connection(raw)
+
+
+_TYPES = (
+    # SQLite's rowid keys: an identity column (BY DEFAULT: an explicit key is still accepted)
+    (
+        re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b"),
+        "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+    ),
+    (re.compile(r"\bpk INTEGER PRIMARY KEY\b"), "pk BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+    (re.compile(r"\bINTEGER\b"), "BIGINT"),
+    (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
+)
+_UPSERT_SELF = re.compile(r"(INSERT INTO (\w+) .*? DO UPDATE SET )(\w+) = \3\b", re.DOTALL)
+_TRIGGER = re.compile(r"CREATE TRIGGER (\w+) (.*?) BEGIN(.*)END\s*$", re.DOTALL)
+
+
+@functools.cache
+def schema() -> tuple[str, ...]:
+    """The PostgreSQL DDL of migrations.LATEST: every step run on an in-memory SQLite database,
+    then its tables, indexes and triggers in creation order with SQLite's storage classes as
+    PostgreSQL types and each row trigger's body as a PL/pgSQL function."""
+    lite = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrations.migrate(lite, ":memory:")  # type: ignore[arg-type]
+        found = lite.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+            " ORDER BY rowid"
+        ).fetchall()
+    finally:
+        lite.close()
+    statements: list[str] = []
+    for kind, name, sql in found:
+        if kind == "trigger":
+            match = _TRIGGER.match(sql)
+            assert match is not None, f"trigger {name}: not of the form CREATE TRIGGER ... BEGIN ... END"
+            # PostgreSQL: an unqualified column in an upsert's SET expression is ambiguous (the
+            # row or EXCLUDED's); SQLite's means the row's.
+            body = _UPSERT_SELF.sub(r"\g<1>\g<3> = \g<2>.\g<3>", match.group(3))
+            statements.append(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN{body}RETURN NULL; END $$"
+            )
+            statements.append(
+                f"CREATE TRIGGER {name} {match.group(2)} FOR EACH ROW EXECUTE FUNCTION {name}()"
+            )
+            continue
+        for pattern, replacement in _TYPES:
+            sql = pattern.sub(replacement, sql)
+        statements.append(sql)
+    return tuple(statements)
+
+
+def prepare(conn: Connection) -> None:
+    """Create the schema at migrations.LATEST in a new database; refuse one of another version."""
+    conn.execute("BEGIN")
+    try:
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+        exists = conn.execute("SELECT to_regclass(?) IS NOT NULL", (_VERSION_TABLE,)).fetchone()
+        if exists is not None and exists[0]:
+            found = conn.execute(f"SELECT version FROM {_VERSION_TABLE}").fetchone()
+            found_version = found[0] if found is not None else 0
+            if found_version != migrations.LATEST:
+                newer = found_version > migrations.LATEST
+                raise migrations.SchemaTooNew(
+                    f"store.url: the database is at schema version {found_version},"
+                    + (
+                        f" newer than this release knows (up to {migrations.LATEST})"
+                        if newer
+                        else f" older than this release's {migrations.LATEST}, and PostgreSQL has no"
+                        " migration steps yet: create a new database"
+                    )
+                )
+        else:
+            for statement in schema():
+                conn.execute(statement)
+            conn.execute(f"CREATE TABLE {_VERSION_TABLE} (version INTEGER NOT NULL)")
+            conn.execute(f"INSERT INTO {_VERSION_TABLE} (version) VALUES (?)", (migrations.LATEST,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+class PostgresStore(db.Store):
+    """db.Store's writer and readers on PostgreSQL connections (see the module's docstring)."""
+
+    BEGIN = "BEGIN"
+
+    def __init__(self, url: str, path: Path, readers: int = 2) -> None:
+        """`path`: where the SQLite file would be; its folder (data_dir) still holds what lives
+        beside the database (content blobs)."""
+        super().__init__(path, readers=readers)
+        self.url = url
+
+    def open(self) -> None:
+        conn = connect(self.url, autocommit=True)
+        try:
+            prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._start_writer(conn)
+
+    def _connect_reader(self) -> Connection:
+        return connect(self.url, autocommit=True)

@@ -1,0 +1,133 @@
+"""The PostgreSQL store (bridge/store/postgres.py) against a real PostgreSQL server the tests start:
+its schema has every table and column of the SQLite one; a database of another version is refused;
+the writer's group commit keeps one failing write from undoing the others and resolves a write only
+after its commit; rows and placeholders behave as the core expects of sqlite3; and `serve` with an
+unreachable store.url stops with one line. The core suites run on it through their `store_url`
+fixture (tests/test_upgrades_core.py, tests/test_provisioning_core.py) or `bridge_on_each_store`."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from bridge.store import create, migrations
+from bridge.store.postgres import PostgresStore, translate
+from tests.conftest import write_config
+from tests.helpers import PostgresServer
+
+
+@pytest.fixture
+async def store(postgres_server: PostgresServer, tmp_path: Path) -> AsyncIterator[PostgresStore]:
+    opened = PostgresStore(postgres_server.new_database(), tmp_path / "thingbridge.sqlite")
+    opened.open()
+    try:
+        yield opened
+    finally:
+        await asyncio.to_thread(opened.close)
+
+
+def test_the_schema_has_every_table_and_column_of_sqlite(postgres_server: PostgresServer) -> None:
+    lite = sqlite3.connect(":memory:", isolation_level=None)
+    migrations.migrate(lite, Path(":memory:"))
+    tables = [
+        r[0]
+        for r in lite.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
+        )
+    ]
+    expected = {(t, r[1], bool(r[5])) for t in tables for r in lite.execute(f"PRAGMA table_info({t})")}
+    triggers = {r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    with psycopg.connect(postgres_server.new_database()) as conn:
+        found = {
+            (t, c, bool(k))
+            for t, c, k in conn.execute(
+                "SELECT c.table_name, c.column_name, k.column_name IS NOT NULL FROM information_schema.columns c"
+                " LEFT JOIN information_schema.key_column_usage k ON k.table_name = c.table_name"
+                " AND k.column_name = c.column_name AND k.constraint_name = c.table_name || '_pkey'"
+                " WHERE c.table_schema = 'public' AND c.table_name <> 'thingbridge_schema'"
+            )
+        }
+        pg_triggers = {
+            r[0] for r in conn.execute("SELECT DISTINCT trigger_name FROM information_schema.triggers")
+        }
+    assert found == expected
+    assert pg_triggers == triggers
+
+
+async def test_a_database_of_another_version_is_refused(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres_server.new_database()
+    for version in (migrations.LATEST + 1, migrations.LATEST - 1):
+        with psycopg.connect(url) as conn:
+            conn.execute("UPDATE thingbridge_schema SET version = %s", (version,))
+        store = create(url, tmp_path / "unused")
+        with pytest.raises(
+            migrations.SchemaTooNew, match=f"store.url: the database is at schema version {version}"
+        ):
+            store.open()
+        store.close()
+
+
+async def test_one_failing_write_leaves_the_others_of_its_group(store: PostgresStore) -> None:
+    def insert(conn: sqlite3.Connection, name: str) -> int:
+        return conn.execute(
+            "INSERT INTO users (id, username, password_hash, role, created) VALUES (?,?,?,?,?) RETURNING created",
+            (name, name, "h", "user", 1.5),
+        ).fetchone()[0]
+
+    # Queued together: the duplicate fails alone, in its savepoint; every other write is committed.
+    results = await asyncio.gather(
+        *(store.write(insert, f"u{i}") for i in range(20)), store.write(insert, "u3"), return_exceptions=True
+    )
+    assert results[:20] == [1.5] * 20
+    assert isinstance(results[20], sqlite3.IntegrityError)
+    # a write resolved only after its commit: a new connection sees it
+    with psycopg.connect(store.url) as conn:
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 20
+
+
+async def test_rows_and_placeholders_behave_like_sqlite3(store: PostgresStore) -> None:
+    def read(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+        return conn.execute(
+            "SELECT ? AS Answer, '?' AS mark, 'a%' AS pct, ? IS NULL AS nothing", (42, None)
+        ).fetchall()
+
+    (row,) = await store.read(read)
+    assert (row[0], row["Answer"], row["answer"], row["mark"], row["pct"], row[3]) == (
+        42,
+        42,
+        42,
+        "?",
+        "a%",
+        True,
+    )
+    assert row.keys() == ["answer", "mark", "pct", "nothing"]
+    assert dict(zip(row.keys(), row, strict=True))["mark"] == "?"
+    assert translate("SELECT '?', \"a?\" FROM t WHERE x = ? AND y LIKE 'z%'") == (
+        "SELECT '?', \"a?\" FROM t WHERE x = %s AND y LIKE 'z%%'"
+    )
+
+
+def test_serve_with_an_unreachable_database_says_so_in_one_line(tmp_path: Path) -> None:
+    # a port nothing listens on: the loopback refuses at once
+    config = write_config(tmp_path, store={"url": "postgresql://postgres@127.0.0.1:1/thingbridge"})
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "thingbridge: store.url: cannot open the PostgreSQL database"
+    )
