@@ -1,9 +1,10 @@
 """The PostgreSQL store (bridge/store/postgres.py) against a real PostgreSQL server the tests start:
 its schema has every table and column of the SQLite one; a database of another version is refused;
 the writer's group commit keeps one failing write from undoing the others and resolves a write only
-after its commit; rows and placeholders behave as the core expects of sqlite3; and `serve` with an
-unreachable store.url stops with one line. The core suites run on it through their `store_url`
-fixture (tests/test_upgrades_core.py, tests/test_provisioning_core.py) or `bridge_on_each_store`."""
+after its commit; a lost connection fails one group, then the store reconnects; rows and
+placeholders behave as the core expects of sqlite3; `serve` with an unreachable store.url stops
+with one line. The core suites run on it through their `store_url` fixture
+(tests/test_upgrades_core.py, tests/test_provisioning_core.py) or `bridge_on_each_store`."""
 
 from __future__ import annotations
 
@@ -131,3 +132,30 @@ def test_serve_with_an_unreachable_database_says_so_in_one_line(tmp_path: Path) 
     assert len(lines) == 1 and lines[0].startswith(
         "thingbridge: store.url: cannot open the PostgreSQL database"
     )
+
+
+async def test_a_lost_connection_fails_one_group_and_the_store_reconnects(store: PostgresStore) -> None:
+    def insert(conn: sqlite3.Connection, name: str) -> None:
+        conn.execute(
+            "INSERT INTO users (id, username, password_hash, role, created) VALUES (?,?,?,?,?)",
+            (name, name, "h", "user", 1.0),
+        )
+
+    def count(conn: sqlite3.Connection) -> int:
+        return conn.execute("SELECT count(*) FROM users").fetchone()[0]
+
+    await store.write(insert, "before")
+    assert await store.read(count) == 1
+    # What a server restart does to the store's sessions: every one of them terminated.
+    with psycopg.connect(store.url, autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+    assert ended >= 2  # the writer's and at least one reader's
+    with pytest.raises(sqlite3.OperationalError):
+        await store.write(insert, "lost")  # its group met the broken connection: not committed
+    await store.write(insert, "after")
+    assert await store.read(count) == 2  # a read retries once on a new connection
+    with psycopg.connect(store.url) as conn:
+        assert [r[0] for r in conn.execute("SELECT id FROM users ORDER BY id")] == ["after", "before"]

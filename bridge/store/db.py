@@ -142,32 +142,40 @@ class Store:
                     if item is not _STOP:
                         group.append(item)
             if group:
-                self._commit_group(conn, group)
+                conn = self._commit_group(conn, group)
         conn.close()
 
-    def _commit_group(self, conn: Any, group: list[Any]) -> None:
+    def _commit_group(self, conn: Any, group: list[Any]) -> Any:
+        """Commit one group; the connection for the next one (see _recover)."""
         outcomes: list[tuple[bool, Any]] = []
-        conn.execute(self.BEGIN)
-        for fn, args, _loop, _fut in group:
-            conn.execute("SAVEPOINT w")
-            try:
-                outcomes.append((True, fn(conn, *args)))
-                conn.execute("RELEASE w")
-            except BaseException as exc:  # the caller gets its own exception; the group goes on
-                conn.execute("ROLLBACK TO w")
-                conn.execute("RELEASE w")
-                outcomes.append((False, exc))
         try:
+            conn.execute(self.BEGIN)
+            for fn, args, _loop, _fut in group:
+                conn.execute("SAVEPOINT w")
+                try:
+                    outcomes.append((True, fn(conn, *args)))
+                    conn.execute("RELEASE w")
+                except BaseException as exc:  # the caller gets its own exception; the group goes on
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    outcomes.append((False, exc))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # the group is not committed: every write of it fails
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
             outcomes = [(False, exc)] * len(group)
+            conn = self._recover(conn)
         # One wake-up per event loop for the whole group, not one per write.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_fn, _args, loop, fut), (ok, value) in zip(group, outcomes, strict=True):
             by_loop.setdefault(loop, []).append((fut, ok, value))
         for loop, results in by_loop.items():
             loop.call_soon_threadsafe(_resolve, results)
+        return conn
+
+    def _recover(self, conn: Any) -> Any:
+        """After a failed group: the connection to go on with. A SQLite file's stays usable."""
+        return conn
 
 
 def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

@@ -14,15 +14,16 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import RowMaker
 
 from bridge.store import db, migrations
 
+T = TypeVar("T")
 # A one-row table holds the schema version (SQLite keeps it in PRAGMA user_version).
 _VERSION_TABLE = "thingbridge_schema"
 # Serialises schema creation between processes opening the same database (server and CLI).
@@ -284,3 +285,29 @@ class PostgresStore(db.Store):
 
     def _connect_reader(self) -> Connection:
         return connect(self.url, autocommit=True)
+
+    def _recover(self, conn: Connection) -> Connection:
+        """A server restart or a terminated session breaks the connection: the group that met it
+        failed, the next one gets a new connection (or, while the server is away, fails too)."""
+        if not conn.raw.broken and not conn.raw.closed:
+            return conn
+        try:
+            fresh = connect(self.url, autocommit=True)
+        except sqlite3.Error:
+            return conn
+        conn.close()
+        return fresh
+
+    def _read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """A read on a broken connection is tried once more on a new one (a read changes nothing)."""
+        try:
+            return super()._read(fn, args)
+        except sqlite3.OperationalError:
+            broken: Connection = self._local.conn
+            if not broken.raw.broken:
+                raise
+        with self._lock:
+            self._read_conns.remove(broken)
+        broken.close()
+        self._local.conn = None
+        return super()._read(fn, args)
