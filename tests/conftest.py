@@ -192,12 +192,19 @@ def store_url(request: pytest.FixtureRequest) -> str:
     return _store_url(request)
 
 
+def store_bridge(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, **overrides: object
+) -> Iterator[Bridge]:
+    """A server on the store named by `request.param`, for a fixture parametrised by STORES."""
+    url = _store_url(request)
+    for bridge in _bridge(tmp_path_factory, store={"url": url}, **overrides):
+        bridge.store_url = url
+        yield bridge
+
+
 @pytest.fixture(scope="module", params=STORES)
 def bridge_on_each_store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Bridge]:
     """The module's server once per store: a module runs on both by naming this as its `bridge`."""
-    url = _store_url(request)
-    for bridge in _bridge(tmp_path_factory, store={"url": url}):
-        bridge.store_url = url
-        yield bridge
+    yield from store_bridge(request, tmp_path_factory)

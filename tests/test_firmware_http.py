@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Bridge, _bridge
+from tests.conftest import STORES, Bridge, store_bridge
 from tests.helpers import Account, Product, Resp, account, call, firmware_product, run_sync, unique
 
 V1, V2 = os.urandom(70_000), os.urandom(50_000)
@@ -22,10 +22,10 @@ MAX_FIRMWARE = 128 * 1024  # provisioning.max_content_size here
 MAX_IMPORT = 4096  # provisioning.max_import_size here
 
 
-@pytest.fixture(scope="module")
-def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+@pytest.fixture(scope="module", params=STORES)
+def bridge(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
     limits = {"max_content_size": MAX_FIRMWARE, "max_import_size": MAX_IMPORT}
-    yield from _bridge(tmp_path_factory, provisioning=limits)
+    yield from store_bridge(request, tmp_path_factory, provisioning=limits)
 
 
 def failed(resp: Resp, status: int, text: str) -> None:

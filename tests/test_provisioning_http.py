@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import Bridge, _bridge
+from tests.conftest import STORES, Bridge, store_bridge
 from tests.helpers import Account, Resp, account, call, csr_pem, device_files, ok, thing_client, unique
 
 FORM = "application/x-www-form-urlencoded"
@@ -53,9 +53,9 @@ def add_vendor(bridge: Bridge, owner: Account) -> Vendor:
 IMPORT_LIMIT = 2 * 1024 * 1024  # provisioning.max_import_size here: twice http.max_body (1 MiB)
 
 
-@pytest.fixture(scope="module")
-def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
-    yield from _bridge(tmp_path_factory, provisioning={"max_import_size": IMPORT_LIMIT})
+@pytest.fixture(scope="module", params=STORES)
+def bridge(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    yield from store_bridge(request, tmp_path_factory, provisioning={"max_import_size": IMPORT_LIMIT})
 
 
 @pytest.fixture(scope="module")

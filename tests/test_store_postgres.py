@@ -115,6 +115,9 @@ async def test_rows_and_placeholders_behave_like_sqlite3(store: PostgresStore) -
     assert translate("SELECT '?', \"a?\" FROM t WHERE x = ? AND y LIKE 'z%'") == (
         "SELECT '?', \"a?\" FROM t WHERE x = %s AND y LIKE 'z%%'"
     )
+    assert (
+        translate("SELECT ':a', :a, :b_2 WHERE x = :a", True) == "SELECT ':a', %(a)s, %(b_2)s WHERE x = %(a)s"
+    )
 
 
 def test_serve_with_an_unreachable_database_says_so_in_one_line(tmp_path: Path) -> None:

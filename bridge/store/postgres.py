@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,22 +77,31 @@ def _rows(cursor: psycopg.Cursor[Any]) -> RowMaker[Row]:
 
 
 @functools.lru_cache(maxsize=4096)
-def translate(sql: str) -> str:
-    """`?` placeholders as psycopg's `%s` (and a literal `%` doubled), outside quoted strings and
-    identifiers; computed once per statement text."""
+def translate(sql: str, named: bool = False) -> str:
+    """sqlite3's placeholders as psycopg's, outside quoted strings and identifiers: `?` as `%s`,
+    `:name` as `%(name)s` (`named`: the parameters are a mapping), a literal `%` doubled; computed
+    once per statement text."""
     parts = re.split(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""", sql)
     for i in range(0, len(parts), 2):
         parts[i] = parts[i].replace("%", "%%").replace("?", "%s")
+        if named:
+            parts[i] = _NAMED.sub(r"%(\1)s", parts[i])
     for i in range(1, len(parts), 2):
         parts[i] = parts[i].replace("%", "%%")
     return "".join(parts)
 
 
-def _params(params: Sequence[Any]) -> Sequence[Any]:
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+def _params(params: Sequence[Any] | Mapping[str, Any]) -> Sequence[Any] | Mapping[str, Any]:
     """SQLite stores a bool as 0/1 in INTEGER columns; PostgreSQL refuses a boolean there."""
-    if any(type(p) is bool for p in params):
-        return [int(p) if type(p) is bool else p for p in params]
-    return params
+    values = params.values() if isinstance(params, Mapping) else params
+    if not any(type(p) is bool for p in values):
+        return params
+    if isinstance(params, Mapping):
+        return {k: int(v) if type(v) is bool else v for k, v in params.items()}
+    return [int(p) if type(p) is bool else p for p in params]
 
 
 def _sqlite_error(exc: psycopg.Error) -> sqlite3.Error:
@@ -128,9 +137,12 @@ class Connection:
         self.raw = conn
         self.total_changes = 0
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Cursor:
         try:
-            cur = self.raw.execute(translate(sql) if params else sql, _params(params) if params else None)
+            if params:
+                cur = self.raw.execute(translate(sql, isinstance(params, Mapping)), _params(params))
+            else:
+                cur = self.raw.execute(sql)
             rows = cur.fetchall() if cur.description is not None else []
         except psycopg.Error as exc:
             raise _sqlite_error(exc) from exc
@@ -150,7 +162,7 @@ class Connection:
         try:
             # server-side binding here: the same statement many times, twice as fast as literals
             cur = psycopg.Cursor(self.raw)
-            cur.executemany(translate(sql), batch)
+            cur.executemany(translate(sql, isinstance(batch[0], Mapping)), batch)
         except psycopg.IntegrityError:
             if not within:
                 raise

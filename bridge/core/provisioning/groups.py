@@ -24,9 +24,10 @@ TYPES = {
 MAX_EXPIRE = 10**12  # epoch seconds: far beyond any real expiry, within SQLite's integers
 
 # Is group :inner (or a group nested in it) group :outer? Then adding :inner to :outer is a cycle.
+# (The CAST gives the first term the key's type, which PostgreSQL's recursive union requires.)
 _CONTAINS = f"""
 WITH RECURSIVE down(pk) AS (
-    SELECT :inner
+    SELECT CAST(:inner AS BIGINT)
     UNION
     SELECT m.member_group_pk FROM group_members m JOIN down ON m.group_pk = down.pk
     WHERE m.member_group_pk IS NOT NULL AND {LIVE}
@@ -44,7 +45,7 @@ SELECT * FROM (
     LEFT JOIN prov_content c ON c.pk = m.content_pk
     LEFT JOIN prov_groups g ON g.pk = m.member_group_pk
     WHERE m.group_pk = :group AND {LIVE}
-) WHERE (:type IS NULL OR type = :type) AND (:member IS NULL OR member = :member)
+) AS members WHERE (:type IS NULL OR type = :type) AND (:member IS NULL OR member = :member)
 ORDER BY pk"""
 
 
