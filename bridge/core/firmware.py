@@ -247,13 +247,7 @@ def _product_doc(row: sqlite3.Row) -> Record:
 
 
 def _version_row(conn: sqlite3.Connection, product: sqlite3.Row, version: str) -> sqlite3.Row:
-    row = conn.execute(
-        "SELECT * FROM software_versions WHERE software_pk = ? AND version_number = ?",
-        (product["software_pk"], version),
-    ).fetchone()
-    if row is None:
-        raise NotFound(f"version {version!r:.100} of product {product['id']!r} not found")
-    return row
+    return upgrades.version_row(conn, product["software_pk"], version, f"product {product['id']!r}")
 
 
 def _vendor(product: sqlite3.Row) -> Vendor:

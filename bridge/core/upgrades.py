@@ -266,14 +266,20 @@ def _software(conn: sqlite3.Connection, owner_id: str, ref: str) -> sqlite3.Row:
     return row
 
 
-def _version(conn: sqlite3.Connection, software: sqlite3.Row, number: str) -> sqlite3.Row:
+def version_row(conn: sqlite3.Connection, software_pk: int, number: str, of: str) -> sqlite3.Row:
+    """A version of a software by its number; NotFound naming what it was asked of (`of`: the
+    software, or a firmware product of it)."""
     row = conn.execute(
         "SELECT * FROM software_versions WHERE software_pk = ? AND version_number = ?",
-        (software["pk"], number),
+        (software_pk, number),
     ).fetchone()
     if row is None:
-        raise NotFound(f"version {number!r:.100} of software {software['name']!r} not found")
+        raise NotFound(f"version {number!r:.100} of {of} not found")
     return row
+
+
+def _version(conn: sqlite3.Connection, software: sqlite3.Row, number: str) -> sqlite3.Row:
+    return version_row(conn, software["pk"], number, f"software {software['name']!r}")
 
 
 def _profile(conn: sqlite3.Connection, owner_id: str, profile_id: str) -> sqlite3.Row:
