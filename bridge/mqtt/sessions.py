@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from bridge.core.identity import DeviceIdentity
 from bridge.mqtt.auth import PRINCIPAL, Principal
 from bridge.store import Store
 from bridge.store import sessions as sql
+from bridge.store.db import each_in_savepoint
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,6 @@ class Restored:
     messages: list[tuple[str, Stored, int, int | None]]  # topic, payload, qos, packet id
 
 
-def _apply(conn: sqlite3.Connection, ops: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
-    """One batch of the journal: each write in a savepoint, so one that fails leaves the others."""
-    outcomes: list[Any] = []
-    for fn, args in ops:
-        conn.execute("SAVEPOINT op")
-        try:
-            outcomes.append((True, fn(conn, *args)))
-        except Exception as exc:
-            conn.execute("ROLLBACK TO op")
-            outcomes.append((False, exc))
-        conn.execute("RELEASE op")
-    return outcomes
-
-
 class Journal:
     """Session writes in submission order, one store.write per event-loop turn. Bounded by what
     feeds it: a routed message waits for its row, and "sent" / "acknowledged" come one per
@@ -96,7 +82,7 @@ class Journal:
         if not ops:
             return
         # Tasks start in the order they are made: batches reach the writer's queue in order.
-        write = self.store.write(_apply, [(fn, args) for fn, args, _ in ops])
+        write = self.store.write(each_in_savepoint, [(fn, args) for fn, args, _ in ops])
         self._writes.add(task := asyncio.ensure_future(write))
         task.add_done_callback(lambda done: self._done(ops, done))
 

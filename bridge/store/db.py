@@ -9,7 +9,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +46,25 @@ def _configure(conn: sqlite3.Connection, synchronous: str) -> sqlite3.Connection
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
+
+
+def each_in_savepoint(
+    conn: Any, calls: Iterable[tuple[Callable[..., Any], tuple[Any, ...]]]
+) -> list[tuple[bool, Any]]:
+    """fn(conn, *args) for each call, each in a savepoint of its own: one that raises is undone
+    alone, (False, its exception); the others stand, (True, their result). The writer runs a group
+    this way, and a write that carries several writes of its own (the MQTT session journal)."""
+    outcomes: list[tuple[bool, Any]] = []
+    for fn, args in calls:
+        conn.execute("SAVEPOINT w")
+        try:
+            outcomes.append((True, fn(conn, *args)))
+            conn.execute("RELEASE w")
+        except BaseException as exc:  # the caller gets its own exception; the others go on
+            conn.execute("ROLLBACK TO w")
+            conn.execute("RELEASE w")
+            outcomes.append((False, exc))
+    return outcomes
 
 
 class Store:
@@ -147,18 +166,9 @@ class Store:
 
     def _commit_group(self, conn: Any, group: list[Any]) -> Any:
         """Commit one group; the connection for the next one (see _recover)."""
-        outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute(self.BEGIN)
-            for fn, args, _loop, _fut in group:
-                conn.execute("SAVEPOINT w")
-                try:
-                    outcomes.append((True, fn(conn, *args)))
-                    conn.execute("RELEASE w")
-                except BaseException as exc:  # the caller gets its own exception; the group goes on
-                    conn.execute("ROLLBACK TO w")
-                    conn.execute("RELEASE w")
-                    outcomes.append((False, exc))
+            outcomes = each_in_savepoint(conn, ((fn, args) for fn, args, _loop, _fut in group))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:  # the group is not committed: every write of it fails
             with contextlib.suppress(sqlite3.Error):
