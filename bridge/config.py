@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 CONFIG_ENV = "THINGBRIDGE_CONFIG"
+ENGINE_PASSWORD_ENV = "THINGBRIDGE_ENGINE_PASSWORD"
 LOOKED_FOR = f"--config, ${CONFIG_ENV}, ./broker.yaml"
 MOUNT = re.compile(r"(/[A-Za-z0-9._~-]+)*")  # "" or /segments, no trailing slash
 
@@ -50,7 +51,39 @@ class PkiConfig:
 
 
 @dataclass
+class ExternalConfig:
+    """mqtt.mode external: devices connect to a RabbitMQ cluster's MQTT plugin, the bridge consumes
+    their traffic over AMQP and answers the engine's HTTP auth backend. URLs carry no credentials:
+    the bridge's own engine user is `username` / `password` for AMQP, MQTT and management alike."""
+
+    # Each engine node's AMQP listener, tried in order (amqp:// or amqps://host:port[/vhost]).
+    amqp: list[str] = field(
+        default_factory=lambda: ["amqp://127.0.0.1:5672/"], metadata={"urls": ("amqp", "amqps")}
+    )
+    # Each node's MQTT listener (retained documents are published to every node).
+    mqtt: list[str] = field(
+        default_factory=lambda: ["mqtts://127.0.0.1:8883"], metadata={"urls": ("mqtt", "mqtts")}
+    )
+    # Each node's management API (closing a revoked thing's connections).
+    management: list[str] = field(
+        default_factory=lambda: ["http://127.0.0.1:15672"], metadata={"urls": ("http", "https")}
+    )
+    username: str = "thingbridge"
+    # Empty: taken from $THINGBRIDGE_ENGINE_PASSWORD. Never logged.
+    password: str = ""
+    # The HTTP auth backend the engine asks who connects and what each principal may do.
+    auth: Listener = field(default_factory=lambda: Listener("127.0.0.1", 8181))
+    # The durable queue every bridge worker consumes device traffic from (competing consumers).
+    queue: str = "thingbridge.devices"
+    # Unacknowledged deliveries one worker holds at most.
+    prefetch: int = _int(256, 1, 65535)
+
+
+@dataclass
 class MqttConfig:
+    # embedded: the bridge's own broker on mqtt.tls / mqtt.plain; external: mqtt.external's engine.
+    mode: str = _choice("embedded", "embedded", "external")
+    external: ExternalConfig = field(default_factory=ExternalConfig)
     tls: Listener = field(default_factory=lambda: Listener("0.0.0.0", 8883))
     plain: Listener = field(default_factory=lambda: Listener("127.0.0.1", 1883))
     # A packet larger than this cuts the connection before it is buffered (amqtt has no limit of its own).
@@ -169,6 +202,8 @@ def check(cls: type, name: str, value: Any, path: str) -> Any:
         return value
     if spec.metadata.get("mounts"):
         return _check_mounts(value, default, path)
+    if spec.metadata.get("urls"):
+        return _check_urls(value, spec.metadata["urls"], path)
     if isinstance(default, list):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: expected a list of strings")
@@ -181,9 +216,32 @@ def check(cls: type, name: str, value: Any, path: str) -> Any:
         return _check_store_url(value, path)
     choices = spec.metadata.get("choices")
     if choices is not None:
-        if value.upper() not in choices:
+        canonical = [c for c in choices if c.upper() == value.upper()]
+        if not canonical:
             raise ConfigError(f"{path}: expected {', '.join(choices[:-1])} or {choices[-1]} (got {value!r})")
-        return value.upper()
+        return canonical[0]
+    return value
+
+
+def _check_urls(value: Any, schemes: tuple[str, ...], path: str) -> list[str]:
+    """A non-empty list of scheme://host:port[/path] URLs without credentials (those are
+    mqtt.external.username and password: one place, never echoed)."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{path}: expected a non-empty list of {schemes[0]}://host:port URLs")
+    for url in value:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{path}: {url.partition(':')[0]!r}:... has no valid port") from None
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                f"{path}: put the credentials in mqtt.external.username and password, not in a URL"
+            )
+        if parts.scheme not in schemes or not parts.hostname or port == 0:
+            raise ConfigError(
+                f"{path}: expected {' or '.join(s + '://host:port' for s in schemes)} (got {url!r})"
+            )
     return value
 
 
@@ -289,4 +347,6 @@ def load(path: Path | None, data_dir: Path | None = None) -> Config:
         cfg.data_dir = data_dir
     cfg.data_dir = (base / cfg.data_dir).resolve()
     cfg.pki.dir = (base / cfg.pki.dir).resolve()
+    # Filled here so every reader sees one value; `serve` in external mode refuses an empty one.
+    cfg.mqtt.external.password = cfg.mqtt.external.password or os.environ.get(ENGINE_PASSWORD_ENV, "")
     return cfg

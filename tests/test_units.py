@@ -135,11 +135,34 @@ def test_audiences_refused(aud: object, reason: str) -> None:
         ({"nonsense": 1}, "nonsense"),
         ({"store": {"url": "mysql://db/x"}}, "store.url: expected sqlite: or postgresql://"),
         ({"store": {"url": "postgresql://db:port/x"}}, "store.url: the PostgreSQL URL's port"),
+        ({"mqtt": {"mode": "cluster"}}, "mqtt.mode: expected embedded or external"),
+        ({"mqtt": {"external": {"amqp": []}}}, "mqtt.external.amqp: expected a non-empty list"),
+        (
+            {"mqtt": {"external": {"amqp": ["amqp://u:pw@h:5672/"]}}},
+            "mqtt.external.amqp: put the credentials",
+        ),
+        ({"mqtt": {"external": {"mqtt": ["tcp://h:1883"]}}}, "mqtt.external.mqtt: expected mqtt://host:port"),
+        ({"mqtt": {"external": {"management": ["http://h:x"]}}}, "mqtt.external.management: 'http'"),
+        ({"mqtt": {"external": {"auth": {"port": -1}}}}, "mqtt.external.auth.port"),
+        ({"mqtt": {"external": {"prefetch": 0}}}, "mqtt.external.prefetch"),
     ],
 )
 def test_settings_out_of_range_name_their_path(raw: dict, message: str) -> None:
-    with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")) as refused:
         config._build(config.Config, raw, "")
+    assert "pw" not in str(refused.value)  # a password in a URL is never echoed
+
+
+def test_external_mode_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "broker.yaml"
+    file.write_text("mqtt: {mode: External, external: {amqp: [amqps://a:5671/, amqp://b], prefetch: 10}}")
+    monkeypatch.setenv(config.ENGINE_PASSWORD_ENV, "from-env")
+    cfg = config.load(file)
+    assert cfg.mqtt.mode == "external" and cfg.mqtt.external.password == "from-env"
+    assert cfg.mqtt.external.amqp == ["amqps://a:5671/", "amqp://b"] and cfg.mqtt.external.prefetch == 10
+    file.write_text("mqtt: {external: {password: in-file}}")
+    assert config.load(file).mqtt.external.password == "in-file"  # the file wins over the variable
+    assert config.load(None).mqtt.mode == "embedded"
 
 
 # ---- the offline queue's bounds ----------------------------------------------------------------------------
