@@ -355,11 +355,11 @@ class PostgresServer:
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    def new_database(self) -> str:
-        """A fresh database at the latest schema; its URL."""
+    def new_database(self, *, empty: bool = False) -> str:
+        """A fresh database at the latest schema (`empty`: without a schema); its URL."""
         name = f"t{next(self._names)}"
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name} TEMPLATE {self.TEMPLATE}")
+            conn.execute(f"CREATE DATABASE {name} TEMPLATE {'template0' if empty else self.TEMPLATE}")
         return self.url(name)
 
     def stop(self) -> None:

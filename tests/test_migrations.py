@@ -275,6 +275,37 @@ def test_the_rebuild_keeps_rows_and_the_sequence_and_drops_orphans(tmp_path: Pat
     conn.close()
 
 
+def test_a_database_at_version_7_migrates_to_the_latest_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / DB
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrations.migrate(conn, path, 7)
+    conn.execute(
+        "INSERT INTO users (id, username, password_hash, role, created) VALUES ('u1', 'a', 'h', 'user', 1)"
+    )
+    conn.execute(
+        "INSERT INTO things (id, owner_id, cert_pem, cert_id, created) VALUES ('t1', 'u1', 'pem', 'c1', 1)"
+    )
+    conn.execute(
+        "INSERT INTO mqtt_sessions (client_id, thing_id, cert_id, principal, disconnected)"
+        " VALUES ('t1', 't1', 'c1', X'70', 5)"
+    )
+    conn.execute(
+        "INSERT INTO mqtt_queue (client_id, topic, payload, qos) VALUES ('t1', 'things/t1/publish', X'78', 1)"
+    )
+    migrations.migrate(conn, path)
+    assert migrations.version(conn) == migrations.LATEST
+    assert conn.execute("SELECT * FROM mqtt_sessions").fetchall() == [("t1", "t1", None, b"p", 5.0)]
+    assert conn.execute("SELECT client_id, topic, payload FROM mqtt_queue").fetchall() == [
+        ("t1", "things/t1/publish", b"x")
+    ]
+    assert conn.execute("SELECT owner_id, things FROM owner_things").fetchall() == [("u1", 1)]
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    new = sqlite3.connect(":memory:", isolation_level=None)
+    migrations.migrate(new, Path(":memory:"))
+    assert shape(conn) == shape(new)
+    conn.close()
+
+
 def test_a_failing_step_is_rolled_back_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     step = migrations.LATEST + 1  # a step of a future release
 

@@ -14,11 +14,12 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from bridge.store import create, migrations
+from bridge.store import create, migrations, postgres
 from bridge.store.postgres import PostgresStore, translate
 from tests.conftest import write_config
 from tests.helpers import PostgresServer
@@ -62,19 +63,80 @@ def test_the_schema_has_every_table_and_column_of_sqlite(postgres_server: Postgr
     assert pg_triggers == triggers
 
 
-async def test_a_database_of_another_version_is_refused(
+async def test_a_database_of_an_unknown_version_is_refused(
     postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
     url = postgres_server.new_database()
-    for version in (migrations.LATEST + 1, migrations.LATEST - 1):
+    for version, why in (
+        (migrations.LATEST + 1, "newer than this release knows"),
+        (postgres.FIRST - 1, "older than any PostgreSQL database of thingbridge"),
+    ):
         with psycopg.connect(url) as conn:
             conn.execute("UPDATE thingbridge_schema SET version = %s", (version,))
         store = create(url, tmp_path / "unused")
         with pytest.raises(
-            migrations.SchemaTooNew, match=f"store.url: the database is at schema version {version}"
+            migrations.SchemaTooNew, match=f"store.url: the database is at schema version {version}, {why}"
         ):
             store.open()
         store.close()
+
+
+def pg_shape(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """What a PostgreSQL schema is: each table's columns in order (type, null, default, identity),
+    its constraints and indexes as PostgreSQL writes them back, the triggers and their functions."""
+    queries = {
+        "columns": "SELECT table_name, column_name, data_type, is_nullable, column_default, is_identity"
+        " FROM information_schema.columns WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+        "constraints": "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2",
+        "indexes": "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+        " ORDER BY 1, 2",
+        "triggers": "SELECT event_object_table, trigger_name, event_manipulation, action_statement"
+        " FROM information_schema.triggers ORDER BY 1, 2, 3",
+        "functions": "SELECT proname, prosrc FROM pg_proc WHERE pronamespace = 'public'::regnamespace ORDER BY 1",
+    }
+    with psycopg.connect(url) as conn:
+        return {name: conn.execute(sql).fetchall() for name, sql in queries.items()}
+
+
+async def test_a_database_at_version_7_migrates_to_the_latest_with_its_rows(
+    postgres_server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = postgres_server.new_database(empty=True)
+    with monkeypatch.context() as release_7:  # what the release with schema version 7 made
+        release_7.setattr(migrations, "LATEST", 7)
+        store = PostgresStore(url, tmp_path / "unused")
+        store.open()
+        store.close()
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO users (id, username, password_hash, role, created) VALUES ('u1', 'alice', 'h', 'user', 1)"
+        )
+        conn.execute(
+            "INSERT INTO things (id, owner_id, cert_pem, cert_id, created) VALUES ('t1', 'u1', 'pem', 'c1', 1)"
+        )
+        conn.execute(
+            "INSERT INTO mqtt_sessions (client_id, thing_id, cert_id, principal, disconnected)"
+            " VALUES ('t1', 't1', 'c1', 'p', 5)"
+        )
+        conn.execute(
+            "INSERT INTO mqtt_queue (client_id, topic, payload, qos) VALUES ('t1', 'things/t1/publish', 'x', 1)"
+        )
+        assert conn.execute("SELECT version FROM thingbridge_schema").fetchone()[0] == 7
+        assert "cert_id" in {c.name for c in conn.execute("SELECT * FROM mqtt_sessions").description}
+
+    store = PostgresStore(url, tmp_path / "unused")
+    store.open()  # the missing steps, each in its own transaction
+    await asyncio.to_thread(store.close)
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT version FROM thingbridge_schema").fetchone()[0] == migrations.LATEST
+        assert conn.execute("SELECT * FROM mqtt_sessions").fetchall() == [("t1", "t1", None, b"p", 5.0)]
+        assert conn.execute("SELECT client_id, topic, payload FROM mqtt_queue").fetchall() == [
+            ("t1", "things/t1/publish", b"x")
+        ]
+        assert conn.execute("SELECT owner_id, things FROM owner_things").fetchall() == [("u1", 1)]
+    # the same schema as a database made at the latest version, column order included
+    assert pg_shape(url) == pg_shape(postgres_server.new_database())
 
 
 async def test_one_failing_write_leaves_the_others_of_its_group(store: PostgresStore) -> None:

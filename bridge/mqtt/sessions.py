@@ -125,7 +125,7 @@ class DurableSessions:
     def connected(self, session: Session) -> None:
         principal: Principal = session.attributes[PRINCIPAL]
         device = principal.device
-        owner = (None, None, principal.name) if device is None else (device.thing_id, device.cert_id, None)
+        owner = (None, principal.name) if device is None else (device.thing_id, None)
         self.journal.submit(sql.save, session.client_id, owner, _encode(principal), wait=False)
 
     def disconnected(self, session: Session) -> None:

@@ -2,10 +2,14 @@
 at; `migrate` runs, in order, each step above it, each in its own transaction. A new database runs
 them all; a database newer than this code is refused, unchanged.
 
-Rules for a new step: append it (never edit a released one), as a function of the connection; keep
-the SQL standard (a PostgreSQL store is planned) and comment any step that only SQLite needs. A
-step sees foreign key enforcement off (SQLite's table rebuild needs it) and is checked against every
-foreign key before its transaction commits."""
+Rules for a new step: append it (never edit a released one), as a function of the connection. It
+runs on both stores: on a SQLite file as written, on PostgreSQL (bridge/store/postgres.py, from
+version 7 on) with each statement's SQLite types and row triggers translated (postgres.ddl), so
+write SQL both accept (standard SQL; ALTER TABLE ... ADD / DROP COLUMN). A change SQLite's ALTER
+TABLE cannot make (a constraint) needs its table rebuild (`_rebuild`) there and an ALTER TABLE on
+PostgreSQL: branch on `isinstance(conn, sqlite3.Connection)`. On SQLite a step sees foreign key enforcement off (the rebuild
+needs it) and is checked against every foreign key before its transaction commits; PostgreSQL
+checks each statement."""
 
 from __future__ import annotations
 
@@ -543,6 +547,12 @@ def owner_counts(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def session_owner(conn: sqlite3.Connection) -> None:
+    """Version 8: mqtt_sessions.cert_id goes. Nothing read it: a thing's session is resumed by a
+    connection with the thing's current certificate, whichever certificate it was made under."""
+    conn.execute("ALTER TABLE mqtt_sessions DROP COLUMN cert_id")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, baseline),
@@ -552,6 +562,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (5, firmware),
     (6, mqtt_sessions),
     (7, owner_counts),
+    (8, session_owner),
 ]
 LATEST = MIGRATIONS[-1][0]
 
@@ -572,18 +583,19 @@ def refuse_newer(conn: sqlite3.Connection, path: Path) -> int:
     return found
 
 
-def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the database to LATEST: each missing step in its own transaction (BEGIN IMMEDIATE:
-    another process opening the same file, the command line, waits and then finds it done).
-    `conn` is in autocommit mode (isolation_level None) and in no transaction."""
+def migrate(conn: sqlite3.Connection, path: Path, upto: int | None = None) -> None:
+    """Bring the database to LATEST (or to `upto`: postgres.schema): each missing step in its own
+    transaction (BEGIN IMMEDIATE: another process opening the same file, the command line, waits
+    and then finds it done). `conn` is in autocommit mode (isolation_level None), in no transaction."""
     found = refuse_newer(conn, path)
-    if found == LATEST:
+    upto = LATEST if upto is None else upto
+    if found >= upto:
         return
     # SQLite: foreign_keys is a no-op inside a transaction, so it is switched around the steps; each
     # step is checked with foreign_key_check before it commits instead.
     conn.execute("PRAGMA foreign_keys=OFF")
     try:
-        for target, step in [(t, s) for t, s in MIGRATIONS if t > found]:
+        for target, step in [(t, s) for t, s in MIGRATIONS if found < t <= upto]:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if refuse_newer(conn, path) < target:

@@ -4,10 +4,10 @@ so that the core's functions run unchanged: `?` placeholders, rows addressable b
 index, rowcount, fetchone/fetchall, executemany, total_changes, and the sqlite3 exception classes
 the core catches (IntegrityError for a constraint, OperationalError for the rest).
 
-The schema has one source of truth, bridge/store/migrations.py: a new PostgreSQL database is made
-at its latest version from the DDL SQLite holds after running every step (`schema()`), with the
-types and triggers translated. Nothing was released on PostgreSQL before, so there are no
-PostgreSQL migration steps yet: a database of an older version is refused with a clear message."""
+The schema has one source of truth, bridge/store/migrations.py, whose steps are written once for
+both stores: a new PostgreSQL database is made at the latest version from the DDL SQLite holds after
+running every step (`schema`), and an older one (version FIRST or later) runs each missing step
+itself, every statement through the same translation of types and triggers (`ddl`, `prepare`)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,11 @@ from bridge.store import db, migrations
 T = TypeVar("T")
 # A one-row table holds the schema version (SQLite keeps it in PRAGMA user_version).
 _VERSION_TABLE = "thingbridge_schema"
-# Serialises schema creation between processes opening the same database (server and CLI).
+# Serialises schema changes between processes opening the same database (server and CLI).
 _SCHEMA_LOCK = 0x7468696E67
+# The first schema version a PostgreSQL database had (the PostgreSQL store came with it): the steps
+# up to it run on PostgreSQL only through `schema`, the later ones also as steps (`prepare`).
+FIRST = 7
 
 
 class Row:
@@ -209,70 +212,99 @@ _UPSERT_SELF = re.compile(r"(INSERT INTO (\w+) .*? DO UPDATE SET )(\w+) = \3\b",
 _TRIGGER = re.compile(r"CREATE TRIGGER (\w+) (.*?) BEGIN(.*)END\s*$", re.DOTALL)
 
 
+def ddl(sql: str) -> str:
+    """One statement of a migration step, written for SQLite, as PostgreSQL's: in CREATE and ALTER
+    statements SQLite's storage classes become PostgreSQL types, and a row trigger's body becomes a
+    PL/pgSQL function (two statements, `;`-separated); anything else passes unchanged."""
+    head = sql.lstrip()[:16].upper()
+    if head.startswith("CREATE TRIGGER"):
+        match = _TRIGGER.match(sql.strip())
+        assert match is not None, "a trigger of the form CREATE TRIGGER name ... BEGIN ... END"
+        name, when, body = match.groups()
+        # PostgreSQL: an unqualified column in an upsert's SET expression is ambiguous (the row or
+        # EXCLUDED's); SQLite's means the row's.
+        body = _UPSERT_SELF.sub(r"\g<1>\g<3> = \g<2>.\g<3>", body)
+        return (
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN{body}RETURN NULL; END $$;"
+            f" CREATE TRIGGER {name} {when} FOR EACH ROW EXECUTE FUNCTION {name}()"
+        )
+    if head.startswith(("CREATE", "ALTER")):
+        for pattern, replacement in _TYPES:
+            sql = pattern.sub(replacement, sql)
+    return sql
+
+
 @functools.cache
-def schema() -> tuple[str, ...]:
-    """The PostgreSQL DDL of migrations.LATEST: every step run on an in-memory SQLite database,
-    then its tables, indexes and triggers in creation order with SQLite's storage classes as
-    PostgreSQL types and each row trigger's body as a PL/pgSQL function."""
+def schema(version: int) -> tuple[str, ...]:
+    """The PostgreSQL DDL of schema `version` (FIRST or later): the steps up to it run on an
+    in-memory SQLite database, then its tables, indexes and triggers in creation order, each
+    through `ddl`."""
     lite = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        migrations.migrate(lite, ":memory:")  # type: ignore[arg-type]
+        migrations.migrate(lite, ":memory:", version)  # type: ignore[arg-type]
         found = lite.execute(
-            "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
             " ORDER BY rowid"
         ).fetchall()
     finally:
         lite.close()
-    statements: list[str] = []
-    for kind, name, sql in found:
-        if kind == "trigger":
-            match = _TRIGGER.match(sql)
-            assert match is not None, f"trigger {name}: not of the form CREATE TRIGGER ... BEGIN ... END"
-            # PostgreSQL: an unqualified column in an upsert's SET expression is ambiguous (the
-            # row or EXCLUDED's); SQLite's means the row's.
-            body = _UPSERT_SELF.sub(r"\g<1>\g<3> = \g<2>.\g<3>", match.group(3))
-            statements.append(
-                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN{body}RETURN NULL; END $$"
-            )
-            statements.append(
-                f"CREATE TRIGGER {name} {match.group(2)} FOR EACH ROW EXECUTE FUNCTION {name}()"
-            )
-            continue
-        for pattern, replacement in _TYPES:
-            sql = pattern.sub(replacement, sql)
-        statements.append(sql)
-    return tuple(statements)
+    return tuple(ddl(sql) for (sql,) in found)
+
+
+class Migrating(Connection):
+    """The connection a migration step gets on PostgreSQL: the same step that runs on SQLite, each
+    statement through `ddl`."""
+
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Cursor:
+        return super().execute(ddl(sql), params)
+
+
+def _version(conn: Connection) -> int | None:
+    """The database's schema version; None: a new database (no version table)."""
+    exists = conn.execute("SELECT to_regclass(?) IS NOT NULL", (_VERSION_TABLE,)).fetchone()
+    if exists is None or not exists[0]:
+        return None
+    found = conn.execute(f"SELECT version FROM {_VERSION_TABLE}").fetchone()
+    return found[0] if found is not None else 0
 
 
 def prepare(conn: Connection) -> None:
-    """Create the schema at migrations.LATEST in a new database; refuse one of another version."""
-    conn.execute("BEGIN")
-    try:
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
-        exists = conn.execute("SELECT to_regclass(?) IS NOT NULL", (_VERSION_TABLE,)).fetchone()
-        if exists is not None and exists[0]:
-            found = conn.execute(f"SELECT version FROM {_VERSION_TABLE}").fetchone()
-            found_version = found[0] if found is not None else 0
-            if found_version != migrations.LATEST:
-                newer = found_version > migrations.LATEST
+    """Bring the database to migrations.LATEST, as migrations.migrate does a SQLite file: a new one
+    is created at LATEST at once (from `schema`), an older one runs each missing step in a
+    transaction of its own; a newer one is refused, unchanged. Each transaction takes the schema
+    lock first and reads the version again: another process (the CLI) may have migrated meanwhile."""
+    target = None
+    while target != migrations.LATEST:
+        conn.execute("BEGIN")
+        try:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+            found = _version(conn)
+            if found is None:
+                for statement in schema(migrations.LATEST):
+                    conn.execute(statement)
+                conn.execute(f"CREATE TABLE {_VERSION_TABLE} (version INTEGER NOT NULL)")
+                conn.execute(f"INSERT INTO {_VERSION_TABLE} (version) VALUES (?)", (migrations.LATEST,))
+                target = migrations.LATEST
+            elif found > migrations.LATEST:
                 raise migrations.SchemaTooNew(
-                    f"store.url: the database is at schema version {found_version},"
-                    + (
-                        f" newer than this release knows (up to {migrations.LATEST})"
-                        if newer
-                        else f" older than this release's {migrations.LATEST}, and PostgreSQL has no"
-                        " migration steps yet: create a new database"
-                    )
+                    f"store.url: the database is at schema version {found}, newer than this release"
+                    f" knows (up to {migrations.LATEST}): a newer thingbridge has used it"
                 )
-        else:
-            for statement in schema():
-                conn.execute(statement)
-            conn.execute(f"CREATE TABLE {_VERSION_TABLE} (version INTEGER NOT NULL)")
-            conn.execute(f"INSERT INTO {_VERSION_TABLE} (version) VALUES (?)", (migrations.LATEST,))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+            elif found < FIRST:
+                raise migrations.SchemaTooNew(
+                    f"store.url: the database is at schema version {found}, older than any"
+                    f" PostgreSQL database of thingbridge ({FIRST}): create a new database"
+                )
+            elif found == migrations.LATEST:
+                target = found
+            else:
+                target, step = next((t, s) for t, s in migrations.MIGRATIONS if t > found)
+                step(Migrating(conn.raw))  # type: ignore[arg-type]
+                conn.execute(f"UPDATE {_VERSION_TABLE} SET version = ?", (target,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 class PostgresStore(db.Store):

@@ -26,17 +26,17 @@ class StoredSession:
 def save(
     conn: sqlite3.Connection,
     client_id: str,
-    owner: tuple[str | None, str | None, str | None],
+    owner: tuple[str | None, str | None],
     principal: bytes,
 ) -> None:
     """The session is connected (disconnected NULL); created with no subscriptions if new.
-    `owner`: (thing id, its cert id) of a thing's session, or (None, None, application name)."""
-    thing_id, cert_id, app_name = owner
+    `owner`: (thing id, None) of a thing's session, or (None, application name)."""
+    thing_id, app_name = owner
     conn.execute(
-        "INSERT INTO mqtt_sessions (client_id, thing_id, cert_id, app_name, principal, disconnected)"
-        " VALUES (?,?,?,?,?,NULL) ON CONFLICT (client_id) DO UPDATE SET"
-        " cert_id = excluded.cert_id, principal = excluded.principal, disconnected = NULL",
-        (client_id, thing_id, cert_id, app_name, principal),
+        "INSERT INTO mqtt_sessions (client_id, thing_id, app_name, principal, disconnected)"
+        " VALUES (?,?,?,?,NULL) ON CONFLICT (client_id) DO UPDATE SET"
+        " principal = excluded.principal, disconnected = NULL",
+        (client_id, thing_id, app_name, principal),
     )
 
 
