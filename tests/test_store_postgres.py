@@ -139,6 +139,54 @@ async def test_a_database_at_version_7_migrates_to_the_latest_with_its_rows(
     assert pg_shape(url) == pg_shape(postgres_server.new_database())
 
 
+def test_a_rebuild_step_is_the_same_change_on_postgresql(
+    postgres_server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A future step that SQLite makes by rebuilding a table (a NOT NULL, a CHECK, a reference with
+    an action) runs unchanged on PostgreSQL, in place: the same schema as a database made with it."""
+    step = migrations.LATEST + 1
+    monkeypatch.setattr(migrations, "LATEST", step)
+
+    def checked_presence(conn: sqlite3.Connection) -> None:
+        migrations._rebuild(
+            conn,
+            "presence",
+            "(thing_id TEXT PRIMARY KEY REFERENCES things (id) ON DELETE CASCADE,"
+            " state TEXT NOT NULL CHECK (state IN ('online', 'offline')), ts REAL,"
+            " transport TEXT REFERENCES users (id) ON DELETE SET NULL)",
+            (),
+            keep="state IS NOT NULL",
+        )
+
+    url = postgres_server.new_database()  # at the release's latest version
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO users (id, username, password_hash, role, created) VALUES ('u', 'u', 'h', 'user', 1)"
+        )
+        for thing in ("t1", "t2"):
+            conn.execute(
+                "INSERT INTO things (id, owner_id, cert_pem, cert_id, created) VALUES (%s, 'u', 'p', %s, 1)",
+                (thing, thing),
+            )
+        conn.execute("INSERT INTO presence VALUES ('t1', 'online', 2.5, 'u'), ('t2', NULL, 3, NULL)")
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, (step, checked_presence)])
+    try:
+        store = PostgresStore(url, tmp_path / "unused")
+        store.open()
+        store.close()
+        made = postgres_server.new_database(empty=True)
+        store = PostgresStore(made, tmp_path / "unused")
+        store.open()
+        store.close()
+        assert pg_shape(url) == pg_shape(made)
+    finally:
+        postgres.schema.cache_clear()  # forget the schema of the pretended step
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT * FROM presence").fetchall() == [("t1", "online", 2.5, "u")]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE presence SET state = 'away'")
+
+
 async def test_one_failing_write_leaves_the_others_of_its_group(store: PostgresStore) -> None:
     def insert(conn: sqlite3.Connection, name: str) -> int:
         return conn.execute(

@@ -6,10 +6,10 @@ Rules for a new step: append it (never edit a released one), as a function of th
 runs on both stores: on a SQLite file as written, on PostgreSQL (bridge/store/postgres.py, from
 version 7 on) with each statement's SQLite types and row triggers translated (postgres.ddl), so
 write SQL both accept (standard SQL; ALTER TABLE ... ADD / DROP COLUMN). A change SQLite's ALTER
-TABLE cannot make (a constraint) needs its table rebuild (`_rebuild`) there and an ALTER TABLE on
-PostgreSQL: branch on `isinstance(conn, sqlite3.Connection)`. On SQLite a step sees foreign key enforcement off (the rebuild
-needs it) and is checked against every foreign key before its transaction commits; PostgreSQL
-checks each statement."""
+TABLE cannot make (a constraint, NOT NULL) is a `_rebuild` of the table to its new definition: a
+rebuild on SQLite, ALTER TABLE in place on PostgreSQL. On SQLite a step sees foreign key enforcement
+off (the rebuild needs it) and is checked against every foreign key before its transaction commits;
+PostgreSQL checks each statement."""
 
 from __future__ import annotations
 
@@ -207,7 +207,11 @@ def _rebuild(
     match `keep`, drop the old table (and with it its indexes), rename, and create the indexes again
     under their old names. Foreign key enforcement is off meanwhile (see migrate). An AUTOINCREMENT
     table keeps its sequence (sqlite_sequence), not only its highest remaining key: a cursor must
-    never see a key handed out before. Elsewhere this step is `ALTER TABLE ... ADD FOREIGN KEY`."""
+    never see a key handed out before. On PostgreSQL, whose ALTER TABLE makes such changes in
+    place, the connection does the same change its way (postgres.Migrating.rebuild)."""
+    if not isinstance(conn, sqlite3.Connection):
+        conn.rebuild(table, columns, keep)
+        return
     names = ", ".join(row[1] for row in conn.execute(f"PRAGMA table_info({table})"))
     sequence = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
     conn.execute(f"CREATE TABLE {table}_rebuilt {columns}")

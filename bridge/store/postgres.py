@@ -258,6 +258,49 @@ class Migrating(Connection):
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Cursor:
         return super().execute(ddl(sql), params)
 
+    def rebuild(self, table: str, columns: str, keep: str) -> None:
+        """migrations._rebuild (SQLite's way to give `table` the definition `columns`: the same
+        columns, other constraints) in place: the rows not matching `keep` go, then the table takes
+        the constraints and NOT NULLs of an empty table made from `columns` (dropped again); its
+        indexes, identity sequences and the other tables' references to it stay."""
+        self.execute(f"DELETE FROM {table} WHERE NOT ({keep})")
+        shape = f"{table}_rebuilt"
+        self.execute(f"CREATE TABLE {shape} {columns}")
+        (old, old_null), (new, new_null) = self._definition(table), self._definition(shape)
+        self.execute(f"DROP TABLE {shape}")
+        for key, name in old.items():
+            if key not in new:
+                self.execute(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
+        for column, not_null in new_null.items():
+            if old_null[column] != not_null:
+                self.execute(
+                    f"ALTER TABLE {table} ALTER COLUMN {column} {'SET' if not_null else 'DROP'} NOT NULL"
+                )
+        # the primary key before the references that may name it
+        for (kind, definition), name in sorted(new.items(), key=lambda item: item[0][0] != "p"):
+            if (kind, definition) not in old:
+                self.execute(f"ALTER TABLE {table} ADD CONSTRAINT {table}{name[len(shape) :]} {definition}")
+
+    def _definition(self, table: str) -> tuple[dict[tuple[str, str], str], dict[str, bool]]:
+        """A table's constraints, (kind, definition) -> name, and its columns' NOT NULL."""
+        constraints = {
+            (r[1], r[2]): r[0]
+            for r in self.execute(
+                "SELECT conname, contype::text, pg_get_constraintdef(oid) FROM pg_constraint"
+                " WHERE conrelid = to_regclass(?)",
+                (table,),
+            )
+        }
+        not_null = {
+            r[0]: r[1]
+            for r in self.execute(
+                "SELECT attname, attnotnull FROM pg_attribute WHERE attrelid = to_regclass(?)"
+                " AND attnum > 0 AND NOT attisdropped",
+                (table,),
+            )
+        }
+        return constraints, not_null
+
 
 def _version(conn: Connection) -> int | None:
     """The database's schema version; None: a new database (no version table)."""
