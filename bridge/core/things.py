@@ -263,13 +263,19 @@ class Things:
         """The thing behind a verified client certificate, if it exists, is enabled, and the
         certificate is the one currently issued to it (so a deleted-and-recreated id does not
         accept the old certificate)."""
+        device = await self.enabled_device(thing_id)
+        return device if device is not None and device.cert_id == presented_cert_id else None
+
+    async def enabled_device(self, thing_id: str) -> DeviceIdentity | None:
+        """The thing's current identity while it exists and is enabled. Alone, for an MQTT engine
+        that checked the certificate itself and names only the thing (external mode)."""
         revocations = self.revocations
         row = await self.store.read(
             lambda c: c.execute(
                 "SELECT owner_id, cert_id, enabled FROM things WHERE id = ?", (thing_id,)
             ).fetchone()
         )
-        if row is None or not row["enabled"] or row["cert_id"] != presented_cert_id:
+        if row is None or not row["enabled"]:
             return None
         if revocations == self.revocations:  # else the row may be gone already: do not cache it
             self._owners[thing_id] = row["owner_id"]

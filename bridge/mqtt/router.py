@@ -1,10 +1,14 @@
-"""Topic -> core call: the device flows the bridge owns. A message routed here is committed
-before its PUBACK (see BridgeHandler) and re-published by the core, so an MQTT message and an
-HTTP one take the same path to subscribers. Anything else is left to the broker's ACL."""
+"""Topic -> core call: the device flows the bridge owns, for whichever transport delivered the
+message. `Router.dispatch` takes a principal and a topic, nothing of a connection: the embedded
+broker calls it through `ingest` (committed before its PUBACK, see BridgeHandler), the external
+engine's consumer (bridge/mqtt/external/consumer.py) before its ack. The core re-publishes what
+it committed, so an MQTT message and an HTTP one take the same path to subscribers. Anything else
+is left to the broker's ACL."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +33,34 @@ class Router:
     def __init__(self, core: Core, counters: Counters) -> None:
         self.core = core
         self.counters = counters
+        # flow (relative to things/{id}/) -> what a thing's message on it does
+        self._flows: dict[str, Callable[[Principal, DeviceIdentity, bytes], Awaitable[None]]] = {
+            topics.COLLECT: self._collect,
+            topics.STATUS: self._status,
+            topics.CONFIG_GET: self._config_get,
+            topics.UPGRADE_CHECK: self._upgrade_check,
+            topics.FIRMWARE_GET: self._firmware_get,
+            topics.FIRMWARE_SWITCHED: self._firmware_switched,
+            topics.VERSIONS: self._versions,
+            topics.UPGRADE_RESULT: self._upgrade_result,
+        }
 
     async def ingest(self, session: Session, topic: str, payload: bytes) -> bool:
+        """The embedded broker's seam: the session's principal, and a revocation closes it."""
         principal: Principal | None = session.attributes.get(PRINCIPAL)
         if principal is None:
             return False
         if session.attributes.get(REVOKED):
             raise ClientRevoked(f"{principal.kind} {principal.name} was revoked")
+        try:
+            return await self.dispatch(principal, topic, payload)
+        except Revoked as exc:  # deleted or disabled while this was in flight: nothing stored
+            raise ClientRevoked(str(exc)) from exc
+
+    async def dispatch(self, principal: Principal, topic: str, payload: bytes) -> bool:
+        """Run the flow `topic` names for `principal`; False when the topic is none of the bridge's
+        flows (the message is only routed to subscribers). Raises Revoked when the principal's
+        identity no longer holds; any other refusal is answered or counted here."""
         try:
             if principal.kind == "thing":
                 return await self._from_thing(principal, topic, payload)
@@ -45,8 +70,8 @@ class Router:
             owner = None if principal.fleet_wide else principal.owner_id
             await self.core.messages.publish(target, owner, payload, transport="mqtt")
             return True
-        except Revoked as exc:  # deleted or disabled while this was in flight: nothing stored
-            raise ClientRevoked(str(exc)) from exc
+        except Revoked:  # the transport's to handle (close the connection, drop the delivery)
+            raise
         except NotFound:
             self.counters.denied_publishes += 1
             log.info(
@@ -61,59 +86,71 @@ class Router:
         return True
 
     async def _from_thing(self, thing: Principal, topic: str, payload: bytes) -> bool:
-        flow = topics.flow_of(thing.name, topic)
-        core = self.core
-        device = thing.device
-        assert device is not None
-        if flow == topics.COLLECT:
-            await core.messages.collect(device, payload, transport="mqtt")
-        elif flow == topics.STATUS:
-            try:
-                thing_type = await core.things.type_of(thing.name)
-            except NotFound as exc:
-                raise Revoked(f"thing {thing.name} was deleted") from exc
-            ref = DeviceRef(thing.name, thing.owner_id, thing_type, device.cert_id)
-            try:
-                report = _json_object(payload)
-                answer = await core.status.set_status(ref, report.get("status"), report.get("info"), "mqtt")
-            except Invalid as exc:
-                await self._reply(
-                    thing.name, topics.STATUS_REJECTED, {"errorCode": 400, "errorMessage": str(exc)}
-                )
-            else:
-                await self._reply(thing.name, topics.STATUS_ACCEPTED, {"config": answer})
-        elif flow == topics.CONFIG_GET:
-            await core.status.resend_config(
-                DeviceRef(thing.name, thing.owner_id, await core.things.type_of(thing.name))
-            )
-        elif flow == topics.UPGRADE_CHECK:
-            try:
-                offer = await core.upgrades.check(device, _json_object(payload))
-            except (Invalid, NotFound) as exc:
-                await self._reject(thing.name, topics.UPGRADE_CHECK_REJECTED, exc)
-            else:
-                await self._reply(thing.name, topics.UPGRADE_CHECK_ACCEPTED, offer)
-        elif flow == topics.FIRMWARE_GET:
-            try:
-                offset, chunk = await core.firmware.chunk(device, _json_object(payload))
-            except (Invalid, Forbidden, NotFound) as exc:
-                await self._reject(thing.name, topics.FIRMWARE_GET_REJECTED, exc)
-            else:  # the raw bytes, named by their offset: a device resumes from the last it stored
-                await core.link.publish(topics.firmware_chunk(thing.name, offset), chunk)
-        elif flow == topics.FIRMWARE_SWITCHED:
-            try:
-                switched = await core.firmware.switched(device, _json_object(payload))
-            except (Invalid, Forbidden, NotFound) as exc:
-                await self._reject(thing.name, topics.FIRMWARE_SWITCHED_REJECTED, exc)
-            else:
-                await self._reply(thing.name, topics.FIRMWARE_SWITCHED_ACCEPTED, switched)
-        elif flow == topics.VERSIONS:
-            await core.upgrades.report_versions(device, _json_object(payload), transport="mqtt")
-        elif flow == topics.UPGRADE_RESULT:
-            await core.upgrades.report_results(device, _json_object(payload), transport="mqtt")
-        else:
+        flow = self._flows.get(topics.flow_of(thing.name, topic) or "")
+        if flow is None:
             return False
+        assert thing.device is not None
+        await flow(thing, thing.device, payload)
         return True
+
+    @property
+    def thing_flows(self) -> tuple[str, ...]:
+        """The flows (relative to things/{id}/) a thing's message runs here."""
+        return tuple(self._flows)
+
+    async def _collect(self, thing: Principal, device: DeviceIdentity, payload: bytes) -> None:
+        await self.core.messages.collect(device, payload, transport="mqtt")
+
+    async def _status(self, thing: Principal, device: DeviceIdentity, payload: bytes) -> None:
+        try:
+            thing_type = await self.core.things.type_of(thing.name)
+        except NotFound as exc:
+            raise Revoked(f"thing {thing.name} was deleted") from exc
+        ref = DeviceRef(thing.name, thing.owner_id, thing_type, device.cert_id)
+        try:
+            report = _json_object(payload)
+            answer = await self.core.status.set_status(ref, report.get("status"), report.get("info"), "mqtt")
+        except Invalid as exc:
+            await self._reply(
+                thing.name, topics.STATUS_REJECTED, {"errorCode": 400, "errorMessage": str(exc)}
+            )
+        else:
+            await self._reply(thing.name, topics.STATUS_ACCEPTED, {"config": answer})
+
+    async def _config_get(self, thing: Principal, device: DeviceIdentity, payload: bytes) -> None:
+        await self.core.status.resend_config(
+            DeviceRef(thing.name, thing.owner_id, await self.core.things.type_of(thing.name))
+        )
+
+    async def _upgrade_check(self, thing: Principal, device: DeviceIdentity, payload: bytes) -> None:
+        try:
+            offer = await self.core.upgrades.check(device, _json_object(payload))
+        except (Invalid, NotFound) as exc:
+            await self._reject(thing.name, topics.UPGRADE_CHECK_REJECTED, exc)
+        else:
+            await self._reply(thing.name, topics.UPGRADE_CHECK_ACCEPTED, offer)
+
+    async def _firmware_get(self, thing: Principal, device: DeviceIdentity, payload: bytes) -> None:
+        try:
+            offset, chunk = await self.core.firmware.chunk(device, _json_object(payload))
+        except (Invalid, Forbidden, NotFound) as exc:
+            await self._reject(thing.name, topics.FIRMWARE_GET_REJECTED, exc)
+        else:  # the raw bytes, named by their offset: a device resumes from the last it stored
+            await self.core.link.publish(topics.firmware_chunk(thing.name, offset), chunk)
+
+    async def _firmware_switched(self, thing: Principal, device: DeviceIdentity, payload: bytes) -> None:
+        try:
+            switched = await self.core.firmware.switched(device, _json_object(payload))
+        except (Invalid, Forbidden, NotFound) as exc:
+            await self._reject(thing.name, topics.FIRMWARE_SWITCHED_REJECTED, exc)
+        else:
+            await self._reply(thing.name, topics.FIRMWARE_SWITCHED_ACCEPTED, switched)
+
+    async def _versions(self, thing: Principal, device: DeviceIdentity, payload: bytes) -> None:
+        await self.core.upgrades.report_versions(device, _json_object(payload), transport="mqtt")
+
+    async def _upgrade_result(self, thing: Principal, device: DeviceIdentity, payload: bytes) -> None:
+        await self.core.upgrades.report_results(device, _json_object(payload), transport="mqtt")
 
     async def _reject(self, thing_id: str, flow: str, exc: DomainError) -> None:
         code = next(code for kind, code in REJECTED if isinstance(exc, kind))
