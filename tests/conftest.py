@@ -176,6 +176,23 @@ def postgres_server() -> Iterator[object]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One 2-node RabbitMQ cluster per test process (xdist worker), started on first use (about
+    30 s), for the external-mode tests: tests/engine.py."""
+    from tests.engine import RabbitCluster, free_port, rabbitmq_missing
+
+    why = rabbitmq_missing()
+    if why is not None:
+        pytest.skip(why)
+    cluster = RabbitCluster(tmp_path_factory.mktemp("engine-ca"), free_port())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 STORES = ["sqlite", "postgresql"]
 
 
