@@ -27,6 +27,7 @@ from bridge.core.errors import Invalid, NotFound
 from bridge.core.service import Core
 from bridge.http.app import https_context, make_app
 from bridge.mqtt.broker import PLAIN, TLS, MqttBroker
+from bridge.mqtt.external.engine import ExternalEngine
 from bridge.store import Store
 from bridge.store import create as create_store
 
@@ -154,37 +155,49 @@ async def serve(cfg: Config, first_start: str | None = None) -> int:
     async with contextlib.AsyncExitStack() as started:
         store = open_store(cfg)
         started.push_async_callback(asyncio.to_thread, store.close)
-        mqtt = MqttBroker(cfg)
-        core = Core(cfg, store, link=mqtt)
+        # The device side: the embedded broker, or the external engine's link (mqtt.mode).
+        engine = ExternalEngine(cfg) if cfg.mqtt.mode == "external" else None
+        mqtt = MqttBroker(cfg) if engine is None else None
+        core = Core(cfg, store, link=engine.link if engine is not None else mqtt)
         core.ca.ensure_server_cert(cfg.pki.server_names)
         await ensure_admin(core)
         if first_start:
             print(first_start, flush=True)
 
-        await mqtt.start(core)
-        started.push_async_callback(core.outbox.stop)  # runs after mqtt.stop
-        started.push_async_callback(mqtt.stop)
+        started.push_async_callback(core.outbox.stop)  # runs after the broker's or engine's stop
+        if mqtt is not None:
+            await mqtt.start(core)
+            started.push_async_callback(mqtt.stop)
+        else:
+            assert engine is not None
+            started.push_async_callback(engine.stop)
+            await engine.start(core)
         await core.presence.restore()
         await core.status.republish_all()
         await core.firmware.republish()
         core.outbox.start()
         core.rollouts.start()  # re-publishes rollout states and upgrade notices, then checks timeouts
         started.push_async_callback(core.rollouts.stop)
-        await _listen_mqtt(cfg, mqtt)
+        if mqtt is not None:
+            await _listen_mqtt(cfg, mqtt)
 
         # keepalive_timeout also bounds a request head that never completes (slow-loris); aiohttp's
         # default is an hour. A running handler (a long-poll) is not cut by it.
         runner = web.AppRunner(make_app(core), access_log=None, shutdown_timeout=5, keepalive_timeout=10)
         await runner.setup()
         started.push_async_callback(runner.cleanup)
-        ports = {"mqtt_tls": mqtt.ports.get(TLS), "mqtt_plain": mqtt.ports.get(PLAIN)}
+        ports: dict[str, int | None] = {}
+        if mqtt is not None:
+            ports = {"mqtt_tls": mqtt.ports.get(TLS), "mqtt_plain": mqtt.ports.get(PLAIN)}
         if cfg.http.http.enabled:
             ports["http"] = await _start_site(runner, cfg.http.http, "http.http", "--http-port")
         if cfg.http.https.enabled:
             ports["https"] = await _start_site(
                 runner, cfg.http.https, "http.https", "--https-port", https_context(core)
             )
-        core.endpoints.mqtt_tls_port = ports["mqtt_tls"] or cfg.mqtt.tls.port
+        core.endpoints.mqtt_tls_port = (
+            engine.device_port() if engine is not None else ports["mqtt_tls"] or cfg.mqtt.tls.port
+        )
         core.endpoints.http_port = ports.get("http") or cfg.http.http.port
         core.endpoints.https_port = ports.get("https")
 
@@ -198,7 +211,7 @@ async def serve(cfg: Config, first_start: str | None = None) -> int:
         gc.freeze()
         gc.set_threshold(10_000, 10, 10)  # fewer young collections under load (default 700)
         # One machine-readable line: tests and supervisors learn the bound ports (and the loop) from it.
-        ready = {"pid": os.getpid(), "loop": loop_name(loop), **ports}
+        ready = {"pid": os.getpid(), "loop": loop_name(loop), "mode": cfg.mqtt.mode, **ports}
         print("thingbridge ready " + orjson.dumps(ready).decode(), flush=True)
         await stop.wait()
         log.info("stopping: closing listeners, flushing writes")

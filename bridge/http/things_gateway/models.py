@@ -498,7 +498,8 @@ PasswordChecks = Annotated[
 
 
 class BrokerStats(Model):
-    """Counters of the embedded MQTT broker (none without one)."""
+    """Counters of the MQTT side: the embedded broker's, or the external engine's link and
+    consumer (none without either)."""
 
     connections: Count | UnsetType = UNSET
     sessions: Count | UnsetType = UNSET
@@ -512,3 +513,9 @@ class BrokerStats(Model):
     queuedMessages: Count | UnsetType = UNSET
     refusedRetainedPublishes: Count | UnsetType = UNSET
     passwordChecks: PasswordChecks | UnsetType = UNSET
+    # mqtt.mode external: connections to the engine up (AMQP and each node's MQTT), device
+    # messages consumed, redeliveries found committed already, failures sent back to the queue
+    engineConnections: Count | UnsetType = UNSET
+    consumedMessages: Count | UnsetType = UNSET
+    duplicateMessages: Count | UnsetType = UNSET
+    retriedMessages: Count | UnsetType = UNSET

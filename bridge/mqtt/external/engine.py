@@ -1,0 +1,56 @@
+"""External mode as the serving process runs it, in place of the embedded broker: the link is made
+before the core (its DeviceLink), then `start(core)` opens the connections to the engine and
+consumes; `stop()` closes them again."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import urllib.parse
+
+from bridge.config import Config, ConfigError
+from bridge.core.service import Core
+from bridge.mqtt.external.consumer import DeviceConsumer
+from bridge.mqtt.external.link import ExternalLink
+
+START_TIMEOUT = 30.0  # s for the engine to answer at start-up
+
+
+class ExternalEngine:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.link = ExternalLink(cfg.mqtt.external)
+        self.consumer: DeviceConsumer | None = None
+
+    def device_port(self) -> int:
+        """The MQTT/TLS port devices are told (their bundles): the first engine node's."""
+        url = urllib.parse.urlsplit(self.cfg.mqtt.external.mqtt[0])
+        return url.port or (8883 if url.scheme == "mqtts" else 1883)
+
+    async def start(self, core: Core) -> None:
+        ext = self.cfg.mqtt.external
+        if not ext.password:
+            raise ConfigError(
+                "mqtt.external.password: the bridge's engine password is empty; set it or"
+                " $THINGBRIDGE_ENGINE_PASSWORD"
+            )
+        tls = ssl.create_default_context(cafile=str(core.ca.ca_path))  # the engine's certificates
+        self.consumer = DeviceConsumer(core, self.link)
+        try:
+            await self.consumer.mirror()
+        except ConnectionError as exc:
+            raise ConfigError(f"mqtt.external.management: {exc}") from None
+        self.link.start(tls)
+        self.consumer.start(tls)
+        try:
+            await asyncio.wait_for(self.consumer.ready.wait(), START_TIMEOUT)
+        except TimeoutError:
+            raise ConfigError(
+                f"mqtt.external.amqp: no engine node answered within {START_TIMEOUT:.0f} s"
+                f" ({', '.join(ext.amqp)}); check the URLs and mqtt.external.username"
+            ) from None
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+        await self.link.stop()
