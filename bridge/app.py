@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import ssl
 import sys
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from bridge.core.service import Core
 from bridge.http.app import https_context, make_app
 from bridge.mqtt.broker import PLAIN, TLS, MqttBroker
 from bridge.mqtt.external.engine import ExternalEngine
-from bridge.store import Store
+from bridge.store import Store, StoreError
 from bridge.store import create as create_store
 
 log = logging.getLogger("thingbridge")
@@ -68,7 +67,7 @@ def open_store(cfg: Config) -> Store:
     store = create_store(cfg.store.url, cfg.db_path, cfg.store.synchronous)
     try:
         store.open()
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, StoreError) as exc:
         store.close()
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         if cfg.store.url != "sqlite:":

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from bridge.store import create, migrations, postgres
+from bridge.store import IntegrityError, OperationalError, Unavailable, create, migrations, postgres
 from bridge.store.postgres import PostgresStore, translate
 from tests.conftest import write_config
 from tests.helpers import PostgresServer
@@ -199,10 +199,34 @@ async def test_one_failing_write_leaves_the_others_of_its_group(store: PostgresS
         *(store.write(insert, f"u{i}") for i in range(20)), store.write(insert, "u3"), return_exceptions=True
     )
     assert results[:20] == [1.5] * 20
-    assert isinstance(results[20], sqlite3.IntegrityError)
+    assert isinstance(results[20], IntegrityError)
     # a write resolved only after its commit: a new connection sees it
     with psycopg.connect(store.url) as conn:
         assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 20
+
+
+async def test_both_stores_raise_the_stores_exceptions(store_url: str, tmp_path: Path) -> None:
+    """The core catches bridge.store's classes, never a driver's: the same ones from each store."""
+    store = create(store_url, tmp_path / "thingbridge.sqlite")
+    store.open()
+
+    def insert(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO users (id, username, password_hash, role, created) VALUES ('u', 'u', 'h', 'user', 1)"
+        )
+
+    try:
+        await store.write(insert)
+        for statement, kind in (
+            (insert, IntegrityError),
+            (lambda c: c.execute("SELECT nothing"), OperationalError),
+        ):
+            with pytest.raises(kind) as raised:
+                await store.write(statement)
+            assert not isinstance(raised.value, (sqlite3.Error, psycopg.Error))
+            assert "\n" not in str(raised.value)
+    finally:
+        await asyncio.to_thread(store.close)
 
 
 async def test_rows_and_placeholders_behave_like_sqlite3(store: PostgresStore) -> None:
@@ -266,7 +290,7 @@ async def test_a_lost_connection_fails_one_group_and_the_store_reconnects(store:
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).fetchone()[0]
     assert ended >= 2  # the writer's and at least one reader's
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(Unavailable):
         await store.write(insert, "lost")  # its group met the broken connection: not committed
     await store.write(insert, "after")
     assert await store.read(count) == 2  # a read retries once on a new connection

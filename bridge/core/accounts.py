@@ -12,7 +12,7 @@ import jwt
 from bridge.core import ids
 from bridge.core.credentials import Passwords
 from bridge.core.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
-from bridge.store import Store
+from bridge.store import IntegrityError, Store
 
 TOKEN_ISSUER = "thingbridge"
 APP_CN_PREFIX = "app:"  # an application's certificate CN and client-id prefix
@@ -135,7 +135,7 @@ class Accounts:
                     " VALUES (?,?,?,?,?,?)",
                     (user.id, username, pw_hash, role, 0, user.created),
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict(f"user {username!r} already exists") from exc
             _insert_subscription(conn, new_subscription(user.id, self.free_plan_things))
 
@@ -287,7 +287,7 @@ class Accounts:
                     "INSERT INTO apps (name, owner_id, password_hash, fleet_wide, created) VALUES (?,?,?,?,?)",
                     (name, user.id, pw_hash, int(fleet_wide), ids.now()),
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict(f"application {name!r} already exists") from exc
 
         await self.store.write(insert)

@@ -55,7 +55,7 @@ from bridge.core.provisioning.content import blob_hooks as content_blob_hooks
 from bridge.core.provisioning.serials import log_attempt
 from bridge.core.provisioning.vendors import new_cik
 from bridge.core.things import CIK_INCARNATION, Things
-from bridge.store import Store
+from bridge.store import IntegrityError, Store
 
 CHUNK_MAX = 32 * 1024  # bytes one MQTT chunk carries at most (a device with a few KiB of RAM asks for less)
 MAX_VERSION = 120  # so that `fw-<version>` is a content id (at most 128 characters)
@@ -323,7 +323,7 @@ class Firmware:
                         "UPDATE fw_products SET software_pk = ?, model_pk = ?, enabled = ? WHERE pk = ?",
                         (software["pk"], found["pk"], int(enabled), existing["pk"]),
                     )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict("that software or model is bound to another product") from exc
             if existing is not None and existing["model_pk"] != found["pk"]:
                 _clear_targets(conn, existing["model_pk"])

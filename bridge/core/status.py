@@ -17,7 +17,7 @@ from bridge.core.lookup import owned_thing
 from bridge.core.messages import STATUS, insert_message
 from bridge.core.outbox import Outbox, enqueue
 from bridge.core.ports import DeviceLink
-from bridge.store import Store
+from bridge.store import IntegrityError, Store
 
 DEFAULT_UPDATE_RATE = 24  # hours between SetStatus calls when nobody set one
 UPDATE_RATE_MIN, UPDATE_RATE_MAX = 1, 24 * 365  # hours
@@ -264,7 +264,7 @@ class Status:
                     raise Conflict(f"regId {reg_id!r} is another thing's id")
                 try:
                     conn.execute("UPDATE thing_state SET reg_id = ? WHERE thing_id = ?", (reg_id, thing_id))
-                except sqlite3.IntegrityError as exc:
+                except IntegrityError as exc:
                     raise Conflict(f"regId {reg_id!r} is already in use") from exc
             for column, value in changes.items():
                 conn.execute(f"UPDATE thing_state SET {column} = ? WHERE thing_id = ?", (value, thing_id))

@@ -22,7 +22,7 @@ from bridge.core.outbox import Outbox, forget_thing
 from bridge.core.ports import DeviceLink
 from bridge.core.status import DeviceRef, publish_config
 from bridge.keyring import Keyring
-from bridge.store import Store
+from bridge.store import IntegrityError, Store
 
 TOKEN_ISSUER_PREFIX = "urn:thing:"
 MAX_TOKEN_LIFETIME = 24 * 3600
@@ -438,7 +438,7 @@ def insert_thing(
                 thing.created,
             ),
         )
-    except sqlite3.IntegrityError as exc:
+    except IntegrityError as exc:
         raise Conflict(_unavailable(thing.id)) from exc
     publish_config(conn, DeviceRef(thing.id, thing.owner_id, thing.type))
 

@@ -30,7 +30,7 @@ from bridge.core.listing import ListQuery, Record
 from bridge.core.messages import UPGRADE, VERSIONS, Messages, insert_message
 from bridge.core.outbox import Outbox, enqueue
 from bridge.core.ports import DeviceLink
-from bridge.store import Store
+from bridge.store import IntegrityError, Store
 
 VERSION_STATUSES = ("OK", "REQUIRED", "RECOMMENDED")
 PRIORITIES = ("UPGRADE_TYPE_FORCED", "UPGRADE_TYPE_STANDBY", "UPGRADE_TYPE_MANUAL")
@@ -657,7 +657,7 @@ class Upgrades:
                         ids.now(),
                     ),
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict(f"rollout profile {profile_id!r:.100} exists") from exc
             self._link_versions(conn, owner_id, _profile(conn, owner_id, profile_id), body)
             return profile_id
@@ -975,7 +975,7 @@ class Upgrades:
                         software["pk"],
                     ),
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict(f"another software is named {spec.name!r:.100}") from exc
             if spec.versions is not None:
                 keep = [v.version_number for v in spec.versions]

@@ -4,8 +4,9 @@ readers; on the SQLite file in data_dir (default) or on PostgreSQL (store.url)."
 from pathlib import Path
 
 from bridge.store.db import Store
+from bridge.store.errors import IntegrityError, OperationalError, StoreError, Unavailable
 
-__all__ = ["Store", "create"]
+__all__ = ["IntegrityError", "OperationalError", "Store", "StoreError", "Unavailable", "create"]
 
 
 def create(url: str, path: Path, synchronous: str = "FULL") -> Store:

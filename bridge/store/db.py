@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.store import migrations
+from bridge.store.errors import IntegrityError, OperationalError, StoreError
 
 T = TypeVar("T")
 _STOP = object()
@@ -35,8 +36,34 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     return _configure(_open(path), synchronous)
 
 
+class Connection(sqlite3.Connection):
+    """sqlite3's connection raising the store's exceptions (bridge/store/errors.py) instead of
+    sqlite3's, like the PostgreSQL store's; everything else is sqlite3's."""
+
+    def execute(self, sql: str, params: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, params)
+        except sqlite3.Error as exc:
+            raise store_error(exc) from exc
+
+    def executemany(self, sql: str, params: Any, /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, params)
+        except sqlite3.Error as exc:
+            raise store_error(exc) from exc
+
+
+def store_error(exc: sqlite3.Error) -> StoreError:
+    return (IntegrityError if isinstance(exc, sqlite3.IntegrityError) else OperationalError)(str(exc))
+
+
 def _open(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    try:
+        return sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=30, factory=Connection
+        )
+    except sqlite3.Error as exc:
+        raise store_error(exc) from exc
 
 
 def _configure(conn: sqlite3.Connection, synchronous: str) -> sqlite3.Connection:
@@ -170,8 +197,8 @@ class Store:
             conn.execute(self.BEGIN)
             outcomes = each_in_savepoint(conn, ((fn, args) for fn, args, _loop, _fut in group))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:  # the group is not committed: every write of it fails
-            with contextlib.suppress(sqlite3.Error):
+        except StoreError as exc:  # the group is not committed: every write of it fails
+            with contextlib.suppress(StoreError):
                 conn.execute("ROLLBACK")
             outcomes = [(False, exc)] * len(group)
             conn = self._recover(conn)

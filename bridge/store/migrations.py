@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge.config import ConfigError
+from bridge.store.errors import IntegrityError
 
 
 class SchemaTooNew(ConfigError):
@@ -607,7 +608,7 @@ def migrate(conn: sqlite3.Connection, path: Path, upto: int | None = None) -> No
                     broken = conn.execute("PRAGMA foreign_key_check").fetchall()
                     if broken:
                         tables = sorted({row[0] for row in broken})
-                        raise sqlite3.IntegrityError(
+                        raise IntegrityError(
                             f"schema migration {target} ({step.__name__}) leaves {len(broken)} rows"
                             f" without their referenced row, in {', '.join(tables)}"
                         )

@@ -1,8 +1,9 @@
 """PostgreSQL behind the same Store API as the SQLite file (store.url: postgresql://...): the same
 group-committing writer thread and reader pool (bridge/store/db.py), on psycopg 3 connections wrapped
 so that the core's functions run unchanged: `?` placeholders, rows addressable by name and by
-index, rowcount, fetchone/fetchall, executemany, total_changes, and the sqlite3 exception classes
-the core catches (IntegrityError for a constraint, OperationalError for the rest).
+index, rowcount, fetchone/fetchall, executemany, total_changes, and the store's exceptions
+(bridge/store/errors.py: IntegrityError for a constraint, Unavailable for a lost connection,
+OperationalError for the rest), as the SQLite connection raises them.
 
 The schema has one source of truth, bridge/store/migrations.py, whose steps are written once for
 both stores: a new PostgreSQL database is made at the latest version from the DDL SQLite holds after
@@ -22,6 +23,7 @@ import psycopg
 from psycopg.rows import RowMaker
 
 from bridge.store import db, migrations
+from bridge.store.errors import IntegrityError, OperationalError, StoreError, Unavailable
 
 T = TypeVar("T")
 # A one-row table holds the schema version (SQLite keeps it in PRAGMA user_version).
@@ -107,9 +109,12 @@ def _params(params: Sequence[Any] | Mapping[str, Any]) -> Sequence[Any] | Mappin
     return [int(p) if type(p) is bool else p for p in params]
 
 
-def _sqlite_error(exc: psycopg.Error) -> sqlite3.Error:
-    """The core catches sqlite3's classes (the DB-API ones it was written against)."""
-    kind = sqlite3.IntegrityError if isinstance(exc, psycopg.IntegrityError) else sqlite3.OperationalError
+def _store_error(exc: psycopg.Error, broken: bool) -> StoreError:
+    """The store's class of a psycopg error (`broken`: the connection is lost with it)."""
+    if isinstance(exc, psycopg.IntegrityError):
+        kind: type[StoreError] = IntegrityError
+    else:
+        kind = Unavailable if broken else OperationalError
     return kind(" ".join(str(exc).split()))  # one line: it may end a start's one-line message
 
 
@@ -148,7 +153,7 @@ class Connection:
                 cur = self.raw.execute(sql)
             rows = cur.fetchall() if cur.description is not None else []
         except psycopg.Error as exc:
-            raise _sqlite_error(exc) from exc
+            raise _store_error(exc, self.raw.broken) from exc
         if cur.rowcount > 0 and cur.statusmessage and not cur.statusmessage.startswith("SELECT"):
             self.total_changes += cur.rowcount
         return Cursor(rows, cur.rowcount)
@@ -161,23 +166,23 @@ class Connection:
             return Cursor([], 0)
         within = self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
         if within:
-            self.raw.execute("SAVEPOINT executemany")
+            self.execute("SAVEPOINT executemany")
         try:
             # server-side binding here: the same statement many times, twice as fast as literals
             cur = psycopg.Cursor(self.raw)
             cur.executemany(translate(sql, isinstance(batch[0], Mapping)), batch)
-        except psycopg.IntegrityError:
+        except psycopg.IntegrityError as exc:
             if not within:
-                raise
-            self.raw.execute("ROLLBACK TO executemany")
-            self.raw.execute("RELEASE executemany")
+                raise _store_error(exc, broken=False) from exc
+            self.execute("ROLLBACK TO executemany")
+            self.execute("RELEASE executemany")
             for params in batch:
                 self.execute(sql, params)
             raise AssertionError("executemany: the replay did not fail like the pipeline") from None
         except psycopg.Error as exc:
-            raise _sqlite_error(exc) from exc
+            raise _store_error(exc, self.raw.broken) from exc
         if within:
-            self.raw.execute("RELEASE executemany")
+            self.execute("RELEASE executemany")
         self.total_changes += max(cur.rowcount, 0)
         return Cursor([], cur.rowcount)
 
@@ -193,7 +198,7 @@ def connect(url: str, autocommit: bool) -> Connection:
             url, autocommit=autocommit, row_factory=_rows, cursor_factory=psycopg.ClientCursor
         )
     except psycopg.Error as exc:
-        raise _sqlite_error(exc) from exc
+        raise _store_error(exc, isinstance(exc, psycopg.OperationalError)) from exc
     return Connection(raw)
 
 
@@ -380,7 +385,7 @@ class PostgresStore(db.Store):
             return conn
         try:
             fresh = connect(self.url, autocommit=True)
-        except sqlite3.Error:
+        except StoreError:
             return conn
         conn.close()
         return fresh
@@ -389,9 +394,9 @@ class PostgresStore(db.Store):
         """A read on a broken connection is tried once more on a new one (a read changes nothing)."""
         try:
             return super()._read(fn, args)
-        except sqlite3.OperationalError:
-            broken: Connection = self._local.conn
-            if not broken.raw.broken:
+        except Unavailable:
+            broken: Connection | None = self._local.conn
+            if broken is None:  # no connection to be had: the server is away
                 raise
         with self._lock:
             self._read_conns.remove(broken)

@@ -20,7 +20,7 @@ from bridge.core.errors import Conflict, Forbidden, Invalid, NotFound
 from bridge.core.provisioning.blobs import Blobs
 from bridge.core.provisioning.common import Vendor, key, model_access, text
 from bridge.core.provisioning.serials import Serials
-from bridge.store import Store
+from bridge.store import IntegrityError, Store
 
 DEFAULT_TYPE = "application/octet-stream"  # until the first upload names one
 _CONTENT_TYPE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")  # a header value: printable ASCII
@@ -183,7 +183,7 @@ class Content:
                     " VALUES (?,?,?,?,?,0,?)",
                     (access.model_pk, *values, DEFAULT_TYPE, int(self.clock())),
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict(f"content {content_id!r:.140} already exists") from exc
 
         await self.store.write(insert)

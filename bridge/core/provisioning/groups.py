@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from bridge.core.errors import Conflict, Invalid, NotFound
 from bridge.core.provisioning.common import Page, Vendor, csv_batches, key, model_access, text
 from bridge.core.provisioning.content import LIVE
-from bridge.store import Store
+from bridge.store import IntegrityError, Store
 
 # type -> (its column in group_members, its table, its id column)
 TYPES = {
@@ -131,7 +131,7 @@ class Groups:
                     "INSERT INTO prov_groups (model_pk, id, description) VALUES (?,?,?)",
                     (access.model_pk, *values),
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict(f"group {group!r:.140} already exists") from exc
 
         await self.store.write(insert)

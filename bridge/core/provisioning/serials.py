@@ -45,7 +45,7 @@ from bridge.core.provisioning.common import (
 )
 from bridge.core.provisioning.vendors import new_cik
 from bridge.core.things import CIK_INCARNATION, Thing, Things, insert_thing
-from bridge.store import Store
+from bridge.store import IntegrityError, Store
 
 OPTIONS = ("noaliases", "nocomments", "nohistorical")
 LOG_KEPT = 100  # activation log entries kept per serial number (a device retrying cannot grow it)
@@ -225,7 +225,7 @@ class Serials:
                     "INSERT INTO prov_models (vendor_pk, name, rid, options, created) VALUES (?,?,?,?,?)",
                     (vendor.pk, model.name, model.rid, orjson.dumps(model.options).decode(), self.clock()),
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict(f"model {name!r:.140} already exists") from exc
 
         await self.store.write(insert)
@@ -341,7 +341,7 @@ class Serials:
                     "INSERT INTO serial_numbers (model_pk, sn, extra) VALUES (?,?,?)",
                     [(access.model_pk, sn, extra) for sn, extra in chunk],
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 # executemany stopped at the first row it could not insert, after the others
                 duplicate = chunk[conn.total_changes - before][0]
                 raise Conflict(f"serial number {duplicate!r:.140} already exists") from exc

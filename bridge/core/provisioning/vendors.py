@@ -13,7 +13,7 @@ from bridge.core import ids
 from bridge.core.accounts import User
 from bridge.core.errors import Conflict, NotFound, Unauthorized
 from bridge.core.provisioning.common import Vendor, secret_hash
-from bridge.store import Store
+from bridge.store import IntegrityError, Store
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Vendors:
                     " RETURNING pk",
                     (name, owner.id, secret_hash(token), secret_hash(cik), ids.now()),
                 ).fetchone()[0]
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise Conflict(f"vendor {name!r} already exists") from exc
 
         pk = await self.store.write(insert)
