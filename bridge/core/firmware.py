@@ -47,7 +47,7 @@ from bridge.core.errors import (
 )
 from bridge.core.identity import DeviceIdentity
 from bridge.core.listing import Record
-from bridge.core.outbox import Outbox, enqueue
+from bridge.core.outbox import Outbox, enqueue, restoring
 from bridge.core.provisioning import Provisioning
 from bridge.core.provisioning.common import Vendor, key, secret_hash
 from bridge.core.provisioning.content import Download
@@ -280,7 +280,7 @@ class Firmware:
             for row in conn.execute("SELECT model_pk FROM fw_products ORDER BY pk").fetchall():
                 _publish_product(conn, row["model_pk"])
 
-        await self.outbox.write(queue_all)
+        await self.outbox.write(restoring(queue_all))
 
     # ---- products (the vendor's owner, an operator) ----------------------------------------------
     async def put_product(self, owner_id: str, product_id: str, body: dict[str, Any]) -> tuple[Record, bool]:

@@ -18,7 +18,7 @@ from bridge.core import ids, jsonvalue, topics
 from bridge.core.errors import Invalid, Revoked, TooLarge
 from bridge.core.identity import DeviceIdentity
 from bridge.core.lookup import owned_thing, thing_not_found
-from bridge.core.ports import DeviceLink
+from bridge.core.ports import DeviceLink, commit_and_route
 from bridge.store import Store
 
 INGRESS, EGRESS, STATUS = "ingress", "egress", "status"
@@ -177,7 +177,11 @@ class Messages:
         routed to `things/{id}/collect`."""
         self._check_size(payload)
         encoding = classify(payload, declared)
-        message = await self.store.write(
+        return await commit_and_route(
+            self.store.write,
+            self.link,
+            topics.topic(device.thing_id, topics.COLLECT),
+            payload,
             insert_message,
             device.thing_id,
             device.owner_id,
@@ -187,8 +191,6 @@ class Messages:
             transport,
             device.cert_id,
         )
-        await self.link.publish(topics.topic(device.thing_id, topics.COLLECT), payload)
-        return message
 
     async def publish(
         self,
@@ -205,10 +207,19 @@ class Messages:
         self._check_size(payload)
         encoding = classify(payload, declared)
         owner = await self._owner(thing_id, owner_id)
-        message = await self.store.write(
-            insert_message, thing_id, owner, EGRESS, payload, encoding, transport
+        message = await commit_and_route(
+            self.store.write,
+            self.link,
+            topics.topic(thing_id, topics.PUBLISH),
+            payload,
+            insert_message,
+            thing_id,
+            owner,
+            EGRESS,
+            payload,
+            encoding,
+            transport,
         )
-        await self.link.publish(topics.topic(thing_id, topics.PUBLISH), payload)
         self.wake([thing_id])
         return message
 

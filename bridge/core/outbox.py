@@ -2,7 +2,9 @@
 
 A flow writes `enqueue(conn, ...)` rows in its own transaction; the serving process drains them in
 order to the DeviceLink, at once when the change was its own (`kick`) and within `poll` seconds
-when the command line wrote them."""
+when the command line wrote them. A row's `retain` is one of ROUTE, RETAIN (routed and kept as
+the topic's retained message) or RESTORE (kept, not routed: the state put back at start-up, which
+subscribers already had or still have queued; see `restoring`)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,27 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+ROUTE, RETAIN, RESTORE = 0, 1, 2
+
+
 def enqueue(conn: sqlite3.Connection, topic: str, payload: bytes, *, retain: bool) -> None:
-    conn.execute("INSERT INTO outbox (topic, payload, retain) VALUES (?,?,?)", (topic, payload, int(retain)))
+    conn.execute(
+        "INSERT INTO outbox (topic, payload, retain) VALUES (?,?,?)",
+        (topic, payload, RETAIN if retain else ROUTE),
+    )
+
+
+def restoring(fill: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
+    """`fill` as a start-up re-publish: the retained documents it queues are restored to the
+    broker's retained store without being routed again (a persistent session would otherwise get a
+    second copy of every config, notice and target at each restart)."""
+
+    def fill_and_mark(conn: sqlite3.Connection) -> None:
+        before = conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
+        fill(conn)
+        conn.execute("UPDATE outbox SET retain = ? WHERE seq > ? AND retain = ?", (RESTORE, before, RETAIN))
+
+    return fill_and_mark
 
 
 def forget_thing(conn: sqlite3.Connection, thing_id: str) -> None:
@@ -59,7 +80,12 @@ class Outbox(Background):
                 ).fetchall()
             )
             for row in rows:
-                await self.link.publish(row["topic"], bytes(row["payload"]), retain=bool(row["retain"]))
+                if row["retain"] == RESTORE:
+                    await self.link.restore_retained(row["topic"], bytes(row["payload"]))
+                else:
+                    await self.link.publish(
+                        row["topic"], bytes(row["payload"]), retain=row["retain"] == RETAIN
+                    )
         if rows:
             last = rows[-1]["seq"]
             await self.store.write(lambda c: c.execute("DELETE FROM outbox WHERE seq <= ?", (last,)))

@@ -10,7 +10,7 @@ import orjson
 
 from bridge.core import ids, topics
 from bridge.core.identity import DeviceIdentity
-from bridge.core.outbox import Outbox, enqueue
+from bridge.core.outbox import Outbox, enqueue, restoring
 from bridge.store import Store
 
 
@@ -58,15 +58,21 @@ class Presence:
         self.outbox.kick()
 
     async def restore(self) -> None:
-        """At start-up nothing is connected: mark every thing offline and re-retain its last state."""
+        """At start-up nothing is connected: a thing that was online when the process ended is
+        offline now (published); every other thing's last state is restored as retained."""
 
-        def offline(conn: sqlite3.Connection) -> None:
+        def went_offline(conn: sqlite3.Connection) -> None:
             for row in conn.execute(
-                "UPDATE presence SET state = 'offline' RETURNING thing_id, ts"
+                "UPDATE presence SET state = 'offline' WHERE state <> 'offline' RETURNING thing_id, ts"
             ).fetchall():
                 _publish(conn, row["thing_id"], "offline", row["ts"])
 
-        await self.store.write(offline)
+        def offline_before(conn: sqlite3.Connection) -> None:
+            for row in conn.execute("SELECT thing_id, ts FROM presence WHERE state = 'offline'").fetchall():
+                _publish(conn, row["thing_id"], "offline", row["ts"])
+
+        await self.store.write(restoring(offline_before))
+        await self.store.write(went_offline)
         self.outbox.kick()
 
 

@@ -31,7 +31,7 @@ from bridge.core.background import Background
 from bridge.core.errors import Conflict, Invalid, NotFound
 from bridge.core.listing import ListQuery, Record
 from bridge.core.messages import Messages
-from bridge.core.outbox import Outbox, enqueue
+from bridge.core.outbox import Outbox, enqueue, restoring
 from bridge.core.upgrades import (
     TERMINAL,
     _key,
@@ -383,7 +383,7 @@ class Rollouts(Background):
                 _publish(conn, row["id"])
             publish_all_notices(conn)
 
-        await self.outbox.write(queue_all)
+        await self.outbox.write(restoring(queue_all))
 
     async def owner_of(self, rollout_id: str) -> str | None:
         owner = self._owners.get(rollout_id)

@@ -15,8 +15,8 @@ from bridge.core import ids, topics
 from bridge.core.errors import Conflict, Invalid, NotFound
 from bridge.core.lookup import owned_thing
 from bridge.core.messages import STATUS, insert_message
-from bridge.core.outbox import Outbox, enqueue
-from bridge.core.ports import DeviceLink
+from bridge.core.outbox import Outbox, enqueue, restoring
+from bridge.core.ports import DeviceLink, commit_and_route
 from bridge.store import IntegrityError, Store
 
 DEFAULT_UPDATE_RATE = 24  # hours between SetStatus calls when nobody set one
@@ -199,9 +199,9 @@ class Status:
             ).fetchone()
             return decide(effective(conn, ref), state["running_version"], state["fetched_config"])
 
-        answer = await self.store.write(record)
-        await self.link.publish(topics.topic(ref.thing_id, topics.STATUS), report)
-        return answer
+        return await commit_and_route(
+            self.store.write, self.link, topics.topic(ref.thing_id, topics.STATUS), report, record
+        )
 
     async def get_config(self, ref: DeviceRef) -> dict[str, Any]:
         """GetConfig: the desired configuration, now marked as fetched by the device."""
@@ -235,7 +235,7 @@ class Status:
             for row in conn.execute("SELECT id, owner_id, type FROM things").fetchall():
                 publish_config(conn, DeviceRef(row["id"], row["owner_id"], row["type"]))
 
-        await self.store.write(queue_all)
+        await self.store.write(restoring(queue_all))
         self.outbox.kick()
 
     # ---- operator side -------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from bridge.core.identity import DeviceIdentity
 from bridge.core.listing import ListQuery, Record
 from bridge.core.messages import UPGRADE, VERSIONS, Messages, insert_message
 from bridge.core.outbox import Outbox, enqueue
-from bridge.core.ports import DeviceLink
+from bridge.core.ports import DeviceLink, commit_and_route
 from bridge.store import IntegrityError, Store
 
 VERSION_STATUSES = ("OK", "REQUIRED", "RECOMMENDED")
@@ -1117,8 +1117,9 @@ class Upgrades:
                 _record_running(conn, device.thing_id, name, number, transport, client_token)
             _clear_satisfied(conn, device.thing_id, device.owner_id)
 
-        await self.outbox.write(record)
-        await self.link.publish(topics.topic(device.thing_id, topics.VERSIONS), payload)
+        await commit_and_route(
+            self.outbox.write, self.link, topics.topic(device.thing_id, topics.VERSIONS), payload, record
+        )
 
     async def report_results(
         self, device: DeviceIdentity, body: Any, *, transport: str, client_token: str | None = None
@@ -1159,8 +1160,14 @@ class Upgrades:
             _clear_satisfied(conn, device.thing_id, device.owner_id)
             return self.on_results(conn, device.thing_id)
 
-        self._told(await self.outbox.write(record))
-        await self.link.publish(topics.topic(device.thing_id, topics.UPGRADE_RESULT), payload)
+        told = await commit_and_route(
+            self.outbox.write,
+            self.link,
+            topics.topic(device.thing_id, topics.UPGRADE_RESULT),
+            payload,
+            record,
+        )
+        self._told(told)
 
     # ---- operator reads of device state --------------------------------------------------------
     async def results(self, owner_id: str, device_id: str) -> list[Record]:

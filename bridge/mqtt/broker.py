@@ -16,6 +16,7 @@ from amqtt.broker import Broker
 
 from bridge.config import Config
 from bridge.core import topics
+from bridge.core.ports import Delivery
 from bridge.core.service import Core
 from bridge.mqtt.auth import Counters, standing
 from bridge.mqtt.hardened import (
@@ -26,7 +27,7 @@ from bridge.mqtt.hardened import (
     close_client,
 )
 from bridge.mqtt.router import Router
-from bridge.mqtt.sessions import DurableSessions
+from bridge.mqtt.sessions import DurableSessions, Routed
 from bridge.mqtt.transport import listen
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,12 @@ class MqttBroker:
                 await self.broker.retain_message(None, topic, b"")
         return closed
 
+    async def delivery(self, topic: str, payload: bytes) -> Delivery:
+        assert self.broker is not None
+        if isinstance(self.broker, HardenedBroker):
+            return await self.broker.delivery(topic, payload)
+        return Routed(topic, payload, {}, self.broker.internal_message_broadcast)  # stock: memory only
+
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         assert self.broker is not None
         if retain:
@@ -159,6 +166,10 @@ class MqttBroker:
             await self.broker.route(topic, payload)  # queued on disk for persistent sessions
         else:
             await self.broker.internal_message_broadcast(topic, payload)
+
+    async def restore_retained(self, topic: str, payload: bytes) -> None:
+        assert self.broker is not None
+        await self.broker.retain_message(None, topic, payload)
 
     def stats(self) -> dict[str, Any]:
         sessions = list(self.broker.sessions.values()) if self.broker is not None else []

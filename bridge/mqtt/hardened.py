@@ -8,7 +8,9 @@ Defects fixed (letters as in docs/amqtt-defects.md, which describes each one and
   B  a CONNECT deleted the existing session of its client id before it was authenticated
   C  a rejected CONNECT still took over / registered a session     -> both: authenticate first
   D  keepalive was never enforced (handle_read_timeout is `pass`)  -> BridgeHandler._reader_loop
-  E  on CONNECT, retained messages matching *any* session's filters were pushed, with no ACL
+  E  on CONNECT, retained messages matching *any* session's filters were pushed, with no ACL;
+     and a resumed session got the retained messages of its own filters again at every CONNECT,
+     though [MQTT-3.3.1-6] sends them for a new subscription only
                                                                    -> _publish_retained_messages_for_subscription
   F  PUBLISHes already PUBACKed were dropped when the client disconnected -> _handle_disconnect
   G  an invalid PUBLISH stopped the client loop but left the socket open  -> _handle_message_delivery
@@ -73,7 +75,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from bridge.mqtt import codec
-from bridge.mqtt.sessions import DurableSessions, Restored
+from bridge.mqtt.sessions import DurableSessions, Restored, Routed
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ DISCONNECTED = "thingbridge.disconnected"
 # is taken, its will is not sent; with FORGET its session is dropped once its connection ended.
 REVOKED = "thingbridge.revoked"
 FORGET = "thingbridge.forget"
+NEW_FILTERS = "thingbridge.new_filters"  # subscribed, retained messages not sent yet
 
 
 class MalformedPacket(ConnectionError):
@@ -636,6 +639,8 @@ class HardenedBroker(Broker):
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         """A persistent session's subscription is on disk before its SUBACK."""
         granted = await super().add_subscription(subscription, session)
+        if granted != 0x80:  # E: its retained messages are sent for this SUBSCRIBE, once
+            session.attributes.setdefault(NEW_FILTERS, set()).add(subscription[0])
         durable = self.limits.durable
         if granted != 0x80 and durable is not None and durable.persistent(session):
             await durable.subscribed(session, subscription[0], granted)
@@ -668,11 +673,11 @@ class HardenedBroker(Broker):
         self._stopping = True
         await super().shutdown()
 
-    async def route(self, topic: str, data: bytes) -> None:
-        """A message the bridge publishes. Each persistent session it reaches at QoS 1 gets a row
-        for it first (one write, awaited: the message is queued on disk before the caller
-        acknowledges anything), then it is broadcast, its payload knowing those rows."""
+    async def delivery(self, topic: str, data: bytes) -> Routed:
+        """A message the bridge publishes, for the persistent sessions it reaches at QoS 1 (each
+        gets a row, written in the caller's transaction) and then everyone subscribed."""
         durable = self.limits.durable
+        targets: dict[str, int] = {}
         if durable is not None:
             targets = {
                 session.client_id: qos
@@ -685,9 +690,15 @@ class HardenedBroker(Broker):
                 session = self._sessions.get(client_id, (None, None))[0]
                 if session is None or not await self._topic_filtering(session, topic, Action.RECEIVE):
                     del targets[client_id]
-            if targets:
-                data = await durable.enqueue(topic, data, targets)
-        await self._broadcast_message(None, topic, data)
+        return Routed(topic, data, targets, lambda topic, data: self._broadcast_message(None, topic, data))
+
+    async def route(self, topic: str, data: bytes) -> None:
+        """A message the bridge publishes with no record of its own (the outbox's documents, live
+        replies): its rows in a write of their own, awaited, before it is sent."""
+        delivery = await self.delivery(topic, data)
+        if delivery.targets and self.limits.durable is not None:
+            await self.limits.durable.queue(delivery)
+        await delivery.send()
 
     def restore(self, stored: Restored) -> None:
         """A session loaded at start-up: offline, subscribed, its in-flight messages re-sent with
@@ -799,10 +810,13 @@ class HardenedBroker(Broker):
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
     ) -> None:
-        # E: only this session's own filters, and only what it may receive.
+        # E: only for a filter this session has just subscribed (stock also calls this for every
+        # filter at each CONNECT), and only what it may receive.
         topic_filter, qos = subscription
-        if not any(s.client_id == session.client_id for s, _ in self._subscriptions.get(topic_filter, [])):
+        new_filters: set[str] = session.attributes.get(NEW_FILTERS, set())
+        if topic_filter not in new_filters:
             return
+        new_filters.discard(topic_filter)
         handler = self._get_handler(session)
         if handler is None:
             return

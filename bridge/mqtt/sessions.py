@@ -2,19 +2,22 @@
 clean-session-off session, its subscriptions and its QoS 1 messages in SQLite
 (bridge/store/sessions.py), and to load them at start-up.
 
-Every write goes through one Journal, in the order the broker made them, batched into one
-`store.write` per event-loop turn (so into the writer's group commits: no commit of its own). What
-is acknowledged to a client is awaited before its acknowledgement: a message routed to a session is
-queued on disk before the publisher's PUBACK or HTTP answer, a subscription before its SUBACK. A
-message's "sent" and "acknowledged" states are not awaited: after a crash a message may be sent
-again (with DUP if its "sent" was written), but never one whose PUBACK was written."""
+A message's rows are written in the transaction that commits the record it reports (a thing's
+collect, an owner's publish: Routed, bridge.core.ports.commit_and_route), so a message is stored
+and queued together or not at all. Every other write goes through one Journal, in the order the
+broker made them, batched into one `store.write` per event-loop turn (so into the writer's group
+commits: no commit of its own). What is acknowledged to a client is awaited before its
+acknowledgement: a message routed to a session is queued on disk before the publisher's PUBACK or
+HTTP answer, a subscription before its SUBACK. A message's "sent" and "acknowledged" states are
+not awaited: after a crash a message may be sent again (with DUP if its "sent" was written), but
+never one whose PUBACK was written."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +48,30 @@ def stored(payload: bytes, rows: dict[str, int]) -> Stored:
 
 def row_of(payload: Any, client_id: str | None) -> int | None:
     return payload.rows.get(client_id) if isinstance(payload, Stored) and client_id else None
+
+
+class Routed:
+    """A message the bridge publishes (bridge.core.ports.Delivery): a row per persistent session
+    it reaches at QoS 1 (`targets`: client id -> qos), written by `queue` in the transaction that
+    commits the message's own record; then broadcast, its payload knowing those rows."""
+
+    def __init__(
+        self,
+        topic: str,
+        data: bytes,
+        targets: dict[str, int],
+        broadcast: Callable[[str, bytes], Awaitable[None]],
+    ) -> None:
+        self.topic, self.data, self.targets, self._broadcast = topic, data, targets, broadcast
+        self.rows: dict[str, int] = {}
+
+    def queue(self, conn: Any) -> None:
+        if self.targets:
+            deliveries = [(client_id, self.topic, self.data, qos) for client_id, qos in self.targets.items()]
+            self.rows = sql.enqueue(conn, deliveries)
+
+    async def send(self) -> None:
+        await self._broadcast(self.topic, stored(self.data, self.rows) if self.rows else self.data)
 
 
 @dataclass
@@ -141,11 +168,9 @@ class DurableSessions:
     async def unsubscribed(self, session: Session, topic_filters: list[str]) -> None:
         await self.journal.submit(sql.unsubscribe, session.client_id, topic_filters)  # type: ignore[misc]
 
-    async def enqueue(self, topic: str, payload: bytes, targets: dict[str, int]) -> bytes:
-        """A row per target session (client id -> qos), committed; the payload that knows them."""
-        deliveries = [(client_id, topic, payload, qos) for client_id, qos in targets.items()]
-        rows = await self.journal.submit(sql.enqueue, deliveries)  # type: ignore[misc]
-        return stored(payload, rows) if rows else payload
+    async def queue(self, delivery: Routed) -> None:
+        """The message's rows in a write of their own (a message with no record of its own)."""
+        await self.journal.submit(delivery.queue)  # type: ignore[misc]
 
     def sent(self, client_id: str | None, payload: Any, packet_id: int) -> None:
         seq = row_of(payload, client_id)
