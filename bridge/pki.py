@@ -61,6 +61,15 @@ def der_cert_id(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def subject_serial(pem: str) -> str | None:
+    """The serialNumber attribute of a certificate's subject: the certificate's own serial number in
+    hex for client certificates issued since it was added (an MQTT engine that reports only the
+    subject can tell this certificate from an older one of the same thing); None before."""
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    found = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+    return str(found[0].value) if found else None
+
+
 def peer_common_name(peercert: dict | None) -> str | None:
     """Subject CN from `SSLObject.getpeercert()` (a dict only for a certificate that verified)."""
     for rdn in (peercert or {}).get("subject", ()):
@@ -179,14 +188,20 @@ class CertificateAuthority:
         days: int,
         sans: list[x509.GeneralName],
         usage: x509.ObjectIdentifier,
+        *,
+        serial_in_subject: bool = False,
     ) -> x509.Certificate:
         now = _now()
+        serial = x509.random_serial_number()
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]
+        if serial_in_subject:
+            subject.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, f"{serial:x}"))
         return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.cert.subject)
             .public_key(public_key)
-            .serial_number(x509.random_serial_number())
+            .serial_number(serial)
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -199,10 +214,16 @@ class CertificateAuthority:
         )
 
     def issue_client(self, identity: str, public_key: PublicKey, days: int) -> x509.Certificate:
-        """A client certificate whose CN is `identity` (a thing id, or `app:<name>`)."""
+        """A client certificate whose CN is `identity` (a thing id, or `app:<name>`), with its own
+        serial number in the subject too (see subject_serial)."""
         uri = f"urn:thing:{identity}" if not identity.startswith("app:") else f"urn:{identity}"
         return self._sign(
-            identity, public_key, days, [x509.UniformResourceIdentifier(uri)], ExtendedKeyUsageOID.CLIENT_AUTH
+            identity,
+            public_key,
+            days,
+            [x509.UniformResourceIdentifier(uri)],
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            serial_in_subject=True,
         )
 
     def ensure_server_cert(self, names: list[str]) -> None:

@@ -6,15 +6,29 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.conftest import Bridge, write_config
 from tests.engine import RabbitCluster
+from tests.helpers import (
+    ThingFiles,
+    account,
+    call,
+    create_thing,
+    next_message,
+    ok,
+    run_sync,
+    unique,
+)
 
 
 def _tls(cluster: RabbitCluster, port: int, ctx: ssl.SSLContext) -> bytes:
@@ -60,3 +74,213 @@ def test_a_client_certificate_of_another_ca_is_refused_by_the_engine(
     ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
     with pytest.raises(ssl.SSLError, match=r"BAD_CERTIFICATE|UNKNOWN_CA"):
         _tls(rabbit_cluster, rabbit_cluster.nodes[0].mqtts, ctx)
+
+
+# ---- the bridge as the engine's auth backend ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def external(rabbit_cluster: RabbitCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    """A bridge in external mode on the cluster (its auth listener on the port the cluster calls)."""
+    folder = tmp_path_factory.mktemp("bridge")
+    rabbit_cluster.bridge_certs(folder / "certs")
+    config = write_config(folder, mqtt={"mode": "external", "external": rabbit_cluster.external_config()})
+    bridge = Bridge(folder, config)
+    bridge.start(timeout=60)
+    try:
+        yield bridge
+    finally:
+        bridge.kill()
+
+
+def engine_client(cluster: RabbitCluster, thing: ThingFiles, node: int = 0, **kw: Any) -> aiomqtt.Client:
+    """A thing's MQTT/TLS connection to one engine node, with its certificate."""
+    ctx = ssl.create_default_context(cafile=str(thing.ca))
+    ctx.load_cert_chain(thing.cert, thing.key)
+    return aiomqtt.Client(
+        "127.0.0.1",
+        cluster.nodes[node].mqtts,
+        identifier=kw.pop("identifier", thing.id),
+        tls_context=ctx,
+        **{"timeout": 5, **kw},
+    )
+
+
+def app_engine_client(cluster: RabbitCluster, name: str, password: str, **kw: Any) -> aiomqtt.Client:
+    """An application's plain MQTT connection to the first engine node, by username and password."""
+    return aiomqtt.Client(
+        "127.0.0.1",
+        cluster.nodes[0].mqtt,
+        identifier=kw.pop("identifier", f"app:{name}"),
+        username=name,
+        password=password,
+        **{"timeout": 5, **kw},
+    )
+
+
+async def refused(client: aiomqtt.Client) -> None:
+    """The engine refuses the CONNECT."""
+    with pytest.raises(aiomqtt.MqttError):
+        async with client:
+            pass
+
+
+async def closed_by_engine(client: aiomqtt.Client, action: Coroutine[Any, Any, Any]) -> None:
+    """`action` (a publish or subscribe the engine must refuse) ends the connection: RabbitMQ 3.10
+    answers an unauthorised PUBLISH or SUBSCRIBE by closing it."""
+    with pytest.raises(aiomqtt.MqttError):
+        await action
+        await client.publish("ping/after", b"", qos=1)  # a QoS 1 round trip: fails once closed
+
+
+@pytest.fixture(scope="module")
+def tenants(external: Bridge, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two users: alice with things a and b and an application; bob with thing c."""
+    folder = tmp_path_factory.mktemp("tenants")
+    alice, bob = account(external), account(external)
+    things = {
+        name: run_sync(create_thing(external, owner.token, folder / name))
+        for name, owner in (("a", alice), ("b", alice), ("c", bob))
+    }
+    app = unique("dash")
+    external.cli("app", "add", app, "--owner", alice.name, "--password", "app-password-1")
+    return {"alice": alice, "bob": bob, "app": app, **things}
+
+
+async def test_a_thing_reaches_its_own_topics_and_no_other_things(
+    external: Bridge, rabbit_cluster: RabbitCluster, tenants: dict[str, Any]
+) -> None:
+    a, b = tenants["a"], tenants["b"]
+    async with app_engine_client(rabbit_cluster, tenants["app"], "app-password-1") as app:
+        await app.subscribe(f"things/{a.id}/collect", qos=1)
+        await app.subscribe(f"things/{b.id}/collect", qos=1)
+        async with engine_client(rabbit_cluster, a, node=1) as thing:
+            await thing.subscribe(f"things/{a.id}/publish", qos=1)
+            await thing.publish(f"things/{a.id}/collect", b'{"own": 1}', qos=1)
+            message = await next_message(app)
+            assert (str(message.topic), message.payload) == (f"things/{a.id}/collect", b'{"own": 1}')
+            await closed_by_engine(thing, thing.publish(f"things/{b.id}/collect", b'{"forged": 1}', qos=1))
+        async with engine_client(rabbit_cluster, a) as thing:
+            await closed_by_engine(thing, thing.subscribe(f"things/{b.id}/publish", qos=1))
+        async with engine_client(rabbit_cluster, a) as thing:
+            await closed_by_engine(thing, thing.subscribe("things/#", qos=1))
+        async with engine_client(rabbit_cluster, b) as thing:  # the control: b's own message arrives
+            await thing.publish(f"things/{b.id}/collect", b'{"b": 1}', qos=1)
+        message = await next_message(app)
+        assert (str(message.topic), message.payload) == (
+            f"things/{b.id}/collect",
+            b'{"b": 1}',
+        )  # not a's forgery
+    # another thing's client id
+    await refused(engine_client(rabbit_cluster, a, identifier=b.id))
+
+
+async def test_an_application_by_password_reaches_only_its_owners_things(
+    external: Bridge, rabbit_cluster: RabbitCluster, tenants: dict[str, Any]
+) -> None:
+    app, c = tenants["app"], tenants["c"]
+    await refused(app_engine_client(rabbit_cluster, app, "wrong-password-1"))
+    await refused(app_engine_client(rabbit_cluster, app, "app-password-1", identifier="app:other"))
+    subject = f"SERIALNUMBER=00,CN={tenants['a'].id}"  # a password login never names a certificate
+    await refused(app_engine_client(rabbit_cluster, subject, "app-password-1", identifier=tenants["a"].id))
+    async with app_engine_client(rabbit_cluster, app, "app-password-1") as client:
+        await closed_by_engine(client, client.subscribe(f"things/{c.id}/collect", qos=1))  # bob's thing
+    async with app_engine_client(rabbit_cluster, app, "app-password-1") as client:
+        # no per-delivery check in the engine: a filter must name its owner's thing
+        await closed_by_engine(client, client.subscribe("things/+/collect", qos=1))
+    async with app_engine_client(rabbit_cluster, app, "app-password-1") as client:
+        await closed_by_engine(client, client.publish(f"things/{c.id}/publish", b"{}", qos=1))
+    async with app_engine_client(rabbit_cluster, app, "app-password-1") as client:
+        await client.publish(f"things/{tenants['a'].id}/publish", b'{"to": "a"}', qos=1)
+
+
+async def test_unknown_and_replaced_certificates_are_refused(
+    external: Bridge, rabbit_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    owner = account(external)
+    thing_id = unique("recreated")
+    old = await create_thing(external, owner.token, tmp_path / "old", flthingspk=thing_id)
+    async with engine_client(rabbit_cluster, old):
+        pass
+    ok(await call("DELETE", f"{external.api}/things/{thing_id}", owner.token))
+    await refused(engine_client(rabbit_cluster, old))  # deleted
+    new = await create_thing(external, owner.token, tmp_path / "new", flthingspk=thing_id)
+    # the same CN, the same CA: only the certificate's serial number in its subject tells them apart
+    await refused(engine_client(rabbit_cluster, old))
+    async with engine_client(rabbit_cluster, new):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("path", "form"),
+    [
+        ("user", {}),
+        ("user", {"username": "CN=x,CN=y"}),
+        ("user", {"username": "no-equals-sign"}),
+        ("user", {"username": "thingbridge", "password": "wrong"}),
+        ("user", {"username": "thingbridge", "password": "engine-password-1" + "x" * 5000}),
+        ("user", {"username": "2.5.4.3=#zz"}),
+        ("vhost", {"username": "unknown-app", "vhost": "/"}),
+        (
+            "resource",
+            {"username": "CN=t", "resource": "queue", "name": "thingbridge.devices", "permission": "read"},
+        ),
+        (
+            "resource",
+            {
+                "username": "CN=t",
+                "resource": "queue",
+                "name": "mqtt-subscription-uqos1",
+                "permission": "read",
+            },
+        ),
+        ("topic", {"username": "CN=t", "resource": "topic", "name": "amq.topic", "permission": "write"}),
+        (
+            "topic",
+            {
+                "username": "CN=t",
+                "resource": "topic",
+                "name": "other",
+                "routing_key": "things.t.collect",
+                "permission": "write",
+            },
+        ),
+        (
+            "topic",
+            {
+                "username": "CN=t",
+                "resource": "topic",
+                "name": "amq.topic",
+                "routing_key": "things.t.collect",
+                "permission": "configure",
+            },
+        ),
+    ],
+)
+async def test_the_auth_backend_answers_deny_to_what_it_does_not_know(
+    external: Bridge, path: str, form: dict[str, str]
+) -> None:
+    url = f"http://127.0.0.1:{external.ports['engine_auth']}/auth/{path}"
+    resp = await call("POST", url, data=form)
+    assert (resp.status, resp.body) == (200, b"deny")
+    resp = await call(
+        "POST", url, data=b"\xff\xfe=%%%", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert (resp.status, resp.body) == (200, b"deny")
+
+
+async def test_the_auth_backend_allows_what_the_rules_allow(external: Bridge) -> None:
+    """The other half of the table above (so that "deny" there is not all it can say)."""
+    url = f"http://127.0.0.1:{external.ports['engine_auth']}/auth"
+    resp = await call(
+        "POST", f"{url}/user", data={"username": "thingbridge", "password": "engine-password-1"}
+    )
+    assert resp.body == b"allow administrator management"
+    form = {"username": "CN=t", "resource": "topic", "name": "amq.topic", "routing_key": "things.t.collect"}
+    assert (await call("POST", f"{url}/topic", data={**form, "permission": "write"})).body == b"allow"
+    assert (await call("GET", f"{url}/topic", params={**form, "permission": "write"})).body == b"allow"
+    queue = {
+        "username": "CN=t",
+        "resource": "queue",
+        "name": "mqtt-subscription-t:2qos0",
+        "permission": "read",
+    }
+    assert (await call("POST", f"{url}/resource", data=queue)).body == b"allow"

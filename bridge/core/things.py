@@ -281,6 +281,22 @@ class Things:
             self._owners[thing_id] = row["owner_id"]
         return DeviceIdentity(thing_id, row["owner_id"], row["cert_id"])
 
+    async def device_by_subject(self, thing_id: str, serial: str | None) -> DeviceIdentity | None:
+        """The thing behind a certificate that an external MQTT engine verified and reports by its
+        subject alone (CN = thing id, `serial` = its serialNumber attribute, None when it has
+        none): while the thing exists, is enabled, and its current certificate has that subject.
+        An older certificate of a re-certified thing differs in the serial and is refused."""
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT owner_id, cert_id, cert_pem, enabled FROM things WHERE id = ?", (thing_id,)
+            ).fetchone()
+        )
+        if row is None or not row["enabled"] or not row["cert_pem"]:  # no certificate yet: a CIK only
+            return None
+        if pki.subject_serial(row["cert_pem"]) != serial:
+            return None
+        return DeviceIdentity(thing_id, row["owner_id"], row["cert_id"])
+
     async def standing(self, identity: DeviceIdentity, revocations: int) -> str:
         """Whether an identity established when the counter stood at `revocations` still holds:
         "valid", "disabled", or "gone" (deleted, or its certificate re-issued). The broker asks

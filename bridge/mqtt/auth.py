@@ -1,4 +1,5 @@
-"""Who a connection is (IdentityPlugin) and what it may do (AclPlugin), as amqtt plugins.
+"""Who a connection is (IdentityPlugin) and what it may do (AclPlugin), as amqtt plugins: the
+embedded broker's adapter to the rules of bridge/mqtt/principals.py.
 
 Identity comes from the verified client certificate alone on the TLS listener: CN = thing id (or
 `app:<name>` for an application certificate), and the certificate must be the one currently
@@ -11,38 +12,24 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from amqtt.contexts import Action
+from amqtt.contexts import Action as AmqttAction
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from bridge import pki
-from bridge.core import topics
-from bridge.core.errors import TooManyRequests
-from bridge.core.identity import DeviceIdentity
+from bridge.mqtt.principals import (
+    APP_PREFIX,
+    Action,
+    Principal,
+    Refused,
+    app_by_certificate,
+    app_by_password,
+    permitted,
+    thing_by_certificate,
+)
 
 log = logging.getLogger(__name__)
 PRINCIPAL = "thingbridge.principal"
-APP_PREFIX = "app:"
-
-
-@dataclass(frozen=True)
-class Principal:
-    kind: str  # "thing" | "app"
-    name: str
-    owner_id: str
-    fleet_wide: bool = False
-    # A thing's identity, and the registry's revocation counter when it was checked.
-    device: DeviceIdentity | None = None
-    revocations: int = 0
-
-    @property
-    def client_id_prefix(self) -> str:
-        return self.name if self.kind == "thing" else f"{APP_PREFIX}{self.name}"
-
-    def owns_client_id(self, client_id: str | None) -> bool:
-        """A thing may hold several connections ("{id}" or "{id}:{suffix}") but never name another's."""
-        prefix = self.client_id_prefix
-        return bool(client_id) and (client_id == prefix or client_id.startswith(prefix + ":"))
 
 
 @dataclass
@@ -58,14 +45,6 @@ class Counters:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
-class Refused(Exception):
-    """A refused CONNECT: `reason` is a short stable key for the statistics, the message says why."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 class IdentityPlugin(BaseAuthPlugin):
     @dataclass
     class Config:
@@ -76,7 +55,7 @@ class IdentityPlugin(BaseAuthPlugin):
         try:
             principal = await self._identify(session)
             if not principal.owns_client_id(session.client_id):
-                raise Refused("client_id_mismatch", _client_id_rule(principal))
+                raise Refused("client_id_mismatch", principal.client_id_rule())
             if session.will_flag and not await permitted(
                 self.config.core, principal, Action.PUBLISH, session.will_topic
             ):
@@ -104,29 +83,9 @@ class IdentityPlugin(BaseAuthPlugin):
                 raise Refused("no_certificate", "no verified client certificate")
             presented = pki.der_cert_id(der)
             if cn.startswith(APP_PREFIX):
-                app = await core.accounts.app(cn[len(APP_PREFIX) :])
-                if app is None or app.cert_id != presented:
-                    raise Refused("unknown_certificate", "unknown or revoked application certificate")
-                return Principal("app", app.name, app.owner_id, app.fleet_wide)
-            revocations = core.things.revocations
-            device = await core.things.identify_device(cn, presented)
-            if device is None:
-                raise Refused("unknown_certificate", "unknown, disabled or revoked thing certificate")
-            return Principal(
-                "thing", device.thing_id, device.owner_id, device=device, revocations=revocations
-            )
-        if not session.username or session.password is None:
-            raise Refused("no_credentials", "plain listener needs an application username and password")
-        try:
-            app = await core.accounts.app_login(
-                session.username, session.password, source=session.remote_address or ""
-            )
-        except TooManyRequests as exc:
-            # MQTT 3.1.1 has no "rate limited" code: CONNACK 5 (not authorized) like any refusal
-            raise Refused("rate_limited", str(exc)) from exc
-        if app is None:
-            raise Refused("bad_password", "bad application username or password")
-        return Principal("app", app.name, app.owner_id, app.fleet_wide)
+                return await app_by_certificate(core, cn[len(APP_PREFIX) :], presented)
+            return await thing_by_certificate(core, cn, presented)
+        return await app_by_password(core, session.username, session.password, session.remote_address or "")
 
 
 async def standing(core: Any, session: Session) -> str:
@@ -138,39 +97,6 @@ async def standing(core: Any, session: Session) -> str:
     return await core.things.standing(principal.device, principal.revocations)
 
 
-def _client_id_rule(principal: Principal) -> str:
-    if principal.kind == "thing":
-        return f"client id must be the thing id {principal.name!r} or '{principal.name}:<suffix>'"
-    name = principal.name
-    return f"client id must be 'app:{name}' or 'app:{name}:<suffix>' for application {name!r}"
-
-
-async def permitted(core: Any, principal: Principal, action: Action, topic: str | None) -> bool:
-    """The ACL: a thing uses only its own topics (and may not publish the cloud's); an application
-    subscribes under things/ and rollouts/ and reaches only its owner's things and rollouts, unless
-    it is fleet-wide."""
-    if topic is None:
-        return False
-    if principal.kind == "thing":
-        if action == Action.PUBLISH:
-            return topics.thing_may_publish(principal.name, topic)
-        if action == Action.SUBSCRIBE:
-            return topics.thing_may_subscribe(principal.name, topic)
-        return topics.thing_of(topic) == principal.name
-    if action == Action.SUBSCRIBE:
-        return topics.app_may_subscribe(topic)
-    rollout_id = topics.rollout_of(topic) if action == Action.RECEIVE else None
-    if rollout_id is not None:
-        return principal.fleet_wide or await core.rollouts.owner_of(rollout_id) == principal.owner_id
-    thing_id = topics.publish_target(topic) if action == Action.PUBLISH else topics.thing_of(topic)
-    if thing_id is None:
-        return False
-    if principal.fleet_wide:
-        return True
-    owner = core.things.cached_owner(thing_id) or await core.things.owner_of(thing_id)
-    return owner == principal.owner_id
-
-
 class AclPlugin(BaseTopicPlugin):
     @dataclass
     class Config:
@@ -178,16 +104,17 @@ class AclPlugin(BaseTopicPlugin):
         counters: Any = None
 
     async def topic_filtering(
-        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+        self, *, session: Session | None = None, topic: str | None = None, action: AmqttAction | None = None
     ) -> bool | None:
         principal: Principal | None = session.attributes.get(PRINCIPAL) if session else None
         if principal is None or action is None:
             return False
-        allowed = await permitted(self.config.core, principal, action, topic)
+        act = Action(action.value)
+        allowed = await permitted(self.config.core, principal, act, topic)
         if not allowed:
-            if action == Action.PUBLISH:
+            if act == Action.PUBLISH:
                 self.config.counters.denied_publishes += 1
                 log.info("publish by %s %s to %.200r denied", principal.kind, principal.name, topic)
-            elif action == Action.SUBSCRIBE:
+            elif act == Action.SUBSCRIBE:
                 self.config.counters.denied_subscribes += 1
         return allowed
