@@ -17,9 +17,9 @@ confirmation is a SUCCESS upgrade result, recorded by the upgrader's own report,
 history and the staged rollouts it is in move exactly as after an upgradeResult. The target
 document is retained on `things/{id}/firmware/target`, re-sent in the transaction of whatever may
 change it here (activation, confirmation, the product's firmware) and wherever the upgrader
-reports a change of the thing's offers (upgrades.offers_changed: notify, a released rollout wave,
+reports a change of the thing's offers (upgrades.hooks.offers_changed: notify, a released rollout wave,
 an account move, a new rollout holding it back) or of its software's versions
-(upgrades.versions_changed: through the upgrader's routes as through ours)."""
+(upgrades.hooks.versions_changed: through the upgrader's routes as through ours)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from urllib.parse import quote
 
 import orjson
 
-from bridge.core import ids, topics, upgrades
+from bridge.core import ids, topics
 from bridge.core.errors import (
     Conflict,
     DomainError,
@@ -55,6 +55,7 @@ from bridge.core.provisioning.content import blob_hooks as content_blob_hooks
 from bridge.core.provisioning.serials import log_attempt
 from bridge.core.provisioning.vendors import new_cik
 from bridge.core.things import CIK_INCARNATION, Things
+from bridge.core.upgrades import Upgrades, catalog, fields, hooks, offers
 from bridge.store import IntegrityError, Store
 
 CHUNK_MAX = 32 * 1024  # bytes one MQTT chunk carries at most (a device with a few KiB of RAM asks for less)
@@ -156,7 +157,7 @@ def target_doc(conn: sqlite3.Connection, thing_id: str) -> Record | None:
         (thing_id, product["software_name"]),
     ).fetchone()
     current = running["version_number"] if running is not None else None
-    offer = upgrades.check(conn, thing_id, owner["owner_id"], product["software_name"], current or "")
+    offer = offers.check(conn, thing_id, owner["owner_id"], product["software_name"], current or "")
     target = offer["version"] or None
     image = _image(conn, product["software_pk"], target)
     return {
@@ -209,9 +210,9 @@ def _publish_firmware(conn: sqlite3.Connection, model_pk: int, content_id: str) 
 # through ours), or provisioning a firmware's blob, the target follows in the same transaction. A
 # deleted software takes its product with it (ON DELETE CASCADE): its things are of no product any
 # more, and their retained targets are cleared as when the product is deleted.
-upgrades.offer_hooks.append(publish_target)
-upgrades.versions_hooks.append(_publish_software)
-upgrades.deleting_hooks.append(functools.partial(_publish_software, deleting=True))
+hooks.offer_hooks.append(publish_target)
+hooks.versions_hooks.append(_publish_software)
+hooks.deleting_hooks.append(functools.partial(_publish_software, deleting=True))
 content_blob_hooks.append(_publish_firmware)
 
 
@@ -247,7 +248,7 @@ def _product_doc(row: sqlite3.Row) -> Record:
 
 
 def _version_row(conn: sqlite3.Connection, product: sqlite3.Row, version: str) -> sqlite3.Row:
-    return upgrades.version_row(conn, product["software_pk"], version, f"product {product['id']!r}")
+    return catalog.version_row(conn, product["software_pk"], version, f"product {product['id']!r}")
 
 
 def _vendor(product: sqlite3.Row) -> Vendor:
@@ -262,7 +263,7 @@ class Firmware:
         store: Store,
         outbox: Outbox,
         things: Things,
-        upgrades_: upgrades.Upgrades,
+        upgrades_: Upgrades,
         provisioning: Provisioning,
         mount: str,
     ) -> None:
@@ -288,17 +289,17 @@ class Firmware:
         `model` (a model of one of the owner's vendors), `enabled` (default true). Each software
         and each model is in one product at most. Returns (the product, created)."""
         _product_id(product_id)
-        body = upgrades._object(body, PRODUCT_FIELDS, "product")
-        name = upgrades._text(body, "softwareName", required=True) or ""
-        vendor = upgrades._text(body, "vendor", required=True) or ""
-        model = upgrades._text(body, "model", required=True) or ""
+        body = fields.as_object(body, PRODUCT_FIELDS, "product")
+        name = fields.text_field(body, "softwareName", required=True) or ""
+        vendor = fields.text_field(body, "vendor", required=True) or ""
+        model = fields.text_field(body, "model", required=True) or ""
         enabled = body.get("enabled", True)
         if not isinstance(enabled, bool):
             raise Invalid("enabled must be true or false")
 
         def put(conn: sqlite3.Connection) -> tuple[Record, bool]:
             try:
-                software = upgrades._software(conn, owner_id, name)
+                software = catalog.software_row(conn, owner_id, name)
             except NotFound as exc:
                 raise Invalid(f"softwareName: {exc}") from exc
             found = conn.execute(
@@ -378,7 +379,7 @@ class Firmware:
         """Upsert a template version: the upgrader's version of the product's software (status
         default OK, its download URL the firmware path, `{thingId}` standing for the device)."""
         version = version_key(version)
-        body = upgrades._object(body, VERSION_FIELDS, "version")
+        body = fields.as_object(body, VERSION_FIELDS, "version")
         product = await self.store.read(_owned, owner_id, product_id)
         spec = {
             "status": "OK",
@@ -591,7 +592,7 @@ class Firmware:
     async def chunk(self, device: DeviceIdentity, body: Any) -> tuple[int, bytes]:
         """things/{id}/firmware/get {version, offset, length}: (offset, the bytes from there),
         at most CHUNK_MAX of them. An offset at or past the end is Invalid."""
-        body = upgrades._object(body, ("version", "offset", "length"), "body")
+        body = fields.as_object(body, ("version", "offset", "length"), "body")
         offset, length = body.get("offset"), body.get("length", CHUNK_MAX)
         for name, value, low in (("offset", offset, 0), ("length", length, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -604,7 +605,7 @@ class Firmware:
     async def switched(self, device: DeviceIdentity, body: Any) -> Record:
         """things/{id}/firmware/switched {version}."""
         return await self.switch(
-            device, upgrades._object(body, ("version",), "body").get("version"), transport="mqtt"
+            device, fields.as_object(body, ("version",), "body").get("version"), transport="mqtt"
         )
 
     async def switch(self, device: DeviceIdentity, version: Any, *, transport: str) -> Record:

@@ -4,7 +4,7 @@ devices wave by wave, stopping itself when too many fail.
 At creation the profile's devices are fixed and put in a stable order (by SHA-256 of the thing
 id: the same devices lead every rollout, a canary cohort), and each gets its wave from the
 cumulative percentages. Only devices of released waves are offered the version (see
-upgrades.offer); releasing a wave tells them (notify). The current wave ends when all its devices
+upgrades.offers.offer); releasing a wave tells them (notify). The current wave ends when all its devices
 have reported (SUCCESS, FAILED or ABORTED for the version) or its timeout passed; then its failure
 ratio (FAILED + ABORTED over reported) decides: within the threshold the next wave is released (or
 the rollout is completed, and the version is offered to the whole profile), above it the rollout
@@ -32,19 +32,10 @@ from bridge.core.errors import Conflict, Invalid, NotFound
 from bridge.core.listing import ListQuery, Record
 from bridge.core.messages import Messages
 from bridge.core.outbox import Outbox, enqueue, restoring
-from bridge.core.upgrades import (
-    TERMINAL,
-    _key,
-    _object,
-    _profile,
-    _software,
-    _text,
-    _version,
-    list_owned,
-    notify_device,
-    offers_changed,
-    publish_all_notices,
-)
+from bridge.core.upgrades.catalog import list_owned, profile_row, software_row, software_version
+from bridge.core.upgrades.fields import TERMINAL, as_object, key_field, text_field
+from bridge.core.upgrades.hooks import offers_changed
+from bridge.core.upgrades.offers import notify_device, publish_all_notices
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -235,18 +226,18 @@ class Rollouts(Background):
 
     async def create(self, owner_id: str, body: Any, now: float | None = None) -> Record:
         """POST /v2/rollouts: the first wave is released (and told) at once."""
-        body = _object(body, ROLLOUT_FIELDS, "rollout")
-        name = _text(body, "softwareName", required=True) or ""
-        number = _text(body, "versionNumber", required=True) or ""
-        profile_id = _text(body, "rolloutProfileId", required=True) or ""
+        body = as_object(body, ROLLOUT_FIELDS, "rollout")
+        name = text_field(body, "softwareName", required=True) or ""
+        number = text_field(body, "versionNumber", required=True) or ""
+        profile_id = text_field(body, "rolloutProfileId", required=True) or ""
         waves = parse_waves(body.get("waves"))
         threshold = _number(body, "errorThreshold", 0, 1, low_open=False)
         timeout = _number(body, "waveTimeout", 0, MAX_WAVE_TIMEOUT, low_open=True)
         rollout_id = ids.new_id()
 
         def create(conn: sqlite3.Connection) -> tuple[Record, list[str]]:
-            version = _version(conn, _software(conn, owner_id, name), number)
-            profile = _profile(conn, owner_id, profile_id)
+            version = software_version(conn, software_row(conn, owner_id, name), number)
+            profile = profile_row(conn, owner_id, profile_id)
             if not conn.execute(
                 "SELECT 1 FROM version_profiles WHERE version_pk = ? AND profile_pk = ?",
                 (version["pk"], profile["pk"]),
@@ -344,7 +335,7 @@ class Rollouts(Background):
 
     # ---- engine --------------------------------------------------------------------------------
     def on_results(self, conn: sqlite3.Connection, thing_id: str) -> list[str]:
-        """upgrades.ResultsHook: the rollouts the device is in move on (and publish new counts)."""
+        """upgrades.hooks.ResultsHook: the rollouts the device is in move on (and publish new counts)."""
         told: list[str] = []
         for row in conn.execute(
             "SELECT rollout_id FROM rollout_devices WHERE thing_id = ?", (thing_id,)
@@ -408,7 +399,7 @@ class Rollouts(Background):
 
 
 def _owned(conn: sqlite3.Connection, owner_id: str, rollout_id: str) -> sqlite3.Row:
-    _key(rollout_id, "rollout id")
+    key_field(rollout_id, "rollout id")
     row = conn.execute(
         "SELECT * FROM rollouts WHERE id = ? AND owner_id = ?", (rollout_id, owner_id)
     ).fetchone()

@@ -1,5 +1,5 @@
 """The Upgrader V2 dialect's JSON shapes, with the document's field names. Requests are decoded
-by these models (wrong types and unknown fields: 400) and handed to bridge/core/upgrades.py as
+by these models (wrong types and unknown fields: 400) and handed to bridge/core/upgrades/ as
 plain JSON, which checks values again (dates, references); answers are the core's records
 converted to these models."""
 

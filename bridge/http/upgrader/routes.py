@@ -1,5 +1,5 @@
 """The operator's operations of the Upgrader V2 document: rollout profiles, their accounts and
-devices, software and versions, notify. Each is one call of bridge/core/upgrades.py with the
+devices, software and versions, notify. Each is one call of bridge/core/upgrades/ with the
 caller's user id as the owner (another operator's objects answer 404)."""
 
 from __future__ import annotations
