@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -158,9 +159,9 @@ def fresh_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
     yield from _bridge(tmp_path_factory)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[object]:
-    """One PostgreSQL server per test process (xdist worker), started on first use."""
+def postgres_of_its_own() -> Iterator[Any]:
+    """A PostgreSQL server started here and stopped when the generator ends; the test is skipped
+    with the reason when the server binaries are not installed."""
     from tests.helpers import PostgresServer, postgres_bin
 
     bindir = postgres_bin()
@@ -174,6 +175,12 @@ def postgres_server() -> Iterator[object]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One PostgreSQL server per test process (xdist worker), started on first use."""
+    yield from postgres_of_its_own()
 
 
 @pytest.fixture(scope="session")

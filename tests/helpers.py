@@ -342,15 +342,24 @@ class PostgresServer:
         with socket.socket() as probe:  # a free port; pg_ctl fails clearly if it is taken meanwhile
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -F -c max_connections=200"
-        self._run(
-            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"), "-w", "start"
-        )
+        self.resume()
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {self.TEMPLATE}")
         store = PostgresStore(self.url(self.TEMPLATE), self.folder / "unused")
         store.open()
         store.close()
+
+    def resume(self) -> None:
+        """Start the server (again, after `halt`: on the same port, with its databases)."""
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -F -c max_connections=200"
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"), "-w", "start"
+        )
+
+    def halt(self) -> None:
+        """What a crash or a failover does to its clients: stopped at once (immediate: sessions cut,
+        no shutdown checkpoint; `resume` recovers from the WAL)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -367,7 +376,7 @@ class PostgresServer:
         postmaster.pid; immediate: no shutdown checkpoint, the folder goes next)."""
         try:
             if (self.data / "postmaster.pid").exists():
-                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+                self.halt()
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
 

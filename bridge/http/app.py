@@ -19,11 +19,15 @@ from bridge.http import docs, registry
 from bridge.http.common.auth import CORE
 from bridge.http.common.dialect import Dialect, Mounted
 from bridge.http.common.openapi import document
+from bridge.store import Unavailable
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PLAIN = Dialect("plain", "", ())  # paths of no dialect: {"error": "..."}
 SUMMARY = "An MQTT-first IoT bridge."
+UNAVAILABLE = (
+    "the database is unavailable (restarting or unreachable); nothing was changed, try again shortly"
+)
 
 
 def error_middleware(mounted: Sequence[Mounted], max_body: int) -> Any:
@@ -53,6 +57,13 @@ def error_middleware(mounted: Sequence[Mounted], max_body: int) -> Any:
             response = dialect.render_error(exc.status, message, None)
             if "Allow" in exc.headers:
                 response.headers["Allow"] = exc.headers["Allow"]
+            return response
+        except Unavailable as exc:
+            # Nothing of the request was committed (the store acknowledges only after a commit):
+            # the client may simply try again.
+            log.warning("%s %s: the database is unavailable: %s", request.method, request.path, exc)
+            response = dialect.render_error(503, UNAVAILABLE, exc)
+            response.headers["Retry-After"] = "1"
             return response
         except Exception as exc:
             log.exception("unhandled error in %s %s", request.method, request.path)

@@ -194,7 +194,7 @@ class Store:
     def _commit_group(self, conn: Any, group: list[Any]) -> Any:
         """Commit one group; the connection for the next one (see _recover)."""
         try:
-            conn.execute(self.BEGIN)
+            conn = self._begin(conn)
             outcomes = each_in_savepoint(conn, ((fn, args) for fn, args, _loop, _fut in group))
             conn.execute("COMMIT")
         except StoreError as exc:  # the group is not committed: every write of it fails
@@ -208,6 +208,11 @@ class Store:
             by_loop.setdefault(loop, []).append((fut, ok, value))
         for loop, results in by_loop.items():
             loop.call_soon_threadsafe(_resolve, results)
+        return conn
+
+    def _begin(self, conn: Any) -> Any:
+        """Open the group's transaction; the connection it is on."""
+        conn.execute(self.BEGIN)
         return conn
 
     def _recover(self, conn: Any) -> Any:

@@ -378,6 +378,22 @@ class PostgresStore(db.Store):
     def _connect_reader(self) -> Connection:
         return connect(self.url, autocommit=True)
 
+    def _begin(self, conn: Connection) -> Connection:
+        """A connection lost while the writer was idle (the server restarted meanwhile) shows only
+        when used: then BEGIN fails, nothing of the group has run, and it is opened once more on
+        a new connection instead of failing the group."""
+        try:
+            return super()._begin(conn)
+        except Unavailable:
+            fresh = self._recover(conn)
+            if fresh is conn:
+                raise
+        try:
+            return super()._begin(fresh)
+        except BaseException:
+            fresh.close()  # the group fails; the next one connects again
+            raise
+
     def _recover(self, conn: Connection) -> Connection:
         """A server restart or a terminated session breaks the connection: the group that met it
         failed, the next one gets a new connection (or, while the server is away, fails too)."""

@@ -42,6 +42,7 @@ STATUS_TEXT = {
     415: "UNSUPPORTED_MEDIA_TYPE",
     429: "TOO_MANY_REQUESTS",
     500: "ERROR",
+    503: "SERVICE_UNAVAILABLE",
 }
 KeyType = Literal["RSA", "EC"]
 

@@ -1,0 +1,100 @@
+"""The store's server lost and back, against the real `thingbridge serve` on a PostgreSQL server of
+this module's own that the test stops at once (pg_ctl stop -m immediate: what a crash or a failover
+does to the bridge's sessions) and starts again: meanwhile HTTP answers 503 with a readable message
+in each dialect's shape and an MQTT QoS 1 message is not acknowledged (its publisher sends it
+again); afterwards both succeed at once, and every message acknowledged before, during or after is
+in the history."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiomqtt
+import orjson
+import pytest
+
+from tests.conftest import Bridge, _bridge, postgres_of_its_own
+from tests.helpers import (
+    Account,
+    PostgresServer,
+    ThingFiles,
+    account,
+    call,
+    create_thing,
+    error,
+    ok,
+    thing_client,
+    thing_jwt,
+)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """Not the worker's shared server: this one is stopped mid-test."""
+    yield from postgres_of_its_own()
+
+
+@pytest.fixture
+def bridge(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    url = postgres.new_database()
+    for bridge in _bridge(tmp_path_factory, store={"url": url}):
+        bridge.store_url = url
+        yield bridge
+
+
+async def publish(bridge: Bridge, thing: ThingFiles, numbers: range) -> None:
+    """QoS 1 messages {"n": n} on a new connection, each acknowledged before the next is sent."""
+    async with thing_client(bridge, thing) as client:
+        for n in numbers:
+            await client.publish(f"things/{thing.id}/collect", orjson.dumps({"n": n}), qos=1)
+
+
+async def collect(bridge: Bridge, thing: ThingFiles, n: int) -> int:
+    resp = await call("POST", f"{bridge.api}/things/{thing.id}/collect", thing_jwt(thing), json={"n": n})
+    return resp.status
+
+
+async def stored(bridge: Bridge, owner: Account, thing: ThingFiles) -> list[int]:
+    resp = await call("GET", f"{bridge.api}/things/{thing.id}/messages", owner.token)
+    return sorted(r["message"]["n"] for r in ok(resp))
+
+
+async def test_a_lost_database_answers_503_then_serves_and_loses_nothing_acknowledged(
+    bridge: Bridge, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    owner = account(bridge)
+    thing = await create_thing(bridge, owner.token, tmp_path)
+    acknowledged = list(range(10))
+    await publish(bridge, thing, range(5))
+    assert [await collect(bridge, thing, n) for n in range(5, 10)] == [200] * 5
+
+    async with thing_client(bridge, thing, f"{thing.id}:outage") as client:
+        postgres.halt()
+        try:
+            # HTTP: 503 in the dialect's shape, with a sentence and Retry-After; nothing stored
+            for resp in (
+                await call(
+                    "POST", f"{bridge.api}/things/{thing.id}/collect", thing_jwt(thing), json={"n": 10}
+                ),
+                await call("GET", f"{bridge.api}/things", owner.token),
+            ):
+                assert "the database is unavailable" in error(resp, 503)
+                assert resp.headers["Retry-After"] == "1"
+            resp = await call("GET", f"{bridge.http}/v2/software", owner.token)  # the upgrader's shape
+            assert resp.status == 503 and resp.json["errorCode"] == 503, resp.body
+            # MQTT: the QoS 1 message is not acknowledged (the bridge closes the connection)
+            with pytest.raises(aiomqtt.MqttError):
+                await client.publish(f"things/{thing.id}/collect", orjson.dumps({"n": 11}), qos=1)
+        finally:
+            postgres.resume()
+    assert bridge.proc is not None and bridge.proc.poll() is None  # the bridge stayed up
+
+    # Back at once: the first request of each kind succeeds; the publisher sends its message again.
+    assert await collect(bridge, thing, 12) == 200
+    await publish(bridge, thing, range(11, 12))
+    await publish(bridge, thing, range(13, 15))
+    acknowledged += [11, 12, 13, 14]
+    found = await stored(bridge, owner, thing)
+    assert found == acknowledged  # every acknowledged message, once; the refused 10 not at all
+    assert bridge.stop() == 0
