@@ -35,7 +35,8 @@ def failed(resp: Resp, status: int, text: str) -> None:
     body = resp.json
     assert set(body) == {"error", "message"}, body
     assert body["error"] == {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                             409: "conflict", 413: "request_entity_too_large"}[status]  # fmt: skip
+                             409: "conflict", 413: "request_entity_too_large",
+                             429: "too_many_requests"}[status]  # fmt: skip
     assert text in body["message"], body
 
 
@@ -278,6 +279,24 @@ async def test_activate(bridge: Bridge, owner: Account, shop: Product) -> None:
     failed(await Fw(bridge)("POST", "/activate", json={"serialNumber": sn}), 400, "several products")
     named = await activate(bridge, sn, product=shop.id)
     assert named["thingId"] == first["thingId"]
+
+
+async def test_guessing_serial_numbers_is_slowed_down(bridge: Bridge, shop: Product) -> None:
+    """Unknown serial numbers from one address: after five, 429 with Retry-After, in the dialect's
+    error shape (the same limiter as provisioning's activation)."""
+    device = Fw(bridge)
+    for i in range(5):
+        guess = {"serialNumber": f"guess-{i}", "product": shop.id}
+        failed(await device("POST", "/activate", json=guess), 404, "not one")
+    statuses = []
+    for i in range(5, 15):  # the back-off doubles with each failure: a slow run meets it too
+        got = await device("POST", "/activate", json={"serialNumber": f"guess-{i}", "product": shop.id})
+        statuses.append(got.status)
+        if got.status == 429:
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) <= {404}, statuses
+    assert int(got.headers["Retry-After"]) >= 1
+    failed(got, 429, "too many failed activations")
 
 
 async def test_target_download_and_switch(bridge: Bridge, owner: Account, shop: Product) -> None:

@@ -273,6 +273,27 @@ async def test_activation_errors(bridge: Bridge, acme: Vendor) -> None:
     refused(await device("POST", "/activate", form={"vendor": acme.name}), 400, "model")
 
 
+async def test_guessing_serial_numbers_is_slowed_down(bridge: Bridge, acme: Vendor) -> None:
+    """Unknown serial numbers from one address: after five, 429 with Retry-After (an exponential
+    back-off, credentials.FailureLimiter); the back-off is per address and model, so the same
+    address still activates a device of another model."""
+    api, device = Api(bridge, acme), Api(bridge)
+    guessed, other = await new_model(api), await new_model(api)
+    for i in range(5):
+        refused(await device("POST", "/activate", form={"vendor": acme.name, "model": guessed, "sn": f"g{i}"}),
+                404, "not found")  # fmt: skip
+    statuses = []
+    for i in range(5, 15):  # the back-off doubles with each failure: a slow run meets it too
+        got = await device("POST", "/activate", form={"vendor": acme.name, "model": guessed, "sn": f"g{i}"})
+        statuses.append(got.status)
+        if got.status == 429:
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) <= {404}, statuses
+    assert int(got.headers["Retry-After"]) >= 1
+    refused(got, 429, "too many failed activations")
+    assert await activated(api, bridge, acme, other, "fine")  # another model: not held back
+
+
 # ---- the device walk ------------------------------------------------------------------------------------
 async def test_device_walk(bridge: Bridge, acme: Vendor, other: Vendor) -> None:
     api = Api(bridge, acme)

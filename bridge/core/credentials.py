@@ -122,9 +122,13 @@ def source_key(source: str) -> str:
 
 class FailureLimiter:
     """Counts failed checks per (source, realm, name), per source and per (realm, name), with
-    exponential back-off. Event-loop only (not thread-safe), memory bounded by MAX_KEYS."""
+    exponential back-off. Event-loop only (not thread-safe), memory bounded by MAX_KEYS. `what`
+    names the attempts in the refusal ("logins", "activations")."""
 
-    def __init__(self, max_keys: int = MAX_KEYS, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, max_keys: int = MAX_KEYS, clock: Callable[[], float] = time.monotonic, *, what: str = "logins"
+    ) -> None:
+        self.what = what
         self._entries: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
         self._max_keys = max_keys
         self._clock = clock
@@ -156,7 +160,7 @@ class FailureLimiter:
         waits = [w for w in (e.refusal(now) for e in entries) if w is not None]
         if waits:
             wait = max(waits)
-            raise TooManyRequests(f"too many failed logins; retry in {math.ceil(wait)} s", wait)
+            raise TooManyRequests(f"too many failed {self.what}; retry in {math.ceil(wait)} s", wait)
         pair, src, _name = entries
         priority = (pair.failures + pair.pending, src.failures + src.pending)
         for entry in entries:

@@ -502,7 +502,8 @@ class Firmware:
         """POST /fw/v1/activate. NotFound: no enabled vendor's product has the serial number;
         Invalid: several have and `product` does not say which; Forbidden: the product or the
         serial number is disabled, or the owner's plan is full. Each attempt is in the serial
-        number's activation log."""
+        number's activation log. TooManyRequests: too many unknown serial numbers from this address
+        (Serials.attempt)."""
         api_key = new_cik()
         incarnation = f"{CIK_INCARNATION}{secrets.token_hex(16)}"
         serials = self.provisioning.serials
@@ -544,7 +545,8 @@ class Firmware:
             publish_target(conn, thing_id)
             return thing_id, row["thing_id"], None
 
-        thing_id, previous, refused = await self.outbox.write(activate)
+        with serials.attempt(remote, f"firmware:{product_id or '*'}"):
+            thing_id, previous, refused = await self.outbox.write(activate)
         if refused is not None:
             raise refused
         if previous is not None:  # sessions and cached checks of the previous key go

@@ -13,11 +13,11 @@ import msgspec
 from aiohttp import web
 
 from bridge import __version__
-from bridge.core.errors import DomainError
+from bridge.core.errors import DomainError, TooManyRequests
 from bridge.core.service import Core
 from bridge.http import docs, registry
 from bridge.http.common.auth import CORE
-from bridge.http.common.dialect import Dialect, Mounted
+from bridge.http.common.dialect import Dialect, Mounted, retry_after
 from bridge.http.common.openapi import document
 from bridge.store import Unavailable
 
@@ -42,7 +42,10 @@ def error_middleware(mounted: Sequence[Mounted], max_body: int) -> Any:
         try:
             return await handler(request)
         except DomainError as exc:
-            return dialect.render_error(dialect.errors.status_of(exc), str(exc), exc)
+            response = dialect.render_error(dialect.errors.status_of(exc), str(exc), exc)
+            if isinstance(exc, TooManyRequests):
+                response.headers["Retry-After"] = retry_after(exc.retry_after)
+            return response
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

@@ -17,17 +17,19 @@ remap, disable, delete) disables or deletes the thing and closes its live sessio
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import orjson
 
 from bridge.core import ids
 from bridge.core.accounts import active_policy
+from bridge.core.credentials import FailureLimiter
 from bridge.core.errors import Conflict, DomainError, Invalid, NotFound, QuotaExceeded, Unauthorized
 from bridge.core.identity import DeviceIdentity
 from bridge.core.outbox import Outbox, forget_thing
@@ -46,6 +48,8 @@ from bridge.core.provisioning.common import (
 from bridge.core.provisioning.vendors import new_cik
 from bridge.core.things import CIK_INCARNATION, Thing, Things, insert_thing
 from bridge.store import IntegrityError, Store
+
+ACTIVATION = "activation"  # the failure limiter's realm
 
 OPTIONS = ("noaliases", "nocomments", "nohistorical")
 LOG_KEPT = 100  # activation log entries kept per serial number (a device retrying cannot grow it)
@@ -190,6 +194,8 @@ class Serials:
         self.enable_expiry = enable_expiry
         self.free_plan_things = free_plan_things
         self.clock = clock
+        # Failed activations (unknown serial numbers) per address and claim: guessing them is slowed down.
+        self.limiter = FailureLimiter(what="activations")
 
     async def _revoke(self, thing_ids: Iterable[str], *, deleted: bool) -> None:
         for thing_id in thing_ids:
@@ -475,11 +481,29 @@ class Serials:
         await self._revoke(filter(None, [await self.store.write(move)]), deleted=False)
 
     # ---- the device side ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def attempt(self, remote: str, claim: str) -> Iterator[None]:
+        """One activation from address `remote` on `claim` (a model, a firmware product). NotFound
+        counts as a failed guess: after 5 for the address and claim, 50 for the address or 200 for
+        the claim, TooManyRequests with an exponential back-off (credentials.FailureLimiter), so
+        serial numbers cannot be enumerated quickly; a success clears its address and claim."""
+        self.limiter.admit(remote, ACTIVATION, claim)
+        outcome: bool | None = None
+        try:
+            yield
+            outcome = True
+        except NotFound:
+            outcome = False
+            raise
+        finally:
+            self.limiter.settle(remote, ACTIVATION, claim, outcome)
+
     async def activate(self, vendor: str, model: str, sn: str, *, remote: str, agent: str) -> str:
         """POST /provision/activate -> the CIK, returned this once (only its hash is kept). NotFound
         for an unknown vendor, model or serial number; Conflict when it is not enabled for
-        activation (no client, expired, activated already, disabled) or the owner's plan is full.
-        Every attempt on a known serial number is logged with the caller's address and agent."""
+        activation (no client, expired, activated already, disabled) or the owner's plan is full;
+        TooManyRequests after too many unknown ones from this address (`attempt`). Every attempt on
+        a known serial number is logged with the caller's address and agent."""
         cik = new_cik()
         incarnation = f"{CIK_INCARNATION}{secrets.token_hex(16)}"
 
@@ -506,7 +530,8 @@ class Serials:
                 else None
             )
 
-        refusal = await self.store.write(activate)
+        with self.attempt(remote, f"{vendor}/{model}"):
+            refusal = await self.store.write(activate)
         if refusal is not None:
             raise refusal
         self.outbox.kick()  # a new thing's config document

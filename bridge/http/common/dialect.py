@@ -6,6 +6,7 @@ usual domain error -> status table); a dialect package subclasses it where its d
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,6 +38,21 @@ ERROR_TEXT = {
     413: "The request body is larger than http.max_body, or the message larger than messages.max_payload.",
     429: "Too many requests: try again after Retry-After seconds.",
 }
+
+
+# Every 429 says when to try again (the middleware sets it from TooManyRequests.retry_after).
+RETRY_AFTER: dict[str, Schema] = {
+    "Retry-After": {
+        "description": "whole seconds to wait",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+    }
+}
+
+
+def retry_after(seconds: float) -> str:
+    """Retry-After takes whole seconds: round up, so a client that obeys it is not refused again."""
+    return str(max(1, math.ceil(seconds)))
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ not listed separately."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import msgspec
 
-from bridge.http.common.dialect import Dialect, Mounted, ResponseDoc
+from bridge.http.common.dialect import RETRY_AFTER, Dialect, Mounted, ResponseDoc
 from bridge.http.common.models import Schema
-from bridge.http.common.operation import FORM_MEDIA_TYPE, Empty, Form, Media, Operation, RawBody
+from bridge.http.common.operation import FORM_MEDIA_TYPE, Empty, ErrorDoc, Form, Media, Operation, RawBody
 
 OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{name}"
@@ -108,9 +109,16 @@ def _operation(place: Mounted, op: Operation, schemas: _Schemas) -> Schema:
         for status, model in op.alternatives.items()
     }
     doc["responses"] = successes | {
-        str(error.status): _response(dialect.error_response(error), schemas) for error in op.errors
+        str(error.status): _response(_error_response(dialect, error), schemas) for error in op.errors
     }
     return doc
+
+
+def _error_response(dialect: Dialect, error: ErrorDoc) -> ResponseDoc:
+    response = dialect.error_response(error)
+    if error.status == 429:  # in every dialect (set by the middleware)
+        response = replace(response, headers={**RETRY_AFTER, **response.headers})
+    return response
 
 
 def _answer(answer: Media | Empty) -> Schema:

@@ -30,6 +30,7 @@ TAG = "firmware"
         ErrorDoc(403, "The product or the serial number is disabled, or the owner's plan has no room."),
         ErrorDoc(404, "No enabled product has this serial number."),
         413,
+        ErrorDoc(429, "Too many unknown serial numbers from this address: an exponential back-off."),
     ),
     description="No credential: the serial number is the device's claim. Every activation issues a new "
     "API key (only its hash is kept) and voids the previous one at once, with its sessions; the thing and "

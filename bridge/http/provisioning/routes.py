@@ -44,10 +44,11 @@ CSV_LINES = {"type": "string", "description": "RFC 4180 records, one a line"}
     tag=TAG,
     body=Form(models.ActivateForm, "The client: vendor, model and serial number."),
     answer=Media(TEXT, "The device's CIK (40 hex characters), returned this once.", STRING),
-    errors=(400, 404, 409),
+    errors=(400, 404, 409, 429),
     description="No credential: the form names the client (empty X-Exosite-CIK / X-Exosite-Token headers "
     "are ignored). 404: no such client; 409: the serial number is not enabled for activation (no client, "
-    "enable expired, activated already, disabled). The CIK is the device's credential from now on.",
+    "enable expired, activated already, disabled); 429: too many unknown serial numbers from this address "
+    "(an exponential back-off). The CIK is the device's credential from now on.",
 )
 async def activate(call: Call[None, None, None, models.ActivateForm]) -> web.Response:
     form, request = call.body, call.request

@@ -3,13 +3,12 @@ error (code = the HTTP status, the reason in messages[0].value), and how its err
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
-from bridge.core.errors import QuotaExceeded, TooManyRequests
+from bridge.core.errors import QuotaExceeded
 from bridge.http.common.dialect import ERROR_TEXT, ResponseDoc, json_response
 from bridge.http.common.operation import ErrorDoc
 from bridge.http.things_gateway.models import (
@@ -40,14 +39,7 @@ def render_error(status: int, message: str, exc: Exception | None) -> web.Respon
     headers = None
     if status == 401:
         headers = {"WWW-Authenticate": getattr(exc, "challenge", BEARER_CHALLENGE)}
-    elif isinstance(exc, TooManyRequests):
-        headers = {"Retry-After": str(retry_after_header(exc.retry_after))}
     return envelope(None, message, status, headers)
-
-
-def retry_after_header(seconds: float) -> int:
-    """Retry-After takes whole seconds: round up, so a client that obeys it is not refused again."""
-    return max(1, math.ceil(seconds))
 
 
 def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -56,7 +48,6 @@ def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str,
 
 ERROR_HEADERS = {
     401: {"WWW-Authenticate": _header("the challenge: Bearer realm=... (Basic realm=... on GET .../token)")},
-    429: {"Retry-After": _header("whole seconds to wait", {"type": "string", "pattern": "^[1-9][0-9]*$"})},
 }
 GATEWAY_TEXT = {
     404: "No such resource (another user's thing answers 404 too).",
