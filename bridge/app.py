@@ -188,6 +188,9 @@ async def serve(cfg: Config, first_start: str | None = None) -> int:
         ports: dict[str, int | None] = {}
         if mqtt is not None:
             ports = {"mqtt_tls": mqtt.ports.get(TLS), "mqtt_plain": mqtt.ports.get(PLAIN)}
+        else:
+            assert engine is not None
+            ports = {**engine.ports()}
         if cfg.http.http.enabled:
             ports["http"] = await _start_site(runner, cfg.http.http, "http.http", "--http-port")
         if cfg.http.https.enabled:

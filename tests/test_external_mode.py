@@ -3,9 +3,12 @@ are and what they may do (tests/engine.py starts the cluster)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import socket
 import ssl
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -125,10 +128,22 @@ async def refused(client: aiomqtt.Client) -> None:
 
 async def closed_by_engine(client: aiomqtt.Client, action: Coroutine[Any, Any, Any]) -> None:
     """`action` (a publish or subscribe the engine must refuse) ends the connection: RabbitMQ 3.10
-    answers an unauthorised PUBLISH or SUBSCRIBE by closing it."""
+    answers an unauthorised PUBLISH or SUBSCRIBE by closing it (no SUBACK failure code, no PUBACK)."""
+    pending = asyncio.ensure_future(action)
+    try:
+        await closed_within(client, 5)
+    finally:
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await pending
+
+
+async def closed_within(client: aiomqtt.Client, seconds: float) -> None:
+    """The engine closes `client`'s connection within `seconds` (a TimeoutError otherwise)."""
     with pytest.raises(aiomqtt.MqttError):
-        await action
-        await client.publish("ping/after", b"", qos=1)  # a QoS 1 round trip: fails once closed
+        async with asyncio.timeout(seconds):
+            async for _ in client.messages:
+                pass
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +299,35 @@ async def test_the_auth_backend_allows_what_the_rules_allow(external: Bridge) ->
         "permission": "read",
     }
     assert (await call("POST", f"{url}/resource", data=queue)).body == b"allow"
+
+
+@pytest.mark.parametrize("how", ["disable", "delete"])
+async def test_a_revoked_thing_is_closed_on_every_node_within_a_second(
+    external: Bridge, rabbit_cluster: RabbitCluster, tmp_path: Path, how: str
+) -> None:
+    owner = account(external)
+    thing = await create_thing(external, owner.token, tmp_path / "t")
+    other = await create_thing(external, owner.token, tmp_path / "o")
+    url = f"{external.api}/things/{thing.id}"
+    async with (
+        engine_client(rabbit_cluster, thing, node=0) as first,
+        engine_client(rabbit_cluster, thing, node=1, identifier=f"{thing.id}:2") as second,
+        engine_client(rabbit_cluster, other, node=1) as bystander,
+    ):
+        for client in (first, second):
+            await client.subscribe(f"things/{thing.id}/publish", qos=1)
+        started = time.monotonic()
+        if how == "disable":
+            ok(await call("PATCH", url, owner.token, json={"enabled": False}))
+        else:
+            ok(await call("DELETE", url, owner.token))
+        await asyncio.gather(closed_within(first, 1.0), closed_within(second, 1.0))
+        elapsed = time.monotonic() - started
+        await bystander.publish(f"things/{other.id}/collect", b"{}", qos=1)  # still connected
+    assert elapsed < 1.0
+    await refused(engine_client(rabbit_cluster, thing, node=0))
+    await refused(engine_client(rabbit_cluster, thing, node=1))
+    if how == "disable":
+        ok(await call("PATCH", url, owner.token, json={"enabled": True}))
+        async with engine_client(rabbit_cluster, thing):
+            pass

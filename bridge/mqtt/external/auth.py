@@ -21,6 +21,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,11 +81,34 @@ def _der_string(value: str) -> str:
     return der[2:].decode(errors="replace") if len(der) >= 2 and der[1] == len(der) - 2 else ""
 
 
-class EngineAuth:
-    """The four paths' answers. Stateless: each request names its user again."""
+class Logins:
+    """The engine usernames (certificate subjects) each thing logged in with through this process,
+    for closing its connections by username (management.py): the engine knows a connection only by
+    its user. Bounded: the things seen longest ago are forgotten first."""
 
-    def __init__(self, cfg: Config, core: Core) -> None:
+    def __init__(self, max_things: int = 100_000, per_thing: int = 8) -> None:
+        self.max_things = max_things
+        self.per_thing = per_thing
+        self._seen: OrderedDict[str, list[str]] = OrderedDict()
+
+    def add(self, thing_id: str, username: str) -> None:
+        names = self._seen.pop(thing_id, [])
+        if username in names:
+            names.remove(username)
+        self._seen[thing_id] = [*names[-(self.per_thing - 1) :], username]
+        while len(self._seen) > self.max_things:
+            self._seen.popitem(last=False)
+
+    def of(self, thing_id: str) -> list[str]:
+        return list(self._seen.get(thing_id, ()))
+
+
+class EngineAuth:
+    """The four paths' answers. Stateless but for `logins`: each request names its user again."""
+
+    def __init__(self, cfg: Config, core: Core, logins: Logins) -> None:
         self.core = core
+        self.logins = logins
         self.username = cfg.mqtt.external.username
         self.password = cfg.mqtt.external.password
         self.counters = {"allowed": 0, "denied": 0}
@@ -134,7 +158,8 @@ class EngineAuth:
                 return SERVICE_TAGS if ok and self.password else DENY
             await app_by_password(self.core, username, password, f"engine {remote}")
             return ALLOW
-        await self._certificate(username)
+        thing = await self._certificate(username)
+        self.logins.add(thing.name, username)
         return ALLOW
 
     async def _certificate(self, dn: str) -> Principal:
@@ -217,13 +242,13 @@ class AuthListener:
         await self.runner.cleanup()
 
 
-async def start_external_auth(cfg: Config, core: Core) -> AuthListener | None:
+async def start_external_auth(cfg: Config, core: Core, logins: Logins) -> AuthListener | None:
     """Serve the auth backend on mqtt.external.auth (None when it is disabled: another bridge
-    process of the same installation answers the engine)."""
+    process of the same installation answers the engine); `logins` records the things' usernames."""
     listener = cfg.mqtt.external.auth
     if not listener.enabled:
         return None
-    auth = EngineAuth(cfg, core)
+    auth = EngineAuth(cfg, core, logins)
     runner = web.AppRunner(auth.app(), access_log=None, shutdown_timeout=2, keepalive_timeout=30)
     await runner.setup()
     try:

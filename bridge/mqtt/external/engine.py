@@ -1,6 +1,7 @@
 """External mode as the serving process runs it, in place of the embedded broker: the link is made
-before the core (its DeviceLink), then `start(core)` opens the connections to the engine and
-consumes; `stop()` closes them again."""
+before the core (its DeviceLink), then `start(core)` opens the auth backend's listener (the engine
+asks it about the bridge's own user too), the connections to the engine, and consumes; `stop()`
+closes them again."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import urllib.parse
 
 from bridge.config import Config, ConfigError
 from bridge.core.service import Core
+from bridge.mqtt.external.auth import AuthListener, Logins, start_external_auth
 from bridge.mqtt.external.consumer import DeviceConsumer
 from bridge.mqtt.external.link import ExternalLink
+from bridge.mqtt.external.management import Management
 
 START_TIMEOUT = 30.0  # s for the engine to answer at start-up
 
@@ -19,8 +22,11 @@ START_TIMEOUT = 30.0  # s for the engine to answer at start-up
 class ExternalEngine:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.link = ExternalLink(cfg.mqtt.external)
+        self.logins = Logins()  # the auth backend records, the management API closes by them
+        self.management = Management(cfg.mqtt.external, self.logins)
+        self.link = ExternalLink(cfg.mqtt.external, close_thing=self.management.close_thing)
         self.consumer: DeviceConsumer | None = None
+        self.auth: AuthListener | None = None
 
     def device_port(self) -> int:
         """The MQTT/TLS port devices are told (their bundles): the first engine node's."""
@@ -34,6 +40,7 @@ class ExternalEngine:
                 "mqtt.external.password: the bridge's engine password is empty; set it or"
                 " $THINGBRIDGE_ENGINE_PASSWORD"
             )
+        self.auth = await start_external_auth(self.cfg, core, self.logins)
         tls = ssl.create_default_context(cafile=str(core.ca.ca_path))  # the engine's certificates
         self.consumer = DeviceConsumer(core, self.link)
         try:
@@ -50,7 +57,14 @@ class ExternalEngine:
                 f" ({', '.join(ext.amqp)}); check the URLs and mqtt.external.username"
             ) from None
 
+    def ports(self) -> dict[str, int]:
+        """For the ready line: the auth backend's bound port (none when another process answers)."""
+        return {"engine_auth": self.auth.port} if self.auth is not None else {}
+
     async def stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
         await self.link.stop()
+        await self.management.close()
+        if self.auth is not None:
+            await self.auth.stop()

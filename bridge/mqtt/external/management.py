@@ -1,0 +1,126 @@
+"""Closing a thing's live connections on the engine, through RabbitMQ's management HTTP API: the
+external DeviceLink's `disconnect_thing` (after a revocation, delete or disable).
+
+The engine knows a thing's connections by their user, the subject of the certificate they logged in
+with (CN = thing id; an older certificate's subject before a re-certification). So:
+* each subject this process's auth backend allowed for the thing (Logins) is closed with
+  DELETE /api/connections/username/<subject>: the engine's own record, exact at once, every node;
+* then the list of all connections (GET /api/connections) is searched for other subjects with that
+  CN (logins through another bridge process, or before this one started) and each is DELETEd. That
+  list comes from the management statistics and shows a new connection only after a while (not
+  within a second here; the statistics interval is 5 s by default), so it is searched again
+  RESWEEP seconds later."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import urllib.parse
+from typing import Any
+
+import aiohttp
+
+from bridge.config import ExternalConfig
+from bridge.mqtt.external.auth import Logins, subject_fields
+
+log = logging.getLogger(__name__)
+TIMEOUT = aiohttp.ClientTimeout(total=5)
+RESWEEP = 6.0  # s: past the engine's default collect_statistics_interval (5 s)
+REASON = "thingbridge: the thing was revoked, deleted or disabled"
+
+
+class Management:
+    def __init__(self, ext: ExternalConfig, logins: Logins) -> None:
+        self.logins = logins
+        self.urls = [u.rstrip("/") for u in ext.management]
+        self.auth = aiohttp.BasicAuth(ext.username, ext.password)
+        self._session: aiohttp.ClientSession | None = None
+        self._resweeps: set[asyncio.Task[int]] = set()
+        self.closed = 0  # connections closed, for the stats
+        self.failures = 0  # sweeps that no management node answered
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auth=self.auth, timeout=TIMEOUT)
+        return self._session
+
+    async def close_thing(self, thing_id: str) -> int:
+        """Close every engine connection of the thing; how many were open."""
+        closed = 0
+        for username in self.logins.of(thing_id):
+            closed += await self._close_user(username)
+        closed += await self._sweep(thing_id)
+        task = asyncio.create_task(self._resweep(thing_id))
+        self._resweeps.add(task)
+        task.add_done_callback(self._resweeps.discard)
+        return closed
+
+    async def _resweep(self, thing_id: str) -> int:
+        await asyncio.sleep(RESWEEP)
+        return await self._sweep(thing_id)
+
+    async def _sweep(self, thing_id: str) -> int:
+        for url in self.urls:  # the first node that answers: each sees the whole cluster's connections
+            try:
+                names = await self._connections_of(url, thing_id)
+                results = await asyncio.gather(*(self._close(url, name) for name in names))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("engine management %s: %r", url, exc)
+                continue
+            closed = sum(results)
+            self.closed += closed
+            return closed
+        self.failures += 1
+        log.error("no engine management node answered: thing %s's connections stay open", thing_id)
+        return 0
+
+    async def _close_user(self, username: str) -> int:
+        """DELETE /api/connections/username/<subject>: the engine's own record of its connections,
+        exact at once (the list of connections lags, see the module's docstring)."""
+        quoted = urllib.parse.quote(username, safe="")
+        for url in self.urls:
+            try:
+                async with self._http().get(f"{url}/api/connections/username/{quoted}") as resp:
+                    resp.raise_for_status()
+                    count = len(await resp.json())
+                async with self._http().delete(
+                    f"{url}/api/connections/username/{quoted}", headers={"X-Reason": REASON}
+                ) as resp:
+                    resp.raise_for_status()
+                self.closed += count
+                return count
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("engine management %s: %r", url, exc)
+        self.failures += 1
+        return 0
+
+    async def _connections_of(self, url: str, thing_id: str) -> list[str]:
+        params = {"columns": "name,user"}
+        async with self._http().get(f"{url}/api/connections", params=params) as resp:
+            resp.raise_for_status()
+            connections: list[dict[str, Any]] = await resp.json()
+        return [
+            c["name"]
+            for c in connections
+            if isinstance(c.get("user"), str) and (subject_fields(c["user"]) or {}).get("CN") == thing_id
+        ]
+
+    async def _close(self, url: str, name: str) -> int:
+        quoted = urllib.parse.quote(name, safe="")
+        async with self._http().delete(
+            f"{url}/api/connections/{quoted}", headers={"X-Reason": REASON}
+        ) as resp:
+            if resp.status == 404:  # gone meanwhile
+                return 0
+            resp.raise_for_status()
+            return 1
+
+    async def close(self) -> None:
+        for task in list(self._resweeps):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
