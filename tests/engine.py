@@ -113,8 +113,17 @@ class RabbitCluster:
 
     def conf(self, node: Node) -> str:
         auth = f"http://127.0.0.1:{self.auth_port}/auth"
-        peers = "\n".join(
-            f"cluster_formation.classic_config.nodes.{i} = {n.name}" for i, n in enumerate(self.nodes, 1)
+        first = self.nodes[0]
+        # The others join the first node, waiting for it while it boots (they all boot at once); the
+        # first forms the cluster. After that, a restarted node rejoins its cluster by itself.
+        peers = (
+            ""
+            if node is first
+            else f"""cluster_formation.peer_discovery_backend = classic_config
+cluster_formation.classic_config.nodes.1 = {first.name}
+cluster_formation.discovery_retry_limit = 600
+cluster_formation.discovery_retry_interval = 100
+"""
         )
         return f"""\
 listeners.tcp.default = 127.0.0.1:{node.amqp}
@@ -139,9 +148,7 @@ auth_http.resource_path = {auth}/resource
 auth_http.topic_path = {auth}/topic
 management.tcp.ip = 127.0.0.1
 management.tcp.port = {node.management}
-cluster_formation.peer_discovery_backend = classic_config
-{peers}
-disk_free_limit.absolute = 50MB
+{peers}disk_free_limit.absolute = 50MB
 log.console = false
 log.file.level = info
 """
@@ -204,15 +211,18 @@ log.file.level = info
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        # The first node alone, then the others join it (classic_config: a node that finds no peer
-        # running forms a cluster of its own).
-        self.start_node(self.nodes[0], timeout)
-        for node in self.nodes[1:]:
-            self.start_node(node, timeout)
+        for node in self.nodes:
+            self._spawn(node)
+        for node in self.nodes:
+            self.wait_up(node, timeout)
         self.wait_clustered(timeout)
 
     def start_node(self, node: Node, timeout: float = 90) -> None:
-        """Start (or restart, after stop_node) one node and wait until it serves."""
+        """Restart one node (after stop_node or kill_node) and wait until it serves."""
+        self._spawn(node)
+        self.wait_up(node, timeout)
+
+    def _spawn(self, node: Node) -> None:
         node.proc = subprocess.Popen(
             self._command(node, str(SERVER)),
             stdout=open(node.folder / "stdout", "wb"),  # noqa: SIM115 - the child holds it
@@ -220,7 +230,6 @@ log.file.level = info
             start_new_session=True,  # its own process group: stop() signals exactly that group
             cwd=self.folder,
         )
-        self.wait_up(node, timeout)
 
     def wait_up(self, node: Node, timeout: float) -> None:
         """Until the node's management API answers (the last plugin to start)."""
@@ -253,15 +262,22 @@ log.file.level = info
         return done.stdout
 
     def wait_clustered(self, timeout: float) -> None:
+        """Until every node runs in the first node's cluster (a node joining restarts its rabbit
+        application: rabbitmqctl refuses meanwhile)."""
         deadline = time.monotonic() + timeout
         want = {n.name for n in self.nodes}
         while True:
-            out = self.ctl(self.nodes[0], "cluster_status", "--formatter", "json")
-            running = set(json.loads(out).get("running_nodes", []))
+            try:
+                out = self.ctl(self.nodes[0], "cluster_status", "--formatter", "json")
+                running = set(json.loads(out).get("running_nodes", []))
+            except RuntimeError as exc:
+                running, why = set(), str(exc)
+            else:
+                why = f"running {sorted(running)}"
             if running >= want:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster did not form: running {sorted(running)}")
+                raise RuntimeError(f"cluster did not form: {why}\n{self.log_tail(self.nodes[-1])}")
             time.sleep(0.2)
 
     def log_tail(self, node: Node, lines: int = 40) -> str:
