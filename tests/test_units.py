@@ -16,6 +16,7 @@ from bridge.core.errors import Invalid, Unauthorized
 from bridge.core.messages import classify
 from bridge.core.status import DEFAULT, Effective, decide
 from bridge.core.things import check_audience
+from bridge.mqtt.external.auth import Logins, subject_fields
 from bridge.mqtt.hardened import Limits, OfflineQueue
 
 
@@ -229,3 +230,32 @@ def test_no_import_cycle_and_no_upward_import() -> None:
 
     cycles = [c for c in map(cycle_from, sorted(graph)) if c]
     assert cycles == [], cycles[:3]
+
+
+# ---- external mode: the engine's usernames ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("dn", "fields"),
+    [
+        ("SERIALNUMBER=6ad8,CN=t1", {"SERIALNUMBER": "6ad8", "CN": "t1"}),
+        ("CN=t1", {"CN": "t1"}),
+        (r"CN=a\,b", {"CN": "a,b"}),  # RFC 4514 escape
+        ("2.5.4.5=#13023661,CN=t1", {"SERIALNUMBER": "6a", "CN": "t1"}),
+        ("2.5.4.3=#13027431", {"CN": "t1"}),  # an OID with the value's DER in hex
+        ("CN=t1,CN=t2", None),  # repeated
+        ("no-equals", None),
+        ("=x", None),
+    ],
+)
+def test_engine_subjects_parse(dn: str, fields: dict[str, str] | None) -> None:
+    assert subject_fields(dn) == fields
+
+
+def test_engine_logins_are_bounded() -> None:
+    logins = Logins(max_things=2, per_thing=2)
+    for n in range(3):
+        logins.add("a", f"CN=a{n}")
+    assert logins.of("a") == ["CN=a1", "CN=a2"]  # the newest subjects of one thing
+    logins.add("b", "CN=b")
+    logins.add("a", "CN=a2")  # seen again: a is the newest thing
+    logins.add("c", "CN=c")
+    assert (logins.of("a"), logins.of("b"), logins.of("c")) == (["CN=a1", "CN=a2"], [], ["CN=c"])
