@@ -150,8 +150,9 @@ def _bridge(tmp_path_factory: pytest.TempPathFactory, **overrides: object) -> It
 
 
 @pytest.fixture(scope="module")
-def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
-    yield from _bridge(tmp_path_factory)
+def bridge(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    """The module's server: on SQLite, or on each store for a test marked `on_each_store()`."""
+    yield from store_bridge(request, tmp_path_factory)
 
 
 @pytest.fixture
@@ -204,9 +205,16 @@ STORES = ["sqlite", "postgresql"]
 
 
 def _store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "sqlite":
+    if getattr(request, "param", "sqlite") == "sqlite":
         return "sqlite:"
     return request.getfixturevalue("postgres_server").new_database()
+
+
+def on_each_store(fixture: str = "bridge") -> pytest.MarkDecorator:
+    """Run a test once per store: `fixture`, a server made by store_bridge (SQLite unless told),
+    takes each store in turn. For the tests of store behaviour in a module that otherwise runs on
+    SQLite only (the suite's time is bounded)."""
+    return pytest.mark.parametrize(fixture, STORES, indirect=True)
 
 
 @pytest.fixture(params=STORES)
@@ -219,7 +227,8 @@ def store_url(request: pytest.FixtureRequest) -> str:
 def store_bridge(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, **overrides: object
 ) -> Iterator[Bridge]:
-    """A server on the store named by `request.param`, for a fixture parametrised by STORES."""
+    """A server on the store named by `request.param` (a fixture parametrised by STORES, or by
+    on_each_store; none: SQLite)."""
     url = _store_url(request)
     for bridge in _bridge(tmp_path_factory, store={"url": url}, **overrides):
         bridge.store_url = url

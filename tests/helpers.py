@@ -4,10 +4,12 @@ other): users, tokens and things over the real HTTP API, small HTTP and MQTT cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -28,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bridge.store.postgres import PostgresStore
+from bridge.store.postgres import PostgresStore, translate
 from tests.conftest import ADMIN_PASSWORD, Bridge, basic
 
 _names = itertools.count(1)
@@ -379,6 +381,17 @@ class PostgresServer:
                 self.halt()
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def rows(bridge: Bridge, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """A statement on the server's database from outside, either store (`?` placeholders): what
+    the bridge committed, or a change a test makes behind its back."""
+    if bridge.store_url == "sqlite:":
+        with contextlib.closing(sqlite3.connect(bridge.db_path, isolation_level=None)) as lite:
+            return lite.execute(sql, args).fetchall()
+    with psycopg.connect(bridge.store_url, autocommit=True) as conn:
+        cur = conn.execute(translate(sql), args) if args else conn.execute(sql)
+        return [tuple(row) for row in cur.fetchall()] if cur.description else []
 
 
 def postgres_files(url: str) -> bytes:

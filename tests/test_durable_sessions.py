@@ -7,7 +7,6 @@ is gone from the database."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import struct
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import aiomqtt
 import pytest
 
 from tests import mqttraw
-from tests.conftest import Bridge, _bridge, write_config
+from tests.conftest import Bridge, on_each_store, store_bridge, write_config
 from tests.helpers import (
     Account,
     ThingFiles,
@@ -30,6 +29,7 @@ from tests.helpers import (
     firmware_product,
     next_message,
     ok,
+    rows,
     thing_client,
     unique,
 )
@@ -94,11 +94,6 @@ class Raw:
         await self.writer.wait_closed()
 
 
-def rows(bridge: Bridge, sql: str, *args: object) -> list[tuple]:
-    with sqlite3.connect(bridge.db_path) as conn:
-        return conn.execute(sql, args).fetchall()
-
-
 async def until(condition, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
     """Poll a condition on the database (the state the bridge writes behind an acknowledgement)."""
     deadline = time.monotonic() + timeout
@@ -125,8 +120,8 @@ def payloads(thing: ThingFiles, count: int, tag: str = "m") -> list[bytes]:
 
 
 @pytest.fixture
-def restartable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
-    yield from _bridge(tmp_path_factory, accounts={"free_plan_things": OFFLINE_THINGS + 1})
+def restartable(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    yield from store_bridge(request, tmp_path_factory, accounts={"free_plan_things": OFFLINE_THINGS + 1})
 
 
 def persistent_app(bridge: Bridge, name: str) -> aiomqtt.Client:
@@ -137,6 +132,7 @@ async def things(bridge: Bridge, owner: Account, folder: Path, n: int) -> list[T
     return list(await asyncio.gather(*(create_thing(bridge, owner.token, folder) for _ in range(n))))
 
 
+@on_each_store("restartable")
 async def test_kill_9_with_queued_and_in_flight_messages_delivers_each_once_in_order(
     restartable: Bridge, tmp_path: Path
 ) -> None:
@@ -293,6 +289,7 @@ async def test_a_re_certified_thing_resumes_its_own_session_before_and_after_a_r
         await until(lambda table=table: rows(bridge, f"SELECT count(*) FROM {table}") == [(0,)])
 
 
+@on_each_store("restartable")
 async def test_a_message_and_its_queue_rows_commit_together(restartable: Bridge, tmp_path: Path) -> None:
     """A message for a persistent session is stored and queued in one transaction: when its queue
     row cannot be written (a trigger the test adds to the live database refuses it), the message
@@ -311,9 +308,17 @@ async def test_a_message_and_its_queue_rows_commit_together(restartable: Bridge,
     def stored(payload: bytes) -> int:
         return rows(bridge, "SELECT count(*) FROM messages WHERE payload = ?", payload)[0][0]
 
-    with sqlite3.connect(bridge.db_path) as conn:
-        conn.execute(
-            "CREATE TRIGGER refuse_queue BEFORE INSERT ON mqtt_queue BEGIN SELECT RAISE(ABORT, 'injected'); END"
+    if bridge.store_url == "sqlite:":
+        rows(
+            bridge,
+            "CREATE TRIGGER refuse_queue BEFORE INSERT ON mqtt_queue BEGIN SELECT RAISE(ABORT, 'injected'); END",
+        )
+    else:
+        rows(
+            bridge,
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " RAISE EXCEPTION 'injected' USING ERRCODE = 'check_violation'; END $$;"
+            " CREATE TRIGGER refuse_queue BEFORE INSERT ON mqtt_queue FOR EACH ROW EXECUTE FUNCTION refuse()",
         )
     refused = await call("POST", f"{bridge.api}/things/{thing.id}/publish", alice.token, data=b"lost-http")
     assert refused.status >= 400, refused.body
@@ -327,8 +332,7 @@ async def test_a_message_and_its_queue_rows_commit_together(restartable: Bridge,
     assert stored(b"lost-http") == 0 and stored(b"lost-mqtt") == 0
     assert rows(bridge, "SELECT count(*) FROM mqtt_queue") == [(0,)]
 
-    with sqlite3.connect(bridge.db_path) as conn:
-        conn.execute("DROP TRIGGER refuse_queue")
+    rows(bridge, "DROP TRIGGER refuse_queue" + ("" if bridge.store_url == "sqlite:" else " ON mqtt_queue"))
     await publish_all(bridge, alice.token, {thing.id: [b"kept"]})
     assert stored(b"kept") == 1
     assert rows(bridge, "SELECT count(*) FROM mqtt_queue WHERE client_id = ?", thing.id) == [(1,)]

@@ -20,7 +20,7 @@ import pytest
 
 from bridge.core.rollouts import wave_order
 from tests import mqttraw
-from tests.conftest import Bridge
+from tests.conftest import Bridge, on_each_store
 from tests.helpers import (
     Account,
     Product,
@@ -127,6 +127,7 @@ class RawDevice:
         self.writer.transport.abort()
 
 
+@on_each_store()
 async def test_device_walk(bridge: Bridge, owner: Account, tmp_path: Path) -> None:
     product = await firmware_product(bridge, owner)
     api, tok = f"{bridge.http}", owner.token

@@ -13,7 +13,7 @@ import aiohttp
 import aiomqtt
 import pytest
 
-from tests.conftest import Bridge
+from tests.conftest import Bridge, on_each_store
 from tests.helpers import app_client, create_thing, new_user, next_message, thing_client, token, unique
 
 
@@ -154,6 +154,7 @@ async def test_plain_listener_refuses_anonymous(bridge: Bridge) -> None:
             pass
 
 
+@on_each_store()
 async def test_deleting_a_thing_closes_its_session_and_refuses_its_certificate(
     bridge: Bridge, owner, tmp_path: Path
 ) -> None:

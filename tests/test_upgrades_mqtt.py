@@ -22,8 +22,8 @@ from bridge import config as bridge_config
 from bridge.core.rollouts import wave_order
 from bridge.core.service import Core
 from bridge.core.things import NewThing
-from bridge.store import Store
-from tests.conftest import Bridge, write_config
+from bridge.store import create
+from tests.conftest import Bridge, _store_url, on_each_store, write_config
 from tests.helpers import ThingFiles, app_client, next_message, thing_client
 
 APP_PASSWORD = "app-password-1"
@@ -51,7 +51,7 @@ class Fleet:
 
 async def _setup(folder: Path) -> tuple[dict[str, ThingFiles], str, str]:
     cfg = bridge_config.load(folder / "broker.yaml")
-    store = Store(cfg.db_path, "OFF")  # the server opens it with its own setting
+    store = create(cfg.store.url, cfg.db_path, "OFF")  # the server opens it with its own setting
     store.open()
     try:
         core = Core(cfg, store)
@@ -88,9 +88,11 @@ async def _setup(folder: Path) -> tuple[dict[str, ThingFiles], str, str]:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """On SQLite, or on each store for a test marked on_each_store("fleet")."""
     folder = tmp_path_factory.mktemp("upgrades")
-    bridge = Bridge(folder, write_config(folder))
+    url = _store_url(request)
+    bridge = Bridge(folder, write_config(folder, store={"url": url}), store_url=url)
     things, rollout, bobs = asyncio.run(_setup(folder))
     first, second = wave_order(["alice-0", "alice-1"])
     bridge.start()
@@ -110,6 +112,7 @@ async def request(dev: aiomqtt.Client, thing_id: str, body: Any) -> tuple[str, A
             return topic.rsplit("/", 1)[1], orjson.loads(msg.payload)
 
 
+@on_each_store("fleet")
 async def test_check_results_and_notify_move_the_rollout(fleet: Fleet) -> None:
     bridge, first, second = fleet.bridge, fleet.first, fleet.second
     offer = {
