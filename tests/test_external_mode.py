@@ -331,3 +331,19 @@ async def test_a_revoked_thing_is_closed_on_every_node_within_a_second(
         ok(await call("PATCH", url, owner.token, json={"enabled": True}))
         async with engine_client(rabbit_cluster, thing):
             pass
+
+
+async def test_a_subject_with_a_password_is_never_a_certificate_login(
+    external: Bridge, tenants: dict[str, Any]
+) -> None:
+    """A client may send a thing's subject (not secret: it is in the certificate) as its MQTT
+    username with any password: that must never pass as the thing's certificate login, not even
+    with a password too long to be read."""
+    thing = tenants["a"]
+    cert = x509.load_pem_x509_certificate(thing.cert.read_bytes())
+    subject = f"SERIALNUMBER={cert.serial_number:x},CN={thing.id}"
+    url = f"http://127.0.0.1:{external.ports['engine_auth']}/auth/user"
+    assert (await call("POST", url, data={"username": subject})).body == b"allow"  # the engine's ask
+    for password in ("", "guess", "x" * 5000):
+        resp = await call("POST", url, data={"username": subject, "password": password})
+        assert (resp.status, resp.body) == (200, b"deny")
