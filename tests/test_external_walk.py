@@ -1,0 +1,161 @@
+"""The device walk of issue #15's "done when", in one run: a bridge with `store.url: postgresql://...`
+and `mqtt.mode: external` on a 2-node RabbitMQ cluster (tests/engine.py), every device flow through
+the engine and every record in PostgreSQL. A thing registered over HTTP connects to an engine node
+with its own certificate; its collect is stored, its status answered with its config, its owner's
+message delivered, its upgrade check answered from the owner's catalog and its result recorded;
+the other node serves the retained config too; an application of the owner hears the thing;
+deleting the thing closes its connection and keeps it out."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiomqtt
+import orjson
+import pytest
+
+from tests.conftest import Bridge, write_config
+from tests.engine import Node, RabbitCluster
+from tests.helpers import Account, ThingFiles, account, call, create_thing, next_message, ok, unique
+
+APP_PASSWORD = "app-password-1"
+
+
+@pytest.fixture(scope="module")
+def walk_bridge(
+    rabbit_cluster: RabbitCluster, postgres_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Bridge]:
+    folder = tmp_path_factory.mktemp("walk")
+    rabbit_cluster.bridge_certs(folder / "certs")
+    url = postgres_server.new_database()
+    external = rabbit_cluster.external_config()
+    config = write_config(folder, store={"url": url}, mqtt={"mode": "external", "external": external})
+    bridge = Bridge(folder, config, store_url=url)
+    bridge.start(timeout=60)
+    try:
+        yield bridge
+    finally:
+        bridge.kill()
+
+
+def on_node(node: Node, thing: ThingFiles, suffix: str = "") -> aiomqtt.Client:
+    """The thing's MQTT/TLS client on an engine node; its certificate is its identity."""
+    tls = ssl.create_default_context(cafile=str(thing.ca))
+    tls.load_cert_chain(str(thing.cert), str(thing.key))
+    return aiomqtt.Client(
+        "127.0.0.1", node.mqtts, identifier=f"{thing.id}{suffix}", tls_context=tls, timeout=10
+    )
+
+
+async def until(probe: Callable[[], Any], what: str, timeout: float = 15) -> Any:
+    """Poll `probe` (an HTTP read) until it returns something truthy: the engine acknowledges a
+    device's message when it has queued it, the bridge commits it after."""
+    deadline = time.monotonic() + timeout
+    while not (found := await probe()):
+        assert time.monotonic() < deadline, f"not seen within {timeout} s: {what}"
+        await asyncio.sleep(0.1)
+    return found
+
+
+async def reply(dev: aiomqtt.Client, topic: str) -> Any:
+    """The next message on `topic` (others are skipped), as JSON."""
+    async with asyncio.timeout(15):
+        while True:
+            msg = await next_message(dev, 15)
+            if str(msg.topic) == topic:
+                return orjson.loads(msg.payload)
+
+
+async def test_the_device_walk_through_the_engine_on_postgresql(
+    walk_bridge: Bridge, rabbit_cluster: RabbitCluster, tmp_path: Any
+) -> None:
+    bridge = walk_bridge
+    assert bridge.store_url.startswith("postgresql://")
+    first, second = rabbit_cluster.nodes
+    owner: Account = account(bridge)
+    thing = await create_thing(bridge, owner.token, tmp_path, keyType="EC")
+    base = f"things/{thing.id}"
+    app = unique("app")
+    bridge.cli("app", "add", app, "--owner", owner.name, "--password", APP_PASSWORD)
+    software = {
+        "name": "fw",
+        "versions": [
+            {"versionNumber": "2.0", "releaseDate": "2024-02-02T00:00:00Z", "status": "REQUIRED",
+             "downloadUrl": "https://dl.example/2.0"},
+        ],
+    }  # fmt: skip
+    made = await call("POST", f"{bridge.http}/v2/software", owner.token, json=software)
+    assert made.status == 201, made.body
+
+    async with (
+        aiomqtt.Client("127.0.0.1", first.mqtt, identifier=f"app:{app}:walk", username=app,
+                       password=APP_PASSWORD, timeout=10) as listener,
+        on_node(first, thing) as dev,
+    ):  # fmt: skip
+        await listener.subscribe(f"{base}/collect", qos=1)
+        for flow in (
+            "config",
+            "publish",
+            "status/accepted",
+            "upgrade/check/accepted",
+            "upgrade/check/rejected",
+        ):
+            await dev.subscribe(f"{base}/{flow}", qos=1)
+        config = await reply(dev, f"{base}/config")  # retained by the bridge on the engine
+        assert config["version"] == 0
+
+        # collect: through the engine, committed by the bridge, heard by the owner's application
+        await dev.publish(f"{base}/collect", b'{"t": 21.5}', qos=1)
+        heard = await next_message(listener, 15)
+        assert (str(heard.topic), heard.payload) == (f"{base}/collect", b'{"t": 21.5}')
+
+        async def collected() -> list[dict]:
+            records = ok(await call("GET", f"{bridge.api}/things/{thing.id}/messages", owner.token))
+            return [r for r in records if r["message"] == {"t": 21.5}]
+
+        await until(collected, "the collected message in the history")
+
+        # status -> accepted with the decision; the owner's message -> delivered
+        await dev.publish(f"{base}/status", orjson.dumps({"status": "ok", "info": {}}), qos=1)
+        assert await reply(dev, f"{base}/status/accepted") == {"config": "sync"}  # nothing new to fetch
+        sent = await call(
+            "POST", f"{bridge.api}/things/{thing.id}/publish", owner.token, data=b"hello device"
+        )
+        ok(sent)
+        got = await next_message(dev, 15)
+        assert (str(got.topic), got.payload) == (f"{base}/publish", b"hello device")
+
+        # upgrades: the check is answered from the owner's catalog, the result recorded
+        await dev.publish(f"{base}/upgrade/check", orjson.dumps({"name": "fw", "version": "1.0"}), qos=1)
+        offer = await reply(dev, f"{base}/upgrade/check/accepted")
+        assert (offer["version"], offer["status"]) == ("2.0", "REQUIRED")
+        result = {"currentVersionsUpgradeResult": [{"softwareName": "fw", "versionNumber": "2.0",
+                                                    "status": "SUCCESS"}]}  # fmt: skip
+        await dev.publish(f"{base}/upgrade/result", orjson.dumps(result), qos=1)
+
+        async def results() -> list[dict]:
+            answer = await call("GET", f"{bridge.http}/v2/devices/{thing.id}/upgradeResults", owner.token)
+            assert answer.status == 200, answer.body
+            return [r for r in answer.json["upgradeResultList"] if r["status"] == "SUCCESS"]
+
+        await until(results, "the upgrade result")
+
+        # the other node serves the same retained config to a second connection of the thing
+        async with on_node(second, thing, ":other") as other:
+            await other.subscribe(f"{base}/config", qos=1)
+            assert (await reply(other, f"{base}/config"))["version"] == 0
+
+        # deleted: its connection is closed and it cannot come back
+        gone = await call("DELETE", f"{bridge.api}/things/{thing.id}", owner.token)
+        ok(gone)
+        with pytest.raises(aiomqtt.MqttError):
+            async with asyncio.timeout(10):
+                async for _ in dev.messages:
+                    pass
+    with pytest.raises(aiomqtt.MqttError):
+        async with on_node(first, thing, ":again"):
+            pass
