@@ -14,7 +14,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aio_pika
+import aio_pika.abc
 import aiomqtt
+import aiormq.exceptions
 import orjson
 import pytest
 
@@ -159,3 +162,67 @@ async def test_the_device_walk_through_the_engine_on_postgresql(
     with pytest.raises(aiomqtt.MqttError):
         async with on_node(first, thing, ":again"):
             pass
+
+
+async def test_an_application_over_amqp_cannot_forge_or_overhear_things(
+    walk_bridge: Bridge, rabbit_cluster: RabbitCluster, tmp_path: Any
+) -> None:
+    """The consumer trusts a routing key `things.<id>.<flow>` as the thing's own message; the engine
+    keeps that true for AMQP too (topic permissions apply to its publishes and bindings): an
+    application with its password, over AMQP, may neither publish as a thing (its owner's or
+    another's) nor bind a queue to another owner's things, nor declare a queue of its own choosing."""
+    bridge = walk_bridge
+    owner, stranger = account(bridge), account(bridge)
+    mine = await create_thing(bridge, owner.token, tmp_path / "mine", keyType="EC")
+    theirs = await create_thing(bridge, stranger.token, tmp_path / "theirs", keyType="EC")
+    app = unique("app")
+    bridge.cli("app", "add", app, "--owner", owner.name, "--password", APP_PASSWORD)
+    url = f"amqp://{app}:{APP_PASSWORD}@127.0.0.1:{rabbit_cluster.nodes[0].amqp}/"
+
+    async def refused(action: Callable[[aio_pika.abc.AbstractChannel], Any]) -> None:
+        connection = await aio_pika.connect(url, timeout=10)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            with pytest.raises(aiormq.exceptions.ChannelAccessRefused):  # aio-pika's AMQP layer
+                await action(channel)
+        finally:
+            await connection.close()
+
+    async def publish(key: str) -> Callable[[aio_pika.abc.AbstractChannel], Any]:
+        async def act(channel: aio_pika.abc.AbstractChannel) -> None:
+            exchange = await channel.get_exchange("amq.topic", ensure=False)
+            await exchange.publish(aio_pika.Message(b'{"forged": true}'), routing_key=key)
+
+        return act
+
+    for key in (f"things.{mine.id}.collect", f"things.{theirs.id}.collect", f"things.{theirs.id}.publish"):
+        await refused(await publish(key))
+
+    async def own_queue_bound_to(key: str) -> Callable[[aio_pika.abc.AbstractChannel], Any]:
+        async def act(channel: aio_pika.abc.AbstractChannel) -> None:
+            # the one queue name it may declare: its own MQTT subscription queue
+            queue = await channel.declare_queue(f"mqtt-subscription-app:{app}:amqpqos1", auto_delete=True)
+            await queue.bind("amq.topic", routing_key=key)
+
+        return act
+
+    await refused(await own_queue_bound_to(f"things.{theirs.id}.collect"))
+    await refused(await own_queue_bound_to("things.#"))
+
+    async def any_queue(channel: aio_pika.abc.AbstractChannel) -> None:
+        await channel.declare_queue("", exclusive=True)
+
+    await refused(any_queue)
+
+    # what it may do works on the same path: a message to its owner's thing, stored as egress
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange("amq.topic", ensure=False)
+        await exchange.publish(aio_pika.Message(b"allowed"), routing_key=f"things.{mine.id}.publish")
+
+    async def stored() -> list[dict]:
+        return ok(await call("GET", f"{bridge.api}/things/{mine.id}/messages", owner.token))
+
+    [record] = await until(stored, "the application's message to its owner's thing")
+    assert record["message"] == "allowed"  # and none of the forged ones
