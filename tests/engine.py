@@ -213,8 +213,16 @@ log.file.level = info
         )
         for node in self.nodes:
             self._spawn(node)
-        for node in self.nodes:
-            self.wait_up(node, timeout)
+        self.wait_up(self.nodes[0], timeout)
+        for node in self.nodes[1:]:
+            try:
+                self.wait_up(node, timeout)
+            except RuntimeError:
+                # It exited: it may have joined while the first node was still enabling its feature
+                # flags (schema_integrity_check_failed, seen once). The first node is up now: again,
+                # from an empty data folder.
+                shutil.rmtree(node.folder / "mnesia", ignore_errors=True)
+                self.start_node(node, timeout)
         self.wait_clustered(timeout)
 
     def start_node(self, node: Node, timeout: float = 90) -> None:
