@@ -237,6 +237,8 @@ def run(cfg: Config, config_file: Path | None = None) -> int:
     # amqtt logs every connection at INFO and stack traces for refused clients; keep ours readable.
     logging.getLogger("amqtt").setLevel(logging.ERROR)
     logging.getLogger("transitions").setLevel(logging.WARNING)
+    # aiormq logs every failed connect at ERROR; the engine's link and consumer say it once, with the URL.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory(cfg)) as runner:
         return runner.run(serve(cfg, first_start))
     return 0

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 import zipfile
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -195,6 +195,16 @@ async def next_message(client: aiomqtt.Client, timeout: float = 5) -> aiomqtt.Me
         async for message in client.messages:
             return message
     raise AssertionError("no message")
+
+
+async def until(probe: Callable[[], Awaitable[Any]], what: str, timeout: float = 15) -> Any:
+    """Poll `probe` (an HTTP read, say) until it returns something truthy, with a deadline: what a
+    bridge commits after an engine or a broker acknowledged it is seen a moment later."""
+    deadline = time.monotonic() + timeout
+    while not (found := await probe()):
+        assert time.monotonic() < deadline, f"not seen within {timeout} s: {what}"
+        await asyncio.sleep(0.05)
+    return found
 
 
 # ---- thing credentials ------------------------------------------------------------------------------

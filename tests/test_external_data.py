@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from tests.conftest import Bridge, write_config
 from tests.engine import Node, RabbitCluster
-from tests.helpers import Account, ThingFiles, account, call, create_thing, next_message, ok, run_sync
+from tests.helpers import Account, ThingFiles, account, call, create_thing, next_message, ok, run_sync, until
 
 # kill -9 of a worker under load, repeated: a race, tested as one (THINGBRIDGE_KILL_ROUNDS=20 to
 # run it as often as it was when it was made)
@@ -99,18 +98,6 @@ async def messages(bridge: Bridge, owner: Account, thing_id: str, kind: str | No
     return ok(await call("GET", f"{bridge.api}/things/{thing_id}/messages{query}", owner.token))
 
 
-async def until(predicate, timeout: float = 15, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll an async predicate until it returns something true, or fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: last {value!r}")
-        await asyncio.sleep(0.05)
-
-
 async def test_a_device_s_messages_are_committed_and_answered_through_the_engine(
     rabbit_cluster: RabbitCluster, engine_bridge: Bridge, owner: Account, tmp_path: Path
 ) -> None:
@@ -128,7 +115,7 @@ async def test_a_device_s_messages_are_committed_and_answered_through_the_engine
     assert orjson.loads(status_reply.payload) == {"config": "sync"}
     assert str(check_reply.topic) == f"things/{thing.id}/upgrade/check/rejected"
     assert orjson.loads(check_reply.payload)["errorCode"] == 400
-    stored = await until(lambda: messages(engine_bridge, owner, thing.id, "ingress"), what="the collect")
+    stored = await until(lambda: messages(engine_bridge, owner, thing.id, "ingress"), "the collect")
     assert [m["message"] for m in stored] == [{"temp": 21.5}]
     assert [m["message"] for m in await messages(engine_bridge, owner, thing.id, "status")] == [
         {"status": "ok", "info": {"v": 1}}
@@ -163,7 +150,7 @@ async def test_an_owner_s_message_and_the_retained_config_reach_the_thing_on_any
             return orjson.loads(message.payload)
 
     for node in (second, first):
-        config = await until(lambda node=node: config_on(node), what=f"the retained config on {node.name}")
+        config = await until(lambda node=node: config_on(node), f"the retained config on {node.name}")
         assert config["UpdateRate"] == 77
 
 
@@ -216,7 +203,7 @@ def test_kill_9_of_a_worker_loses_nothing_and_commits_nothing_twice(
             sender = asyncio.create_task(
                 publish_paced(client, f"things/{thing.id}/collect", range(total), acked)
             )
-            await until(lambda: _at_least(acked, total // 3), what="a third acknowledged")
+            await until(lambda: _at_least(acked, total // 3), "a third acknowledged")
             worker.kill()  # SIGKILL: whatever it held unacknowledged goes back to the queue
             await sender
 
@@ -230,7 +217,7 @@ def test_kill_9_of_a_worker_loses_nothing_and_commits_nothing_twice(
         stored = await messages(engine_bridge, owner, thing.id, "ingress")
         return stored if len(stored) >= total else None
 
-    stored = run_sync(until(all_stored, 30, "every message stored"))
+    stored = run_sync(until(all_stored, "every message stored", 30))
     assert published_seqs(stored) == list(range(total))  # each exactly once
 
 
@@ -289,7 +276,7 @@ async def test_killing_the_engine_node_that_holds_the_queue_loses_nothing_acknow
             stored = await messages(engine_bridge, owner, thing.id, "ingress")
             return stored if {m["message"]["seq"] for m in stored} >= acked else None
 
-        stored = published_seqs(await until(all_stored, 30, "every acknowledged message stored"))
+        stored = published_seqs(await until(all_stored, "every acknowledged message stored", 30))
         twice = {seq for seq in stored if stored.count(seq) > 1}
         assert all(attempts[seq] > 1 for seq in twice), twice  # only what the device sent again
         assert attempts[0] == 1 and max(attempts.values()) > 1  # the kill did cut the flow

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,7 +22,7 @@ import pytest
 
 from tests.conftest import Bridge, write_config
 from tests.engine import Node, RabbitCluster
-from tests.helpers import Account, ThingFiles, account, call, create_thing, next_message, ok, unique
+from tests.helpers import Account, ThingFiles, account, call, create_thing, next_message, ok, unique, until
 
 APP_PASSWORD = "app-password-1"
 
@@ -52,16 +51,6 @@ def on_node(node: Node, thing: ThingFiles, suffix: str = "") -> aiomqtt.Client:
     return aiomqtt.Client(
         "127.0.0.1", node.mqtts, identifier=f"{thing.id}{suffix}", tls_context=tls, timeout=10
     )
-
-
-async def until(probe: Callable[[], Any], what: str, timeout: float = 15) -> Any:
-    """Poll `probe` (an HTTP read) until it returns something truthy: the engine acknowledges a
-    device's message when it has queued it, the bridge commits it after."""
-    deadline = time.monotonic() + timeout
-    while not (found := await probe()):
-        assert time.monotonic() < deadline, f"not seen within {timeout} s: {what}"
-        await asyncio.sleep(0.1)
-    return found
 
 
 async def reply(dev: aiomqtt.Client, topic: str) -> Any:

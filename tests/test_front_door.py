@@ -112,6 +112,24 @@ def test_address_not_of_this_machine(tmp_path: Path) -> None:
     assert closed_cleanly(tmp_path)
 
 
+def test_external_mode_without_its_engine(tmp_path: Path) -> None:
+    """mqtt.mode external with no engine at the configured URLs: one line naming the setting."""
+    with socket.socket() as closed:  # bound, not listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        external = {
+            "amqp": [f"amqp://127.0.0.1:{port}/"],
+            "mqtt": [f"mqtts://127.0.0.1:{port}"],
+            "management": [f"http://127.0.0.1:{port}"],
+            "password": "engine-password-1",
+            "auth": {"port": 0},
+        }
+        config = write_config(tmp_path, mqtt={"mode": "external", "external": external})
+        result = thingbridge("serve", "--config", str(config))
+    one_line(result, 2, "mqtt.external.management:", f"127.0.0.1:{port}", "check the URLs")
+    assert closed_cleanly(tmp_path)
+
+
 def test_data_dir_that_cannot_be_created(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("a file where the data folder's parent should be")
     config = write_config(tmp_path, data_dir="taken/data")

@@ -41,7 +41,7 @@ async def connect(ext: ExternalConfig, tls: ssl.SSLContext | None) -> aio_pika.a
                 target, ssl_context=tls if target.scheme == "amqps" else None, timeout=5
             )
         except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
-            log.info("engine node %s: %r", url, exc)  # the URL holds no credentials
+            log.debug("engine node %s: %r", url, exc)  # the URL holds no credentials
             error = exc
     assert error is not None
     raise error

@@ -110,8 +110,11 @@ class DeviceConsumer:
                             return
                         error = f"{base}: HTTP {answer.status} {(await answer.text())[:200]}"
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    error = f"{base}: {exc!r}"
-        raise ConnectionError(f"cannot set the queue's mirroring policy: {error}")
+                    error = f"{base}: {exc or type(exc).__name__}"
+        raise ConnectionError(
+            f"cannot set the mirroring policy of queue {self.ext.queue} ({error}); check the URLs, that the"
+            " engine runs, and that its user has the administrator or policymaker tag"
+        )
 
     async def _run(self, tls: ssl.SSLContext | None) -> None:
         async for connection in sessions(self.ext, tls, "consumer"):

@@ -11,6 +11,7 @@ import urllib.parse
 
 from bridge.config import Config, ConfigError
 from bridge.core.service import Core
+from bridge.mqtt.external.amqp import connect
 from bridge.mqtt.external.auth import AuthListener, Logins, start_external_auth
 from bridge.mqtt.external.consumer import DeviceConsumer
 from bridge.mqtt.external.link import ExternalLink
@@ -47,6 +48,14 @@ class ExternalEngine:
             await self.consumer.mirror()
         except ConnectionError as exc:
             raise ConfigError(f"mqtt.external.management: {exc}") from None
+        try:  # once, at start: an engine that is not there is a setting to fix, not a retry loop
+            await (await connect(ext, tls)).close()
+        except Exception as exc:
+            why = exc or type(exc).__name__
+            raise ConfigError(
+                f"mqtt.external.amqp: no engine node answered ({', '.join(ext.amqp)}: {why}); check the"
+                " URLs, that the engine runs, and mqtt.external.username and password"
+            ) from None
         self.link.start(tls)
         self.consumer.start(tls)
         try:
