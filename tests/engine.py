@@ -114,8 +114,8 @@ class RabbitCluster:
     def conf(self, node: Node) -> str:
         auth = f"http://127.0.0.1:{self.auth_port}/auth"
         first = self.nodes[0]
-        # The others join the first node, waiting for it while it boots (they all boot at once); the
-        # first forms the cluster. After that, a restarted node rejoins its cluster by itself.
+        # The others join the first node (it forms the cluster), waiting for it if need be. After
+        # that, a restarted node rejoins its cluster by itself.
         peers = (
             ""
             if node is first
@@ -211,22 +211,15 @@ log.file.level = info
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        # One after the other: a node booting while the first one still starts failed to join it
+        # now and then (schema_integrity_check_failed, or the cluster not formed in 90 s).
         for node in self.nodes:
-            self._spawn(node)
-        self.wait_up(self.nodes[0], timeout)
-        for node in self.nodes[1:]:
-            try:
-                self.wait_up(node, timeout)
-            except RuntimeError:
-                # It exited: it may have joined while the first node was still enabling its feature
-                # flags (schema_integrity_check_failed, seen once). The first node is up now: again,
-                # from an empty data folder.
-                shutil.rmtree(node.folder / "mnesia", ignore_errors=True)
-                self.start_node(node, timeout)
+            self.start_node(node, timeout)
+            self.ctl(node, "await_startup", timeout=timeout)
         self.wait_clustered(timeout)
 
     def start_node(self, node: Node, timeout: float = 90) -> None:
-        """Restart one node (after stop_node or kill_node) and wait until it serves."""
+        """Start one node (again, after stop_node or kill_node) and wait until it serves."""
         self._spawn(node)
         self.wait_up(node, timeout)
 
