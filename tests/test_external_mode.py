@@ -30,6 +30,7 @@ from tests.helpers import (
     next_message,
     ok,
     run_sync,
+    token,
     unique,
 )
 
@@ -347,3 +348,23 @@ async def test_a_subject_with_a_password_is_never_a_certificate_login(
     for password in ("", "guess", "x" * 5000):
         resp = await call("POST", url, data={"username": subject, "password": password})
         assert (resp.status, resp.body) == (200, b"deny")
+
+
+async def test_the_engine_refusals_are_counted_in_the_broker_stats(
+    external: Bridge, rabbit_cluster: RabbitCluster, tenants: dict[str, Any]
+) -> None:
+    async def stats() -> dict[str, Any]:
+        return ok(await call("GET", f"{external.api}/broker/stats", await token(external)))
+
+    before = await stats()
+    await refused(app_engine_client(rabbit_cluster, tenants["app"], "wrong-password-2"))
+    async with engine_client(rabbit_cluster, tenants["a"]) as thing:
+        await closed_by_engine(thing, thing.publish(f"things/{tenants['b'].id}/collect", b"{}", qos=1))
+    async with engine_client(rabbit_cluster, tenants["a"]) as thing:
+        await closed_by_engine(thing, thing.subscribe(f"things/{tenants['b'].id}/publish", qos=1))
+    after = await stats()
+    assert after["refusedConnects"] > before["refusedConnects"]
+    reasons = ("refusedByReason", "bad_password")
+    assert after[reasons[0]].get(reasons[1], 0) > before[reasons[0]].get(reasons[1], 0)
+    assert after["deniedPublishes"] > before["deniedPublishes"]
+    assert after["deniedSubscribes"] > before["deniedSubscribes"]

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from bridge.config import Config, ConfigError
 from bridge.core.service import Core
+from bridge.mqtt.auth import Counters
 from bridge.mqtt.external.amqp import EXCHANGE, mqtt_topic
 from bridge.mqtt.principals import (
     APP_PREFIX,
@@ -106,24 +107,27 @@ class Logins:
 class EngineAuth:
     """The four paths' answers. Stateless but for `logins`: each request names its user again."""
 
-    def __init__(self, cfg: Config, core: Core, logins: Logins) -> None:
+    def __init__(self, cfg: Config, core: Core, logins: Logins, counters: Counters) -> None:
         self.core = core
         self.logins = logins
+        self.counters = counters  # refusals and denials, shown by the link's stats
         self.username = cfg.mqtt.external.username
         self.password = cfg.mqtt.external.password
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
-        for name, handler in (
-            ("user", self.user),
-            ("vhost", self.vhost),
-            ("resource", self.resource),
-            ("topic", self.topic),
+        for name, handler, login in (
+            ("user", self.user, True),
+            ("vhost", self.vhost, True),  # the client id: part of a login too
+            ("resource", self.resource, False),
+            ("topic", self.topic, False),
         ):
-            app.router.add_route("*", f"/auth/{name}", self._answer(handler))
+            app.router.add_route("*", f"/auth/{name}", self._answer(handler, login))
         return app
 
-    def _answer(self, decide: Any) -> Any:
+    def _answer(self, decide: Any, login: bool) -> Any:
+        """The handler of one path: `decide`'s answer; a refusal of a `login` path is counted."""
+
         async def handler(request: web.Request) -> web.Response:
             form = dict(request.query)
             if request.method == "POST":
@@ -139,6 +143,8 @@ class EngineAuth:
                 answer = await decide(form, request.remote or "")
             except Refused as refused:
                 log.info("engine auth: %s refused: %s", request.path, refused)
+                if login:
+                    self.counters.refuse(refused.reason)
                 answer = DENY
             except Exception:  # never a 500: the engine reads anything but "allow" as a refusal
                 log.exception("engine auth: %s failed; answered deny", request.path)
@@ -155,8 +161,9 @@ class EngineAuth:
             if "=" in username:
                 raise Refused("bad_username", "a password login cannot use a certificate's subject")
             if username == self.username:
-                ok = hmac.compare_digest(password.encode(), self.password.encode())
-                return SERVICE_TAGS if ok and self.password else DENY
+                if not (self.password and hmac.compare_digest(password.encode(), self.password.encode())):
+                    raise Refused("bad_password", "bad password for the bridge's own engine user")
+                return SERVICE_TAGS
             await app_by_password(self.core, username, password, f"engine {remote}")
             return ALLOW
         thing = await self._certificate(username)
@@ -225,12 +232,15 @@ class EngineAuth:
         topic = mqtt_topic(params.get("routing_key", ""))
         permission = params.get("permission")
         if permission == "write":
-            allowed = await permitted(self.core, principal, Action.PUBLISH, topic)
+            if await permitted(self.core, principal, Action.PUBLISH, topic):
+                return ALLOW
+            self.counters.denied_publishes += 1
+            log.info("publish by %s %s to %.200r denied", principal.kind, principal.name, topic)
         elif permission == "read":
-            allowed = await permitted_filter(self.core, principal, topic)
-        else:
-            allowed = False
-        return ALLOW if allowed else DENY
+            if await permitted_filter(self.core, principal, topic):
+                return ALLOW
+            self.counters.denied_subscribes += 1
+        return DENY
 
 
 class AuthListener:
@@ -243,13 +253,16 @@ class AuthListener:
         await self.runner.cleanup()
 
 
-async def start_external_auth(cfg: Config, core: Core, logins: Logins) -> AuthListener | None:
+async def start_external_auth(
+    cfg: Config, core: Core, logins: Logins, counters: Counters
+) -> AuthListener | None:
     """Serve the auth backend on mqtt.external.auth (None when it is disabled: another bridge
-    process of the same installation answers the engine); `logins` records the things' usernames."""
+    process of the same installation answers the engine); `logins` records the things' usernames,
+    `counters` the refused logins and denied publishes and subscriptions."""
     listener = cfg.mqtt.external.auth
     if not listener.enabled:
         return None
-    auth = EngineAuth(cfg, core, logins)
+    auth = EngineAuth(cfg, core, logins, counters)
     runner = web.AppRunner(auth.app(), access_log=None, shutdown_timeout=2, keepalive_timeout=30)
     await runner.setup()
     try:

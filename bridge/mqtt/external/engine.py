@@ -41,7 +41,7 @@ class ExternalEngine:
                 "mqtt.external.password: the bridge's engine password is empty; set it or"
                 " $THINGBRIDGE_ENGINE_PASSWORD"
             )
-        self.auth = await start_external_auth(self.cfg, core, self.logins)
+        self.auth = await start_external_auth(self.cfg, core, self.logins, self.link.counters)
         tls = ssl.create_default_context(cafile=str(core.ca.ca_path))  # the engine's certificates
         self.consumer = DeviceConsumer(core, self.link)
         try:

@@ -147,6 +147,10 @@ class ExternalLink:
     def stats(self) -> dict[str, Any]:
         backlogs = [self.amqp, *self.nodes.values()]
         return {
+            # logins the auth backend refused, by reason, and what it denied (auth.py)
+            "refusedConnects": self.counters.refused_connects,
+            "refusedByReason": dict(sorted(self.counters.reasons.items())),
+            "deniedSubscribes": self.counters.denied_subscribes,
             "deniedPublishes": self.counters.denied_publishes,
             # in: refused or failed twice; out: left over a full backlog, or for an id with '.'
             "droppedMessages": self.counters.dropped_messages
