@@ -171,6 +171,9 @@ async def test_version_routes(bridge: Bridge, owner: Account, shop: Product) -> 
         )
     )
     assert (up["size"], up["contentType"]) == (len(blob), "application/x-elf")
+    # an empty body is refused before anything is replaced: the image stays
+    failed(await manage("PUT", f"{base}/3.0 beta/firmware", data=b""), 400, "empty")
+    assert answer(await manage("GET", f"{base}/3.0 beta"))["size"] == len(blob)
     beta = answer(
         await call("GET", f"{bridge.http}/v2/software/{shop.software}/versions/3.0 beta", owner.token)
     )

@@ -28,7 +28,7 @@ import contextlib
 import functools
 import secrets
 import sqlite3
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -404,11 +404,12 @@ class Firmware:
             return product
 
         product = await self.store.read(read)
+        body = await _not_empty(chunks)  # before anything is created or replaced
         content, vendor, model = self.provisioning.content, _vendor(product), product["model_name"]
         content_id = CONTENT_PREFIX + version
         with contextlib.suppress(Conflict):  # uploaded before: the blob is replaced
             await content.create(vendor, model, content_id, f"firmware {version} of product {product_id}")
-        await content.upload(vendor, model, content_id, content_type, chunks)
+        await content.upload(vendor, model, content_id, content_type, body)
 
         def link(conn: sqlite3.Connection) -> Record:
             current = _owned(conn, owner_id, product_id)
@@ -636,6 +637,24 @@ def _new_client(conn: sqlite3.Connection, sn_pk: int, vendor_pk: int, status: st
         "INSERT INTO sn_clients (sn_pk, rid, status, enable_expires, enabled_by) VALUES (?,?,?,?,?)",
         (sn_pk, new_cik(), status, ids.now(), vendor_pk),
     )
+
+
+async def _not_empty(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """The body again, once its first byte has come: Invalid for an empty one (every firmware/get
+    of an empty image would be past its end, and a device cannot tell it from a lost upload)."""
+    rest = aiter(chunks)
+    async for first in rest:
+        if first:
+            break
+    else:
+        raise Invalid("the firmware is empty: send the image's bytes")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in rest:
+            yield chunk
+
+    return body()
 
 
 def _read(download: Download, offset: int, length: int) -> bytes:

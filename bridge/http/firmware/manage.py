@@ -166,7 +166,7 @@ async def delete_version(call: Call[User, models.VersionPath, None, None]) -> we
     answer=models.VersionDoc,
     errors=(400, 401, 404, 413),
     description="Stored as the model's content entity fw-<version> in the provisioning content store "
-    "(replacing its blob); the version must exist.",
+    "(replacing its blob); the version must exist. An empty body is refused (400) and replaces nothing.",
 )
 async def upload(call: Call[User, models.VersionPath, None, Stream]) -> models.VersionDoc:
     limit = call.core.cfg.provisioning.max_content_size
