@@ -26,7 +26,9 @@ from tests.helpers import (
     ThingFiles,
     account,
     call,
+    certified_device,
     create_thing,
+    firmware_product,
     next_message,
     ok,
     run_sync,
@@ -368,3 +370,30 @@ async def test_the_engine_refusals_are_counted_in_the_broker_stats(
     assert after[reasons[0]].get(reasons[1], 0) > before[reasons[0]].get(reasons[1], 0)
     assert after["deniedPublishes"] > before["deniedPublishes"]
     assert after["deniedSubscribes"] > before["deniedSubscribes"]
+
+
+async def test_a_re_certified_device_loses_its_old_certificate_on_the_engine(
+    external: Bridge, rabbit_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    """A provisioned device gets a second certificate for its CIK (POST /provision/certificate):
+    the connection on the first closes within a second, the first is refused from then on (same CN,
+    same CA: only its subject's serial number differs), the second connects."""
+    owner = account(external)
+    product = await firmware_product(external, owner)
+    sn = unique("RE-")
+    url = f"{external.http}/fw/v1/manage/products/{product.id}/serials"
+    resp = await call("POST", url, owner.token, data=f"{sn}\n".encode(), headers={"Content-Type": "text/csv"})
+    assert resp.status == 200, resp.body
+    resp = await call("POST", f"{external.http}/fw/v1/activate", json={"serialNumber": sn})
+    assert resp.status == 200, resp.body
+    thing_id, cik = resp.json["thingId"], resp.json["apiKey"]
+    first = await certified_device(external, tmp_path / "first", thing_id, cik)
+    async with engine_client(rabbit_cluster, first, node=1) as client:
+        await client.subscribe(f"things/{thing_id}/publish", qos=1)
+        started = time.monotonic()
+        second = await certified_device(external, tmp_path / "second", thing_id, cik)
+        await closed_within(client, 1.0)
+        assert time.monotonic() - started < 1.0
+    await refused(engine_client(rabbit_cluster, first))
+    async with engine_client(rabbit_cluster, second):
+        pass
