@@ -98,12 +98,13 @@ class DeviceConsumer:
             "apply-to": "queues",
             "priority": 10,
         }
-        name = urllib.parse.quote(vhost, safe="")
+        vhost_part = urllib.parse.quote(vhost, safe="")
+        name = urllib.parse.quote(f"thingbridge-{self.ext.queue}", safe="")  # one per queue
         auth = {"Authorization": aiohttp.encode_basic_auth(self.ext.username, self.ext.password)}
         error = "no management URL"
         async with aiohttp.ClientSession(headers=auth, timeout=aiohttp.ClientTimeout(total=10)) as http:
             for base in self.ext.management:
-                url = f"{base.rstrip('/')}/api/policies/{name}/thingbridge-devices"
+                url = f"{base.rstrip('/')}/api/policies/{vhost_part}/{name}"
                 try:
                     async with http.put(url, json=policy) as answer:
                         if answer.status < 300:
