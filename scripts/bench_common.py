@@ -210,8 +210,9 @@ class Server:
 # ----------------------------------------------------------------------------------------------------
 # the bridge: config, provisioning with its own core, start
 # ----------------------------------------------------------------------------------------------------
-def write_config(folder: Path, **overrides: Any) -> Path:
-    """A broker.yaml with every listener on 127.0.0.1 and port 0 (as tests/conftest.py does)."""
+def write_config(folder: Path, name: str = "broker.yaml", **overrides: Any) -> Path:
+    """A broker.yaml (or `name`) with every listener on 127.0.0.1 and port 0 (as tests/conftest.py
+    does)."""
     accounts = {"token_ttl": 3600, "free_plan_things": 10, **overrides.pop("accounts", {})}
     mqtt = {"max_packet_size": 1024 * 1024, **overrides.pop("mqtt", {})}
     doc = {
@@ -227,7 +228,7 @@ def write_config(folder: Path, **overrides: Any) -> Path:
         **overrides,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "broker.yaml"
+    path = folder / name
     path.write_bytes(orjson.dumps(doc))  # JSON is YAML
     return path
 
@@ -240,6 +241,7 @@ class Fleet:
     folder: Path
     config: Path
     things: list[tuple[str, Path]] = field(default_factory=list)
+    store_url: str = "sqlite:"
 
     @property
     def certs(self) -> Path:
@@ -261,21 +263,34 @@ class Fleet:
     def db_path(self) -> Path:
         return self.folder / "data" / "thingbridge.sqlite"
 
+    @property
+    def store(self) -> Path | str:
+        """Where its database is: the SQLite file, or the PostgreSQL URL (for `query`)."""
+        return self.db_path if self.store_url == "sqlite:" else self.store_url
+
     def thing_key(self, pem: Path) -> bytes:
         return pem.with_suffix(".key").read_bytes()
 
 
 def provision(
-    folder: Path, n_things: int, *, prefix: str = "bench", key_type: str = "EC", **overrides: Any
+    folder: Path,
+    n_things: int,
+    *,
+    prefix: str = "bench",
+    key_type: str = "EC",
+    config: str = "broker.yaml",
+    **overrides: Any,
 ) -> Fleet:
     """Create the bridge's data directory with the bridge's own core (before its server starts):
     CA and server certificate, user `bench` with a plan for the things, application `benchapp`, and
-    `n_things` things `{prefix}-00000`... (EC keys by default: fast to make)."""
+    `n_things` things `{prefix}-00000`... (EC keys by default: fast to make), in the store the
+    configuration `config` names (overrides store={"url": ...}: PostgreSQL; the same folder then
+    shares the CA with the SQLite installation)."""
     from bridge import config as bridge_config
 
-    cfg_path = write_config(folder, **overrides)
+    cfg_path = write_config(folder, config, **overrides)
     cfg = bridge_config.load(cfg_path)
-    fleet = Fleet(folder, cfg_path)
+    fleet = Fleet(folder, cfg_path, store_url=cfg.store.url)
     pems = folder / "things"
     pems.mkdir(parents=True, exist_ok=True)
     fleet.things = asyncio.run(_provision(cfg, pems, n_things, prefix, key_type))
@@ -286,9 +301,9 @@ async def _provision(cfg: Any, pems: Path, n: int, prefix: str, key_type: str) -
     from bridge.core.errors import NotFound
     from bridge.core.service import Core
     from bridge.core.things import NewThing
-    from bridge.store import Store
+    from bridge.store import create
 
-    store = Store(cfg.db_path, "OFF")  # provisioning only; the server opens it with its own setting
+    store = create(cfg.store.url, cfg.db_path, "OFF")  # provisioning only; the server sets its own
     store.open()
     try:
         core = Core(cfg, store)
@@ -374,22 +389,68 @@ def gc_stats(server: Server) -> dict[str, Any] | None:
     return None
 
 
-def wait_outbox_empty(db: Path, timeout: float = 120) -> int:
+def wait_outbox_empty(db: Path | str, timeout: float = 120) -> int:
     """The bridge drains its outbox (retained config documents) after start; wait for that."""
-    import sqlite3
-
     deadline = time.monotonic() + timeout
     left = -1
     while time.monotonic() < deadline:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-        try:
-            left = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-        finally:
-            conn.close()
+        left = query(db, "SELECT count(*) FROM outbox")[0][0]
         if left == 0:
             return 0
         time.sleep(0.25)
     return left
+
+
+def query(store: Path | str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """A read of the bridge's database from outside: the SQLite file (read-only), or a PostgreSQL
+    URL (`?` placeholders either way)."""
+    if isinstance(store, Path):
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+    import psycopg
+
+    from bridge.store.postgres import translate
+
+    with psycopg.connect(store) as pg:
+        return (
+            [tuple(row) for row in pg.execute(translate(sql), args)] if args else pg.execute(sql).fetchall()
+        )
+
+
+def start_postgres() -> tuple[Any, str]:
+    """A PostgreSQL server of the bench's own (tests/postgres.py: Debian's initdb and pg_ctl, a
+    temporary folder, a free loopback port; fsync on, defaults otherwise), registered like every
+    process started here, and the URL of a new database on it."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.postgres import PostgresServer, postgres_bin
+
+    bindir = postgres_bin()
+    if bindir is None:
+        raise RuntimeError(
+            "PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql"
+        )
+    server = PostgresServer(bindir, fsync=True)  # durable like the SQLite file (synchronous=FULL)
+    server.start()
+    register(server.pid, "postgres")
+    atexit.register(server.stop)
+    return server, server.new_database(empty=True)
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user+sys) of a process and its living children: a postmaster and its backends."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += sum(p.cpu_times()[:2])
+    return total
 
 
 def wait_cpu_quiet(pid: int, threshold: float = 0.15, timeout: float = 30) -> float:

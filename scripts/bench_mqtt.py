@@ -17,6 +17,10 @@ Targets (one at a time, each in its own process, 127.0.0.1 only):
              SQLite (synchronous=FULL) before its PUBACK and before it is routed
   bridge-asyncio  the same bridge and installation with `uvloop: false` (asyncio's own loop); not in
              the default set: name it in --targets to measure the loop in the same run
+  bridge-postgresql  the same bridge on PostgreSQL (store.url): a server of the bench's own (Debian's
+             initdb/pg_ctl, fsync on, synchronous_commit on), its own things provisioned there with
+             the same CA; not in the default set. Adds the CPU per message of postgres (the
+             postmaster and its backends) beside the bridge's
   amqtt      bare amqtt 0.12.1, default settings (its default plugin set), no persistence, TLS
              listener with the bridge's server certificate (amqtt's CERT_OPTIONAL verifies the
              client certificate it is shown)
@@ -46,7 +50,6 @@ import contextlib
 import os
 import shutil
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
@@ -61,6 +64,7 @@ import psutil
 TARGETS = {
     "bridge": "thingbridge (persisted)",
     "bridge-asyncio": "thingbridge on asyncio's loop (uvloop: false)",
+    "bridge-postgresql": "thingbridge on PostgreSQL (store.url)",
     "amqtt": "bare amqtt, default plugins",
     "amqtt-min": "bare amqtt, minimal plugins",
     "mosquitto": "mosquitto",
@@ -296,15 +300,50 @@ class Target:
     tls_port: int
     plain_port: int
     sub: dict[str, Any]
-    db: Path | None = None
+    db: Path | str | None = None  # the bridge's store: SQLite file or PostgreSQL URL
     extra: dict[str, Any] = field(default_factory=dict)
+    fleet: bc.Fleet | None = None  # its own things (bridge-postgresql), else the bench's
+    postgres_pid: int | None = None
 
     @property
     def pid(self) -> int:
         return self.server.pid
 
 
+_POSTGRES: dict[Path, tuple[bc.Fleet, int]] = {}
+
+
+def postgres_fleet(fleet: bc.Fleet) -> tuple[bc.Fleet, int]:
+    """The bench's things again, in a PostgreSQL database of the bench's own server (made once):
+    the same folder and CA, another configuration file, things `pg-00000`...; and the server's pid."""
+    if fleet.folder not in _POSTGRES:
+        server, url = bc.start_postgres()
+        t = time.time()
+        pg = bc.provision(
+            fleet.folder, len(fleet.things), prefix="pg", config="broker-postgresql.yaml", store={"url": url}
+        )
+        print(f"  provisioned {len(pg.things)} things on PostgreSQL in {time.time() - t:.1f} s", flush=True)
+        _POSTGRES[fleet.folder] = (pg, server.pid)
+    return _POSTGRES[fleet.folder]
+
+
 def start_target(name: str, fleet: bc.Fleet, work: Path) -> Target:
+    if name == "bridge-postgresql":
+        pg, postgres_pid = postgres_fleet(fleet)
+        server, ports = bc.start_bridge(pg)
+        print(f"  {name}: pid {server.pid}, event loop {ports.get('loop', 'asyncio')}", flush=True)
+        bc.wait_outbox_empty(pg.store)
+        sub = {"client_id": f"app:{bc.APP}", "username": bc.APP, "password": bc.APP_PASSWORD}
+        return Target(
+            name,
+            server,
+            ports["mqtt_tls"],
+            ports["mqtt_plain"],
+            sub,
+            pg.store,
+            fleet=pg,
+            postgres_pid=postgres_pid,
+        )
     if name in ("bridge", "bridge-asyncio"):
         config = None
         if name == "bridge-asyncio":  # the same installation, another file: uvloop off
@@ -361,17 +400,17 @@ def start_target(name: str, fleet: bc.Fleet, work: Path) -> Target:
     return Target(name, server, tls_port, plain_port, {"client_id": f"bench-sub-{name}"})
 
 
-def persisted(db: Path, run: int, t0: float) -> tuple[int, float | None]:
+def persisted(db: Path | str, run: int, t0: float) -> tuple[int, float | None]:
     """Rows this run committed, and the time of the last commit."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        rows, last = conn.execute(
-            "SELECT count(*), max(ts) FROM messages WHERE type = 'ingress' AND ts >= ?"
-            " AND CAST(payload AS TEXT) LIKE ?",
-            (t0 - 1, f'{{"r":{run},%'),
-        ).fetchone()
-    finally:
-        conn.close()
+    # the run's payloads start with {"r":<run>, (SQLite compares a BLOB as text, PostgreSQL bytes)
+    mine = "CAST(payload AS TEXT) LIKE ?" if isinstance(db, Path) else "payload LIKE ?"
+    prefix = f'{{"r":{run},%'
+    [(rows, last)] = bc.query(
+        db,
+        f"SELECT count(*), max(ts) FROM messages WHERE type = 'ingress' AND ts >= ? AND {mine}",
+        t0 - 1,
+        prefix if isinstance(db, Path) else prefix.encode(),
+    )
     return rows, last
 
 
@@ -388,6 +427,7 @@ def one_run(
     """One load run: `count` messages at `qos`, as fast as acknowledgements allow, or offered at
     `rate` msg/s in total (default `--rate`)."""
     rate = a.rate if rate is None else rate
+    fleet = target.fleet or fleet
     per_conn = max(1, count // a.things)
     total = per_conn * a.things
     ready_q, result_q = bc.MP.Queue(), bc.MP.Queue()
@@ -436,6 +476,7 @@ def one_run(
             spy = bc.start_pyspy(target.pid, a.profile_seconds, profile)
         time.sleep(0.5)
         mon = bc.Monitor(target.pid).start()
+        pg0 = bc.tree_cpu_s(target.postgres_pid) if target.postgres_pid else 0.0
         t0 = time.time()
         start_evt.set()
         sub = None
@@ -448,6 +489,8 @@ def one_run(
             if res["role"] == "sub":
                 sub = res
                 server = mon.stop()
+                if target.postgres_pid:
+                    server["postgres_cpu_s"] = round(bc.tree_cpu_s(target.postgres_pid) - pg0, 3)
             else:
                 pubs.append(res)
         stop_evt.set()
@@ -474,6 +517,11 @@ def one_run(
         "lat_max_ms": sub["lat_max_ms"],
         **server,
         "server_cpu_us_per_msg": bc.rnd(1e6 * server["server_cpu_s"] / received, 1) if received else None,
+        "postgres_cpu_us_per_msg": (
+            bc.rnd(1e6 * server["postgres_cpu_s"] / received, 1)
+            if received and "postgres_cpu_s" in server
+            else None
+        ),
         "loadavg": round(os.getloadavg()[0], 2),
     }
     if target.db is not None:
@@ -497,6 +545,7 @@ COLUMNS = [
     ("lat_p99_ms", "p99 ms"),
     ("server_cpu_pct_of_one_core", "srv CPU %"),
     ("server_cpu_us_per_msg", "CPU us/msg"),
+    ("postgres_cpu_us_per_msg", "pg CPU us/msg"),
     ("server_rss_peak_mib", "RSS MiB"),
 ]
 NUMERIC = [k for k, _h in COLUMNS if k not in ("target", "qos")] + [

@@ -163,7 +163,7 @@ def fresh_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
 def postgres_of_its_own() -> Iterator[Any]:
     """A PostgreSQL server started here and stopped when the generator ends; the test is skipped
     with the reason when the server binaries are not installed."""
-    from tests.helpers import PostgresServer, postgres_bin
+    from tests.postgres import PostgresServer, postgres_bin
 
     bindir = postgres_bin()
     if bindir is None:

@@ -17,7 +17,6 @@ import pytest
 from tests.conftest import Bridge, _bridge, postgres_of_its_own
 from tests.helpers import (
     Account,
-    PostgresServer,
     ThingFiles,
     account,
     call,
@@ -27,6 +26,7 @@ from tests.helpers import (
     thing_client,
     thing_jwt,
 )
+from tests.postgres import PostgresServer
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from bridge.store import IntegrityError, OperationalError, Unavailable, create, migrations, postgres
 from bridge.store.postgres import PostgresStore, translate
 from tests.conftest import write_config
-from tests.helpers import PostgresServer
+from tests.postgres import PostgresServer
 
 
 @pytest.fixture
