@@ -148,6 +148,7 @@ auth_http.resource_path = {auth}/resource
 auth_http.topic_path = {auth}/topic
 management.tcp.ip = 127.0.0.1
 management.tcp.port = {node.management}
+collect_statistics_interval = 1000
 {peers}disk_free_limit.absolute = 50MB
 log.console = false
 log.file.level = info

@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bridge import config
+from bridge.mqtt.external.auth import Logins
+from bridge.mqtt.external.management import Management
 from tests.conftest import Bridge, write_config
 from tests.engine import RabbitCluster
 from tests.helpers import (
@@ -34,6 +37,7 @@ from tests.helpers import (
     run_sync,
     token,
     unique,
+    until,
 )
 
 
@@ -397,3 +401,23 @@ async def test_a_re_certified_device_loses_its_old_certificate_on_the_engine(
     await refused(engine_client(rabbit_cluster, first))
     async with engine_client(rabbit_cluster, second):
         pass
+
+
+async def test_a_connection_this_process_did_not_log_in_is_found_in_the_engine_list(
+    external: Bridge, rabbit_cluster: RabbitCluster, tenants: dict[str, Any]
+) -> None:
+    """Management's fallback, for a login another bridge process answered (or one from before a
+    restart): a Management that recorded no logins finds the thing's connection in the engine's
+    list of connections (once its statistics show it: collect_statistics_interval, 1 s here) by the
+    CN of its user, and closes it."""
+    ext = config._build(config.ExternalConfig, rabbit_cluster.external_config(), "mqtt.external")
+    management = Management(ext, Logins())
+    thing = tenants["c"]
+    try:
+        async with engine_client(rabbit_cluster, thing, node=1) as client:
+            await client.subscribe(f"things/{thing.id}/publish", qos=1)
+            await until(lambda: management.close_thing(thing.id), "the connection in the engine's list")
+            await closed_within(client, 2)
+        assert management.failures == 0
+    finally:
+        await management.close()

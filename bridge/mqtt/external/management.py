@@ -14,6 +14,7 @@ with (CN = thing id; an older certificate's subject before a re-certification). 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import urllib.parse
@@ -34,7 +35,8 @@ class Management:
     def __init__(self, ext: ExternalConfig, logins: Logins) -> None:
         self.logins = logins
         self.urls = [u.rstrip("/") for u in ext.management]
-        self.auth = aiohttp.BasicAuth(ext.username, ext.password)
+        credentials = base64.b64encode(f"{ext.username}:{ext.password}".encode()).decode()
+        self.headers = {"Authorization": f"Basic {credentials}"}  # never logged
         self._session: aiohttp.ClientSession | None = None
         self._resweeps: set[asyncio.Task[int]] = set()
         self.closed = 0  # connections closed, for the stats
@@ -42,7 +44,7 @@ class Management:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(auth=self.auth, timeout=TIMEOUT)
+            self._session = aiohttp.ClientSession(headers=self.headers, timeout=TIMEOUT)
         return self._session
 
     async def close_thing(self, thing_id: str) -> int:
