@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import socket
 import ssl
 import time
@@ -16,13 +15,13 @@ from typing import Any
 import aiomqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from bridge import config
+from bridge import config, pki
 from bridge.mqtt.external.auth import Logins
 from bridge.mqtt.external.management import Management
+from bridge.pki import CertificateAuthority
 from tests.conftest import Bridge, write_config
 from tests.engine import RabbitCluster
 from tests.helpers import (
@@ -62,20 +61,10 @@ def test_each_node_serves_mqtt_tls_with_a_certificate_of_the_bridge_ca(rabbit_cl
 def test_a_client_certificate_of_another_ca_is_refused_by_the_engine(
     rabbit_cluster: RabbitCluster, tmp_path: Path
 ) -> None:
+    """Another bridge's CA (the same code, another key) issues a certificate for a thing id."""
+    other = CertificateAuthority.load_or_create(tmp_path / "other-ca")
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "c.pem").write_text(pki.cert_pem(other.issue_client("forged", key.public_key(), 1)))
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
