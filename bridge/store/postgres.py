@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.rows import RowMaker
 
+from bridge.config import ConfigError
 from bridge.store import db, migrations
 from bridge.store.errors import IntegrityError, OperationalError, StoreError, Unavailable
 
@@ -339,7 +340,7 @@ def prepare(conn: Connection) -> None:
                     f" knows (up to {migrations.LATEST}): a newer thingbridge has used it"
                 )
             elif found < FIRST:
-                raise migrations.SchemaTooNew(
+                raise ConfigError(
                     f"store.url: the database is at schema version {found}, older than any"
                     f" PostgreSQL database of thingbridge ({FIRST}): create a new database"
                 )
