@@ -189,6 +189,14 @@ log.file.level = info
 
     # ---- life cycle --------------------------------------------------------------------------------
     def start(self, timeout: float = 90) -> None:
+        """Boot the cluster; a start that fails ends what it had started (and says why)."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
         ca = CertificateAuthority.load_or_create(self.ca_dir)
         ca.ensure_server_cert([])
         shutil.copy(ca.ca_path, self.folder / "ca.pem")
