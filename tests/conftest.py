@@ -22,6 +22,17 @@ ADMIN_PASSWORD = "admin-test-password"
 READY = "thingbridge ready "
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The units of work of `--dist loadgroup` (pyproject.toml): a module, so that its module-scoped
+    server starts once on one worker; and the modules that use the RabbitMQ cluster together, so
+    that the suite boots one cluster, not one per worker (runs before xdist reads the groups)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = "engine" if "rabbit_cluster" in item.fixturenames else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def write_config(folder: Path, **overrides: object) -> Path:
     """A broker.yaml with every listener on 127.0.0.1 and port 0."""
     accounts = {"token_ttl": 3600, "free_plan_things": 10, **overrides.pop("accounts", {})}  # type: ignore[dict-item]
