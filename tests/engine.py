@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -214,6 +215,14 @@ log.file.level = info
             for path in [self.folder, *self.folder.rglob("*")]:
                 shutil.chown(path, "nobody", "nogroup")
             self.folder.chmod(0o755)
+        # Ends the cluster if this process goes away without stop() (a killed worker or bench).
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.engine", str(os.getpid()), str(self.folder), str(self.epmd_port)],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.epmd = subprocess.Popen(
             [*self._as, "epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)],
             stdout=subprocess.DEVNULL,
@@ -343,3 +352,25 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+def watch(parent: int, folder: str, epmd_port: int) -> None:
+    """Once `parent` has exited, kill what is left of its cluster (the nodes by the folder in their
+    environment, epmd by its port) and remove the folder: a cluster never outlives its test run."""
+    while Path(f"/proc/{parent}").exists():
+        time.sleep(1)
+    epmd = ["epmd", "-address", "127.0.0.1", "-port", str(epmd_port)]
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes()
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if folder.encode() in environ or argv[-len(epmd) :] == epmd:
+            with contextlib.suppress(OSError):
+                os.kill(int(proc.name), signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":  # the watchdog RabbitCluster starts: parent pid, folder, epmd port
+    watch(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
