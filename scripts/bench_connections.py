@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -129,6 +130,142 @@ async def _idle(spec: dict[str, Any], ready_q: Any, start_evt: Any, stop_evt: An
         conn.writer.close()
     result_q.put({"role": "idle-end", "alive": alive})
     await asyncio.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# handshakes: connect, CONNECT/CONNACK, disconnect (separate processes)
+# ----------------------------------------------------------------------------------------------------
+CHURN_PHASES = ("full", "full again", "resumed")
+
+
+class _ResumingContext(ssl.SSLContext):
+    """A client context that offers `offer` (a session from an earlier connection) in its next
+    handshake: asyncio's TLS layer calls wrap_bio without a session argument."""
+
+    offer: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming: Any, outgoing: Any, server_side: bool = False, **kw: Any) -> Any:
+        kw["session"] = kw.get("session") or self.offer
+        return super().wrap_bio(incoming, outgoing, server_side, **kw)
+
+
+def churn_main(spec: dict[str, Any], ready_q: Any, go: list[Any], result_q: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    bc.small_tls_buffers()
+    try:
+        asyncio.run(_churn(spec, ready_q, go, result_q))
+    except Exception as exc:
+        ready_q.put(("error", os.getpid(), repr(exc)))
+        result_q.put({"role": "churn", "error": repr(exc)})
+
+
+async def _churn(spec: dict[str, Any], ready_q: Any, go: list[Any], result_q: Any) -> None:
+    contexts = []
+    for tid, pem in spec["things"]:  # not timed
+        ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.load_cert_chain(pem)
+        contexts.append((tid, ctx))
+    ready_q.put(("churn", os.getpid(), len(contexts)))
+    window = asyncio.Semaphore(spec["window"])
+    sessions: dict[str, ssl.SSLSession] = {}  # each thing's latest session, its ticket
+
+    async def cycle(thing_id: str, ctx: _ResumingContext, resume: bool, res: dict[str, Any]) -> None:
+        ctx.offer = sessions.get(thing_id) if resume else None
+        async with window:
+            t = time.perf_counter()
+            try:
+                conn = await bc.Mqtt.connect(
+                    spec["port"], thing_id, tls=ctx, keepalive=60, timeout=spec["connect_timeout"]
+                )
+                tls = conn.writer.get_extra_info("ssl_object")
+                conn.writer.write(bc.DISCONNECT)
+                with contextlib.suppress(ConnectionError, ssl.SSLError):  # the server ends it
+                    await asyncio.wait_for(conn.reader.read(), spec["connect_timeout"])
+                conn.writer.transport.abort()  # no TLS shutdown exchange to wait for
+            except Exception as exc:
+                res["errors"][f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
+                return
+            res["latencies"].append(time.perf_counter() - t)
+            res["resumed"] += tls.session_reused
+            if tls.session is not None and tls.session.has_ticket:  # read with the CONNACK
+                res["tickets"] += 1
+                sessions[thing_id] = tls.session
+
+    for phase, evt in zip(CHURN_PHASES, go, strict=True):
+        if not await asyncio.to_thread(evt.wait, 300):
+            raise TimeoutError(f"no start signal for {phase}")
+        res: dict[str, Any] = {"errors": Counter(), "latencies": [], "resumed": 0, "tickets": 0}
+        t_start = time.time()
+        await asyncio.gather(*(cycle(t, c, phase == "resumed", res) for t, c in contexts))
+        ok = len(res["latencies"])
+        result_q.put(
+            {"role": "churn", "phase": phase, "ok": ok, "t_start": t_start, "t_end": time.time(), **res}
+        )
+
+
+def connect_churn(
+    port: int,
+    things: list[tuple[str, Path]],
+    pid: int,
+    *,
+    procs: int = 2,
+    window: int = 16,
+    connect_timeout: float = 30,
+    max_seconds: float = 1800,
+) -> dict[str, dict[str, Any]]:
+    """Each of `things` connects over TLS with its own certificate, sends CONNECT, reads its CONNACK,
+    sends DISCONNECT and closes, from `procs` processes with at most `window` cycles in flight each;
+    three passes over all of them: "full" (a full handshake), "full again" (the same things
+    reconnecting, again a full handshake: nothing offered), "resumed" (each offers the TLS session
+    ticket of its previous connection). Per pass: cycles/s, server CPU per cycle (pid `pid`), how
+    many handshakes the server resumed."""
+    ready_q, result_q = bc.MP.Queue(), bc.MP.Queue()
+    go = [bc.MP.Event() for _ in CHURN_PHASES]
+    n_procs = max(1, min(procs, len(things)))
+    pairs = [(tid, str(pem)) for tid, pem in things]
+    workers = []
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for p in range(n_procs):
+            spec = {"port": port, "things": pairs[p::n_procs], "window": window}
+            spec["connect_timeout"] = connect_timeout
+            workers.append(bc.spawn(churn_main, spec, ready_q, go, result_q, name="churn"))
+        for _ in range(n_procs):
+            kind, _pid, info = bc.get_q(ready_q, 300, "handshake load processes")
+            if kind != "churn":
+                raise RuntimeError(f"handshake load process failed: {info}")
+        for phase, evt in zip(CHURN_PHASES, go, strict=True):
+            bc.wait_cpu_quiet(pid, timeout=60)
+            mon = bc.Monitor(pid).start()
+            t0 = time.time()
+            evt.set()
+            results = []
+            for _ in range(n_procs):
+                res = bc.get_q(result_q, max_seconds, f"the {phase} handshakes")
+                if res.get("error"):
+                    raise RuntimeError(f"handshake load process failed: {res['error']}")
+                results.append(res)
+            cpu = mon.stop()
+            ok = sum(r["ok"] for r in results)
+            errors: Counter[str] = Counter()
+            for r in results:
+                errors.update(r["errors"])
+            lat = [x for r in results for x in r["latencies"]]
+            out[phase] = {
+                "cycles": ok,
+                "resumed": sum(r["resumed"] for r in results),
+                "tickets": sum(r["tickets"] for r in results),
+                "errors": dict(errors) or None,
+                "cycles_per_s": bc.rnd(ok / (max(r["t_end"] for r in results) - t0), 1),
+                "cycle_p99_ms": bc.rnd(1000 * (bc.percentile(lat, 99) or 0)),
+                "server_cpu_ms_per_cycle": bc.rnd(1000 * cpu["server_cpu_s"] / ok, 3) if ok else None,
+            }
+    finally:
+        for evt in go:
+            evt.set()
+        bc.reap(workers, grace=15)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
