@@ -9,7 +9,10 @@ deleting the thing closes its connection and keeps it out."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,9 +23,22 @@ import aiormq.exceptions
 import orjson
 import pytest
 
+from bridge.mqtt.external.management import RESWEEP
 from tests.conftest import Bridge, write_config
 from tests.engine import Node, RabbitCluster
-from tests.helpers import Account, ThingFiles, account, call, create_thing, next_message, ok, unique, until
+from tests.helpers import (
+    Account,
+    ThingFiles,
+    account,
+    call,
+    certified_device,
+    create_thing,
+    firmware_product,
+    next_message,
+    ok,
+    unique,
+    until,
+)
 
 APP_PASSWORD = "app-password-1"
 
@@ -215,3 +231,58 @@ async def test_an_application_over_amqp_cannot_forge_or_overhear_things(
 
     [record] = await until(stored, "the application's message to its owner's thing")
     assert record["message"] == "allowed"  # and none of the forged ones
+
+
+async def test_a_firmware_device_activates_certifies_and_downloads_through_the_engine(
+    walk_bridge: Bridge, rabbit_cluster: RabbitCluster, tmp_path: Any
+) -> None:
+    """The firmware and provisioning dialects on the same deployment: a device activates its serial
+    number (HTTP), gets a certificate for its own key with the API key (its CIK), connects to the
+    other node, finds its target retained, pulls the image chunk by chunk over MQTT and confirms."""
+    bridge = walk_bridge
+    owner = account(bridge)
+    product = await firmware_product(bridge, owner)
+    image = os.urandom(40_000)  # two chunks of at most 32 KiB
+    version = f"{bridge.http}/fw/v1/manage/products/{product.id}/versions/1.0"
+    body = {"releaseDate": "2025-03-01T00:00:00Z", "status": "REQUIRED", "rolloutProfiles": []}
+    assert (await call("PUT", version, owner.token, json=body)).status == 201
+    assert (await call("PUT", f"{version}/firmware", owner.token, data=image)).status == 200
+    sn = unique("FW-")
+    serials = f"{bridge.http}/fw/v1/manage/products/{product.id}/serials"
+    csv = {"Content-Type": "text/csv"}
+    assert (await call("POST", serials, owner.token, data=f"{sn}\n".encode(), headers=csv)).status == 200
+    activated = await call("POST", f"{bridge.http}/fw/v1/activate", json={"serialNumber": sn})
+    assert activated.status == 200, activated.body
+    thing, api_key = activated.json["thingId"], activated.json["apiKey"]
+    files = await certified_device(bridge, tmp_path / "device", thing, api_key)
+    certified = time.monotonic()  # the certificate's issue revoked the thing's engine connections
+    base = f"things/{thing}/firmware"
+
+    async with on_node(rabbit_cluster.nodes[1], files) as dev:
+        for flow in ("target", "chunk/+", "get/rejected", "switched/accepted", "switched/rejected"):
+            await dev.subscribe(f"{base}/{flow}", qos=1)
+        target = await reply(dev, f"{base}/target")
+        assert (target["targetVersion"], target["size"]) == ("1.0", len(image))
+        received = b""
+        while len(received) < len(image):
+            offset = len(received)
+            await dev.publish(f"{base}/get", orjson.dumps({"version": "1.0", "offset": offset}), qos=1)
+            async with asyncio.timeout(15):
+                async for message in dev.messages:
+                    assert str(message.topic) != f"{base}/get/rejected", message.payload
+                    if str(message.topic) == f"{base}/chunk/{offset}":
+                        received += bytes(message.payload)
+                        break
+        assert hashlib.sha256(received).hexdigest() == target["sha256"]
+        await dev.publish(f"{base}/switched", orjson.dumps({"version": "1.0"}), qos=1)
+        assert (await reply(dev, f"{base}/switched/accepted"))["currentVersion"] == "1.0"
+
+        # the revocation's second sweep of the engine's connections (RESWEEP s later) closes only
+        # those opened before it: this one, with the new certificate, is still served after it
+        await asyncio.sleep(max(0.0, certified + RESWEEP + 1 - time.monotonic()))
+        await dev.publish(f"{base}/get", orjson.dumps({"version": "1.0", "offset": 0, "length": 4}), qos=1)
+        async with asyncio.timeout(15):
+            async for message in dev.messages:
+                if str(message.topic) == f"{base}/chunk/0":
+                    assert bytes(message.payload) == image[:4]
+                    break

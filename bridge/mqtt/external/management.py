@@ -9,7 +9,10 @@ with (CN = thing id; an older certificate's subject before a re-certification). 
   CN (logins through another bridge process, or before this one started) and each is DELETEd. That
   list comes from the management statistics and shows a new connection only after a while (not
   within a second here; the statistics interval is 5 s by default), so it is searched again
-  RESWEEP seconds later."""
+  RESWEEP seconds later. Both searches close only connections the engine opened before the
+  revocation (`connected_at`, the engine's clock: keep the clocks in sync): a device that got a new
+  certificate, or was enabled again, and reconnected meanwhile passed the auth backend after the
+  revocation and stays connected."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 import urllib.parse
 from typing import Any
 
@@ -49,23 +53,24 @@ class Management:
 
     async def close_thing(self, thing_id: str) -> int:
         """Close every engine connection of the thing; how many were open."""
+        revoked = time.time() * 1000  # ms, as the engine's connected_at
         closed = 0
         for username in self.logins.of(thing_id):
             closed += await self._close_user(username)
-        closed += await self._sweep(thing_id)
-        task = asyncio.create_task(self._resweep(thing_id))
+        closed += await self._sweep(thing_id, revoked)
+        task = asyncio.create_task(self._resweep(thing_id, revoked))
         self._resweeps.add(task)
         task.add_done_callback(self._resweeps.discard)
         return closed
 
-    async def _resweep(self, thing_id: str) -> int:
+    async def _resweep(self, thing_id: str, revoked: float) -> int:
         await asyncio.sleep(RESWEEP)
-        return await self._sweep(thing_id)
+        return await self._sweep(thing_id, revoked)
 
-    async def _sweep(self, thing_id: str) -> int:
+    async def _sweep(self, thing_id: str, revoked: float) -> int:
         for url in self.urls:  # the first node that answers: each sees the whole cluster's connections
             try:
-                names = await self._connections_of(url, thing_id)
+                names = await self._connections_of(url, thing_id, revoked)
                 results = await asyncio.gather(*(self._close(url, name) for name in names))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("engine management %s: %r", url, exc)
@@ -97,15 +102,18 @@ class Management:
         self.failures += 1
         return 0
 
-    async def _connections_of(self, url: str, thing_id: str) -> list[str]:
-        params = {"columns": "name,user"}
+    async def _connections_of(self, url: str, thing_id: str, revoked: float) -> list[str]:
+        """The thing's connections opened before `revoked` (ms since the epoch)."""
+        params = {"columns": "name,user,connected_at"}
         async with self._http().get(f"{url}/api/connections", params=params) as resp:
             resp.raise_for_status()
             connections: list[dict[str, Any]] = await resp.json()
         return [
             c["name"]
             for c in connections
-            if isinstance(c.get("user"), str) and (subject_fields(c["user"]) or {}).get("CN") == thing_id
+            if isinstance(c.get("user"), str)
+            and (subject_fields(c["user"]) or {}).get("CN") == thing_id
+            and not (isinstance(c.get("connected_at"), int | float) and c["connected_at"] > revoked)
         ]
 
     async def _close(self, url: str, name: str) -> int:
