@@ -22,15 +22,26 @@ ADMIN_PASSWORD = "admin-test-password"
 READY = "thingbridge ready "
 
 
+# The longest units of work, started first so that no long one is left for the end of the run.
+FIRST = ("engine", "tests/test_abuse.py", "tests/test_openapi.py")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The units of work of `--dist loadgroup` (pyproject.toml): a module, so that its module-scoped
     server starts once on one worker; and the modules that use the RabbitMQ cluster together, so
     that the suite boots one cluster, not one per worker (runs before xdist reads the groups)."""
+    groups: dict[pytest.Item, str] = {}
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
+        marker = item.get_closest_marker("xdist_group")
+        if marker is None:
             group = "engine" if "rabbit_cluster" in item.fixturenames else item.nodeid.split("::")[0]
             item.add_marker(pytest.mark.xdist_group(group))
+        else:
+            group = str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
+        groups[item] = group
+    order = {group: rank for rank, group in enumerate(FIRST)}
+    items.sort(key=lambda item: order.get(groups[item], len(FIRST)))  # stable: modules stay in order
 
 
 def write_config(folder: Path, **overrides: object) -> Path:

@@ -273,7 +273,7 @@ def test_docs_page_shows_every_operation(bridge: Bridge, served: dict[str, Any])
 # One budget for the whole run, shared by the operations, so that the suite's time stays bounded as
 # dialects add operations: generated examples per (operation, mode) = the mode's total / the number
 # of (operation, mode) pairs, between MIN_EXAMPLES and MAX_EXAMPLES; the same for seconds.
-EXAMPLES_TOTAL = {GenerationMode.POSITIVE: 1500, GenerationMode.NEGATIVE: 700}
+EXAMPLES_TOTAL = {GenerationMode.POSITIVE: 900, GenerationMode.NEGATIVE: 400}
 MIN_EXAMPLES, MAX_EXAMPLES = 5, 25
 SECONDS_TOTAL = 300  # a safety net: the examples above are what bounds the run
 REQUEST_TIMEOUT = 15  # seconds; a hung request fails the run instead of stalling it
