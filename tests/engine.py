@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import aiomqtt
 
 from bridge.pki import CertificateAuthority
 
@@ -72,6 +76,19 @@ class Node:
     @property
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.management}"
+
+    def thing_client(self, thing: Any, client_id: str | None = None, **kw: Any) -> aiomqtt.Client:
+        """A thing's MQTT/TLS client on this node, its certificate its identity (`thing`: a
+        tests.helpers.ThingFiles); `client_id` defaults to the thing's id."""
+        tls = ssl.create_default_context(cafile=str(thing.ca))
+        tls.load_cert_chain(str(thing.cert), str(thing.key))
+        return aiomqtt.Client(
+            "127.0.0.1",
+            self.mqtts,
+            identifier=client_id or thing.id,
+            tls_context=tls,
+            **{"timeout": 10, **kw},
+        )
 
 
 class RabbitCluster:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import Bridge, basic, write_config
 from tests.engine import Node, RabbitCluster
-from tests.helpers import Account, ThingFiles, account, call, create_thing, next_message, ok, run_sync, until
+from tests.helpers import Account, account, call, create_thing, next_message, ok, run_sync, until
 
 # kill -9 of a worker under load is a race: once in the suite (its time budget), 20 rounds when it
 # was made and whenever the consumer changes (THINGBRIDGE_KILL_ROUNDS=20)
@@ -76,23 +76,6 @@ def owner(engine_bridge: Bridge) -> Account:
     return user
 
 
-def device(
-    cluster: RabbitCluster, node: Node, thing: ThingFiles, suffix: str = "", **kw: object
-) -> aiomqtt.Client:
-    """The thing's MQTT/TLS client on one engine node, its certificate its identity."""
-    import ssl
-
-    ctx = ssl.create_default_context(cafile=str(thing.ca))
-    ctx.load_cert_chain(str(thing.cert), str(thing.key))
-    return aiomqtt.Client(
-        "127.0.0.1",
-        node.mqtts,
-        identifier=f"{thing.id}{suffix}",
-        tls_context=ctx,
-        **{"timeout": 10, **kw},  # type: ignore[arg-type]
-    )
-
-
 async def messages(bridge: Bridge, owner: Account, thing_id: str, kind: str | None = None) -> list[dict]:
     query = f"?messagetype={kind}" if kind else ""
     return ok(await call("GET", f"{bridge.api}/things/{thing_id}/messages{query}", owner.token))
@@ -103,7 +86,7 @@ async def test_a_device_s_messages_are_committed_and_answered_through_the_engine
 ) -> None:
     thing = await create_thing(engine_bridge, owner.token, tmp_path)
     node = rabbit_cluster.nodes[0]
-    async with device(rabbit_cluster, node, thing) as client:
+    async with node.thing_client(thing) as client:
         await client.subscribe(f"things/{thing.id}/status/+", qos=1)  # the replies
         await client.subscribe(f"things/{thing.id}/upgrade/check/+", qos=1)
         await client.publish(f"things/{thing.id}/collect", b'{"temp": 21.5}', qos=1)
@@ -127,7 +110,7 @@ async def test_an_owner_s_message_and_the_retained_config_reach_the_thing_on_any
 ) -> None:
     thing = await create_thing(engine_bridge, owner.token, tmp_path)
     first, second = rabbit_cluster.nodes
-    async with device(rabbit_cluster, first, thing) as client:
+    async with first.thing_client(thing) as client:
         await client.subscribe(f"things/{thing.id}/publish", qos=1)
         sent = await call(
             "POST", f"{engine_bridge.api}/things/{thing.id}/publish", owner.token, json={"led": "on"}
@@ -140,7 +123,7 @@ async def test_an_owner_s_message_and_the_retained_config_reach_the_thing_on_any
     ok(await call("PATCH", f"{engine_bridge.api}/things/{thing.id}/desired", owner.token, json=desired))
 
     async def config_on(node: Node) -> dict | None:
-        async with device(rabbit_cluster, node, thing, ":late") as late:
+        async with node.thing_client(thing, f"{thing.id}:late") as late:
             await late.subscribe(f"things/{thing.id}/config", qos=1)
             try:
                 message = await next_message(late, 1)
@@ -159,7 +142,7 @@ async def test_a_refused_message_is_answered_and_acknowledged_once(
 ) -> None:
     """Bad JSON on status is answered on status/rejected, acknowledged, never redelivered."""
     thing = await create_thing(engine_bridge, owner.token, tmp_path)
-    async with device(rabbit_cluster, rabbit_cluster.nodes[1], thing) as client:
+    async with rabbit_cluster.nodes[1].thing_client(thing) as client:
         await client.subscribe(f"things/{thing.id}/status/+", qos=1)
         await client.publish(f"things/{thing.id}/status", b"{not json", qos=1)
         reply = await next_message(client, 10)
@@ -199,7 +182,7 @@ def test_kill_9_of_a_worker_loses_nothing_and_commits_nothing_twice(
     acked: list[int] = []
 
     async def flow() -> None:
-        async with device(rabbit_cluster, rabbit_cluster.nodes[round_ % 2], thing) as client:
+        async with rabbit_cluster.nodes[round_ % 2].thing_client(thing) as client:
             sender = asyncio.create_task(
                 publish_paced(client, f"things/{thing.id}/collect", range(total), acked)
             )
@@ -261,7 +244,7 @@ async def test_killing_the_engine_node_that_holds_the_queue_loses_nothing_acknow
             try:
                 # a short timeout: leaving a dead connection waits that long for its DISCONNECT
                 async with (
-                    device(rabbit_cluster, node, thing, timeout=3) as client,
+                    node.thing_client(thing, timeout=3) as client,
                     asyncio.TaskGroup() as group,
                 ):
                     window = asyncio.Semaphore(20)

@@ -25,7 +25,6 @@ from bridge.pki import CertificateAuthority
 from tests.conftest import Bridge, write_config
 from tests.engine import RabbitCluster
 from tests.helpers import (
-    ThingFiles,
     account,
     call,
     certified_device,
@@ -90,19 +89,6 @@ def external(rabbit_cluster: RabbitCluster, tmp_path_factory: pytest.TempPathFac
         bridge.kill()
 
 
-def engine_client(cluster: RabbitCluster, thing: ThingFiles, node: int = 0, **kw: Any) -> aiomqtt.Client:
-    """A thing's MQTT/TLS connection to one engine node, with its certificate."""
-    ctx = ssl.create_default_context(cafile=str(thing.ca))
-    ctx.load_cert_chain(thing.cert, thing.key)
-    return aiomqtt.Client(
-        "127.0.0.1",
-        cluster.nodes[node].mqtts,
-        identifier=kw.pop("identifier", thing.id),
-        tls_context=ctx,
-        **{"timeout": 5, **kw},
-    )
-
-
 def app_engine_client(cluster: RabbitCluster, name: str, password: str, **kw: Any) -> aiomqtt.Client:
     """An application's plain MQTT connection to the first engine node, by username and password."""
     return aiomqtt.Client(
@@ -163,17 +149,19 @@ async def test_a_thing_reaches_its_own_topics_and_no_other_things(
     async with app_engine_client(rabbit_cluster, tenants["app"], "app-password-1") as app:
         await app.subscribe(f"things/{a.id}/collect", qos=1)
         await app.subscribe(f"things/{b.id}/collect", qos=1)
-        async with engine_client(rabbit_cluster, a, node=1) as thing:
+        async with rabbit_cluster.nodes[1].thing_client(a, timeout=5) as thing:
             await thing.subscribe(f"things/{a.id}/publish", qos=1)
             await thing.publish(f"things/{a.id}/collect", b'{"own": 1}', qos=1)
             message = await next_message(app)
             assert (str(message.topic), message.payload) == (f"things/{a.id}/collect", b'{"own": 1}')
             await closed_by_engine(thing, thing.publish(f"things/{b.id}/collect", b'{"forged": 1}', qos=1))
-        async with engine_client(rabbit_cluster, a) as thing:
+        async with rabbit_cluster.nodes[0].thing_client(a, timeout=5) as thing:
             await closed_by_engine(thing, thing.subscribe(f"things/{b.id}/publish", qos=1))
-        async with engine_client(rabbit_cluster, a) as thing:
+        async with rabbit_cluster.nodes[0].thing_client(a, timeout=5) as thing:
             await closed_by_engine(thing, thing.subscribe("things/#", qos=1))
-        async with engine_client(rabbit_cluster, b) as thing:  # the control: b's own message arrives
+        async with rabbit_cluster.nodes[0].thing_client(
+            b, timeout=5
+        ) as thing:  # the control: b's own message arrives
             await thing.publish(f"things/{b.id}/collect", b'{"b": 1}', qos=1)
         message = await next_message(app)
         assert (str(message.topic), message.payload) == (
@@ -181,7 +169,7 @@ async def test_a_thing_reaches_its_own_topics_and_no_other_things(
             b'{"b": 1}',
         )  # not a's forgery
     # another thing's client id
-    await refused(engine_client(rabbit_cluster, a, identifier=b.id))
+    await refused(rabbit_cluster.nodes[0].thing_client(a, b.id, timeout=5))
 
 
 async def test_an_application_by_password_reaches_only_its_owners_things(
@@ -209,14 +197,14 @@ async def test_unknown_and_replaced_certificates_are_refused(
     owner = account(external)
     thing_id = unique("recreated")
     old = await create_thing(external, owner.token, tmp_path / "old", flthingspk=thing_id)
-    async with engine_client(rabbit_cluster, old):
+    async with rabbit_cluster.nodes[0].thing_client(old, timeout=5):
         pass
     ok(await call("DELETE", f"{external.api}/things/{thing_id}", owner.token))
-    await refused(engine_client(rabbit_cluster, old))  # deleted
+    await refused(rabbit_cluster.nodes[0].thing_client(old, timeout=5))  # deleted
     new = await create_thing(external, owner.token, tmp_path / "new", flthingspk=thing_id)
     # the same CN, the same CA: only the certificate's serial number in its subject tells them apart
-    await refused(engine_client(rabbit_cluster, old))
-    async with engine_client(rabbit_cluster, new):
+    await refused(rabbit_cluster.nodes[0].thing_client(old, timeout=5))
+    async with rabbit_cluster.nodes[0].thing_client(new, timeout=5):
         pass
 
 
@@ -306,9 +294,9 @@ async def test_a_revoked_thing_is_closed_on_every_node_within_a_second(
     other = await create_thing(external, owner.token, tmp_path / "o")
     url = f"{external.api}/things/{thing.id}"
     async with (
-        engine_client(rabbit_cluster, thing, node=0) as first,
-        engine_client(rabbit_cluster, thing, node=1, identifier=f"{thing.id}:2") as second,
-        engine_client(rabbit_cluster, other, node=1) as bystander,
+        rabbit_cluster.nodes[0].thing_client(thing, timeout=5) as first,
+        rabbit_cluster.nodes[1].thing_client(thing, f"{thing.id}:2", timeout=5) as second,
+        rabbit_cluster.nodes[1].thing_client(other, timeout=5) as bystander,
     ):
         for client in (first, second):
             await client.subscribe(f"things/{thing.id}/publish", qos=1)
@@ -321,11 +309,11 @@ async def test_a_revoked_thing_is_closed_on_every_node_within_a_second(
         elapsed = time.monotonic() - started
         await bystander.publish(f"things/{other.id}/collect", b"{}", qos=1)  # still connected
     assert elapsed < 1.0
-    await refused(engine_client(rabbit_cluster, thing, node=0))
-    await refused(engine_client(rabbit_cluster, thing, node=1))
+    await refused(rabbit_cluster.nodes[0].thing_client(thing, timeout=5))
+    await refused(rabbit_cluster.nodes[1].thing_client(thing, timeout=5))
     if how == "disable":
         ok(await call("PATCH", url, owner.token, json={"enabled": True}))
-        async with engine_client(rabbit_cluster, thing):
+        async with rabbit_cluster.nodes[0].thing_client(thing, timeout=5):
             pass
 
 
@@ -353,9 +341,9 @@ async def test_the_engine_refusals_are_counted_in_the_broker_stats(
 
     before = await stats()
     await refused(app_engine_client(rabbit_cluster, tenants["app"], "wrong-password-2"))
-    async with engine_client(rabbit_cluster, tenants["a"]) as thing:
+    async with rabbit_cluster.nodes[0].thing_client(tenants["a"], timeout=5) as thing:
         await closed_by_engine(thing, thing.publish(f"things/{tenants['b'].id}/collect", b"{}", qos=1))
-    async with engine_client(rabbit_cluster, tenants["a"]) as thing:
+    async with rabbit_cluster.nodes[0].thing_client(tenants["a"], timeout=5) as thing:
         await closed_by_engine(thing, thing.subscribe(f"things/{tenants['b'].id}/publish", qos=1))
     after = await stats()
     assert after["refusedConnects"] > before["refusedConnects"]
@@ -381,14 +369,14 @@ async def test_a_re_certified_device_loses_its_old_certificate_on_the_engine(
     assert resp.status == 200, resp.body
     thing_id, cik = resp.json["thingId"], resp.json["apiKey"]
     first = await certified_device(external, tmp_path / "first", thing_id, cik)
-    async with engine_client(rabbit_cluster, first, node=1) as client:
+    async with rabbit_cluster.nodes[1].thing_client(first, timeout=5) as client:
         await client.subscribe(f"things/{thing_id}/publish", qos=1)
         started = time.monotonic()
         second = await certified_device(external, tmp_path / "second", thing_id, cik)
         await closed_within(client, 1.0)
         assert time.monotonic() - started < 1.0
-    await refused(engine_client(rabbit_cluster, first))
-    async with engine_client(rabbit_cluster, second):
+    await refused(rabbit_cluster.nodes[0].thing_client(first, timeout=5))
+    async with rabbit_cluster.nodes[0].thing_client(second, timeout=5):
         pass
 
 
@@ -403,7 +391,7 @@ async def test_a_connection_this_process_did_not_log_in_is_found_in_the_engine_l
     management = Management(ext, Logins())
     thing = tenants["c"]
     try:
-        async with engine_client(rabbit_cluster, thing, node=1) as client:
+        async with rabbit_cluster.nodes[1].thing_client(thing, timeout=5) as client:
             await client.subscribe(f"things/{thing.id}/publish", qos=1)
             await until(lambda: management.close_thing(thing.id), "the connection in the engine's list")
             await closed_within(client, 2)

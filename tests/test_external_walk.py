@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import ssl
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,10 +24,9 @@ import pytest
 
 from bridge.mqtt.external.management import RESWEEP
 from tests.conftest import Bridge, write_config
-from tests.engine import Node, RabbitCluster
+from tests.engine import RabbitCluster
 from tests.helpers import (
     Account,
-    ThingFiles,
     account,
     call,
     certified_device,
@@ -58,15 +56,6 @@ def walk_bridge(
         yield bridge
     finally:
         bridge.kill()
-
-
-def on_node(node: Node, thing: ThingFiles, suffix: str = "") -> aiomqtt.Client:
-    """The thing's MQTT/TLS client on an engine node; its certificate is its identity."""
-    tls = ssl.create_default_context(cafile=str(thing.ca))
-    tls.load_cert_chain(str(thing.cert), str(thing.key))
-    return aiomqtt.Client(
-        "127.0.0.1", node.mqtts, identifier=f"{thing.id}{suffix}", tls_context=tls, timeout=10
-    )
 
 
 async def reply(dev: aiomqtt.Client, topic: str) -> Any:
@@ -102,7 +91,7 @@ async def test_the_device_walk_through_the_engine_on_postgresql(
     async with (
         aiomqtt.Client("127.0.0.1", first.mqtt, identifier=f"app:{app}:walk", username=app,
                        password=APP_PASSWORD, timeout=10) as listener,
-        on_node(first, thing) as dev,
+        first.thing_client(thing) as dev,
     ):  # fmt: skip
         await listener.subscribe(f"{base}/collect", qos=1)
         for flow in (
@@ -153,7 +142,7 @@ async def test_the_device_walk_through_the_engine_on_postgresql(
         await until(results, "the upgrade result")
 
         # the other node serves the same retained config to a second connection of the thing
-        async with on_node(second, thing, ":other") as other:
+        async with second.thing_client(thing, f"{thing.id}:other") as other:
             await other.subscribe(f"{base}/config", qos=1)
             assert (await reply(other, f"{base}/config"))["version"] == 0
 
@@ -165,7 +154,7 @@ async def test_the_device_walk_through_the_engine_on_postgresql(
                 async for _ in dev.messages:
                     pass
     with pytest.raises(aiomqtt.MqttError):
-        async with on_node(first, thing, ":again"):
+        async with first.thing_client(thing, f"{thing.id}:again"):
             pass
 
 
@@ -258,7 +247,7 @@ async def test_a_firmware_device_activates_certifies_and_downloads_through_the_e
     certified = time.monotonic()  # the certificate's issue revoked the thing's engine connections
     base = f"things/{thing}/firmware"
 
-    async with on_node(rabbit_cluster.nodes[1], files) as dev:
+    async with rabbit_cluster.nodes[1].thing_client(files) as dev:
         for flow in ("target", "chunk/+", "get/rejected", "switched/accepted", "switched/rejected"):
             await dev.subscribe(f"{base}/{flow}", qos=1)
         target = await reply(dev, f"{base}/target")
