@@ -205,6 +205,20 @@ log.file.level = info
         (folder / "ca.key").chmod(0o600)
         return folder
 
+    def bridge(
+        self, folder: Path, external: dict | None = None, store_url: str = "sqlite:", **overrides: Any
+    ) -> Any:
+        """A bridge (tests.conftest.Bridge, not started) in external mode on this cluster, with its
+        CA: `external` its mqtt.external section (default external_config()), `store_url` its
+        store, `overrides` more of its broker.yaml."""
+        from tests.conftest import Bridge, write_config  # not for the watchdog, which runs this module
+
+        self.bridge_certs(folder / "certs")
+        if store_url != "sqlite:":
+            overrides["store"] = {"url": store_url}
+        mqtt = {"mode": "external", "external": external or self.external_config()}
+        return Bridge(folder, write_config(folder, mqtt=mqtt, **overrides), store_url=store_url)
+
     # ---- life cycle --------------------------------------------------------------------------------
     def start(self, timeout: float = 90) -> None:
         """Boot the cluster; a start that fails ends what it had started (and says why)."""

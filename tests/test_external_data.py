@@ -38,10 +38,7 @@ def external_bridge(cluster: RabbitCluster, folder: Path) -> Bridge:
     """A bridge of the cluster in external mode, with the cluster's CA (the engine trusts what it
     issues); it answers the engine's auth backend."""
     folder.mkdir(parents=True, exist_ok=True)
-    cluster.bridge_certs(folder / "certs")
-    return Bridge(
-        folder, write_config(folder, mqtt={"mode": "external", "external": external_config(cluster)})
-    )
+    return cluster.bridge(folder, external_config(cluster))
 
 
 def second_worker(cluster: RabbitCluster, first: Bridge, folder: Path) -> Bridge:

@@ -22,7 +22,7 @@ from bridge import config, pki
 from bridge.mqtt.external.auth import Logins
 from bridge.mqtt.external.management import Management
 from bridge.pki import CertificateAuthority
-from tests.conftest import Bridge, write_config
+from tests.conftest import Bridge
 from tests.engine import RabbitCluster
 from tests.helpers import (
     account,
@@ -78,10 +78,7 @@ def test_a_client_certificate_of_another_ca_is_refused_by_the_engine(
 @pytest.fixture(scope="module")
 def external(rabbit_cluster: RabbitCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
     """A bridge in external mode on the cluster (its auth listener on the port the cluster calls)."""
-    folder = tmp_path_factory.mktemp("bridge")
-    rabbit_cluster.bridge_certs(folder / "certs")
-    config = write_config(folder, mqtt={"mode": "external", "external": rabbit_cluster.external_config()})
-    bridge = Bridge(folder, config)
+    bridge = rabbit_cluster.bridge(tmp_path_factory.mktemp("bridge"))
     bridge.start(timeout=60)
     try:
         yield bridge

@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from bridge.mqtt.external.management import RESWEEP
-from tests.conftest import Bridge, write_config
+from tests.conftest import Bridge
 from tests.engine import RabbitCluster
 from tests.helpers import (
     Account,
@@ -45,12 +45,7 @@ APP_PASSWORD = "app-password-1"
 def walk_bridge(
     rabbit_cluster: RabbitCluster, postgres_server: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Bridge]:
-    folder = tmp_path_factory.mktemp("walk")
-    rabbit_cluster.bridge_certs(folder / "certs")
-    url = postgres_server.new_database()
-    external = rabbit_cluster.external_config()
-    config = write_config(folder, store={"url": url}, mqtt={"mode": "external", "external": external})
-    bridge = Bridge(folder, config, store_url=url)
+    bridge = rabbit_cluster.bridge(tmp_path_factory.mktemp("walk"), store_url=postgres_server.new_database())
     bridge.start(timeout=60)
     try:
         yield bridge
