@@ -64,7 +64,7 @@ def check_folders(cfg: Config) -> None:
 
 
 def open_store(cfg: Config) -> Store:
-    store = create_store(cfg.store.url, cfg.db_path, cfg.store.synchronous)
+    store = create_store(cfg.store.url, cfg.db_path, cfg.store.synchronous, cfg.store.lock_timeout_ms / 1000)
     try:
         store.open()
     except (OSError, StoreError) as exc:

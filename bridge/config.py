@@ -156,6 +156,9 @@ class StoreConfig:
     url: str = field(default="sqlite:", metadata={"store_url": True})
     # FULL: a commit is on disk before we acknowledge it (QoS 1 PUBACK, HTTP 2xx).
     synchronous: str = _choice("FULL", "FULL", "NORMAL", "EXTRA")
+    # SQLite: how long a write waits for a lock another process holds on the file (the command
+    # line, a backup) before it is refused as unavailable (HTTP 503, no PUBACK).
+    lock_timeout_ms: int = _int(30_000, 10, 600_000)
 
 
 @dataclass

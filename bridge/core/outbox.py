@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -20,7 +19,6 @@ from bridge.core.background import Background
 from bridge.core.ports import DeviceLink
 from bridge.store import Store
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -54,6 +52,8 @@ def forget_thing(conn: sqlite3.Connection, thing_id: str) -> None:
 
 
 class Outbox(Background):
+    step = "outbox drain"
+
     def __init__(self, store: Store, link: DeviceLink, poll: float = 1.0) -> None:
         self.store = store
         self.poll = poll
@@ -99,5 +99,7 @@ class Outbox(Background):
             try:
                 while await self.drain() == 1000:
                     pass
-            except Exception:  # keep draining later; a broken row must not stop the pump
-                log.exception("outbox drain failed")
+            except Exception as exc:  # keep draining later; a broken row must not stop the pump
+                self.failed(exc)
+            else:
+                self.succeeded()

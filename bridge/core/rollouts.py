@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import logging
 import math
 import sqlite3
 from typing import Any
@@ -37,8 +36,6 @@ from bridge.core.upgrades.fields import TERMINAL, as_object, key_field, text_fie
 from bridge.core.upgrades.hooks import offers_changed
 from bridge.core.upgrades.offers import notify_device, publish_all_notices
 from bridge.store import Store
-
-log = logging.getLogger(__name__)
 
 RUNNING, PAUSED, STOPPED, COMPLETED = "running", "paused", "stopped", "completed"
 ROLLOUT_FIELDS = (
@@ -217,6 +214,8 @@ def _too_many(wave: int, failed: int, of: int, threshold: float) -> str:
 
 
 class Rollouts(Background):
+    step = "rollout timer step"
+
     def __init__(self, store: Store, outbox: Outbox, messages: Messages, tick: float = 1.0) -> None:
         self.store = store
         self.outbox = outbox
@@ -394,8 +393,10 @@ class Rollouts(Background):
             await asyncio.sleep(self.tick)
             try:
                 await self.advance()
-            except Exception:  # try again on the next tick; a broken row must not stop the timer
-                log.exception("rollout timer step failed")
+            except Exception as exc:  # try again on the next tick; a broken row must not stop it
+                self.failed(exc)
+            else:
+                self.succeeded()
 
 
 def _owned(conn: sqlite3.Connection, owner_id: str, rollout_id: str) -> sqlite3.Row:

@@ -79,6 +79,7 @@ from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 
 from bridge.mqtt import codec
 from bridge.mqtt.sessions import DurableSessions, Restored, Routed
+from bridge.store import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -355,9 +356,16 @@ class BridgeHandler(BrokerProtocolHandler):
             log.info("closing %s: %s", session.client_id, exc)
             self.revoke(forget=False)
             return
-        except Exception:
-            # Not stored, so not acknowledged: the client re-sends after it reconnects.
-            log.exception("could not store a message from %s; closing its connection", session.client_id)
+        except Exception as exc:
+            # Not stored, so not acknowledged: the client re-sends after it reconnects. A lost
+            # database is one line (it is logged where it is noticed), anything else a traceback.
+            why = f": {exc}" if isinstance(exc, Unavailable) else ""
+            log.error(
+                "could not store a message from %s%s; closing its connection",
+                session.client_id,
+                why,
+                exc_info=None if why else exc,
+            )
             await self.handle_connection_closed()
             return
         if not consumed:

@@ -23,6 +23,7 @@ from bridge.core.service import Core
 from bridge.core.status import DeviceRef
 from bridge.mqtt.auth import PRINCIPAL, Counters, Principal
 from bridge.mqtt.hardened import REVOKED, ClientRevoked
+from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
 # A device's request the core refuses is answered on its .../rejected topic with one of these codes.
@@ -178,12 +179,19 @@ class PresencePlugin(BasePlugin):
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
         device = _device_of(client_session)
         if device is not None and self.config.core.presence.connected(device):
-            await self.config.core.presence.record(device, "online")
+            await self._record(device, "online")
 
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
         device = _device_of(client_session)
         if device is not None and self.config.core.presence.disconnected(device):
-            await self.config.core.presence.record(device, "offline")
+            await self._record(device, "offline")
+
+    async def _record(self, device: DeviceIdentity, state: str) -> None:
+        # amqtt runs an event in a task nobody awaits: a failure here would be "never retrieved".
+        try:
+            await self.config.core.presence.record(device, state)
+        except StoreError as exc:
+            log.warning("presence of %s (%s) not recorded: %s", device.thing_id, state, exc)
 
 
 def _device_of(session: Session) -> DeviceIdentity | None:

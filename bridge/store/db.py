@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.store import migrations
-from bridge.store.errors import IntegrityError, OperationalError, StoreError
+from bridge.store.errors import IntegrityError, OperationalError, StoreError, Unavailable
 
 T = TypeVar("T")
 _STOP = object()
 MAX_GROUP = 512
+LOCK_TIMEOUT = 30.0  # seconds (Store's lock_timeout)
 
 
 def _owner_only(path: Path) -> None:
@@ -32,8 +33,8 @@ def _owner_only(path: Path) -> None:
             os.chmod(file, 0o600)
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    return _configure(_open(path), synchronous)
+def _connect(path: Path, synchronous: str, lock_timeout: float) -> sqlite3.Connection:
+    return _configure(_open(path, lock_timeout), synchronous, lock_timeout)
 
 
 class Connection(sqlite3.Connection):
@@ -53,25 +54,42 @@ class Connection(sqlite3.Connection):
             raise store_error(exc) from exc
 
 
+# The file is locked by another process (the command line, a backup) past the lock timeout, the
+# disk is full or failing: nothing was committed and a later try may succeed (HTTP 503, no PUBACK).
+_TRANSIENT = frozenset(
+    (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+    )
+)
+
+
 def store_error(exc: sqlite3.Error) -> StoreError:
-    return (IntegrityError if isinstance(exc, sqlite3.IntegrityError) else OperationalError)(str(exc))
+    if isinstance(exc, sqlite3.IntegrityError):
+        return IntegrityError(str(exc))
+    # sqlite_errorcode is the extended code: its low byte is the primary one
+    transient = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in _TRANSIENT
+    return (Unavailable if transient else OperationalError)(str(exc))
 
 
-def _open(path: Path) -> sqlite3.Connection:
+def _open(path: Path, lock_timeout: float) -> sqlite3.Connection:
     try:
         return sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=30, factory=Connection
+            path, isolation_level=None, check_same_thread=False, timeout=lock_timeout, factory=Connection
         )
     except sqlite3.Error as exc:
         raise store_error(exc) from exc
 
 
-def _configure(conn: sqlite3.Connection, synchronous: str) -> sqlite3.Connection:
+def _configure(conn: sqlite3.Connection, synchronous: str, lock_timeout: float) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
     return conn
 
 
@@ -104,9 +122,14 @@ class Store:
     # SQLite: take the write lock at once (another process, the CLI, waits instead of failing later)
     BEGIN = "BEGIN IMMEDIATE"
 
-    def __init__(self, path: Path, synchronous: str = "FULL", readers: int = 2) -> None:
+    def __init__(
+        self, path: Path, synchronous: str = "FULL", readers: int = 2, lock_timeout: float = LOCK_TIMEOUT
+    ) -> None:
+        """`lock_timeout`: seconds a statement waits for a lock another process holds on the file
+        before it fails with Unavailable."""
         self.path = path
         self._synchronous = synchronous
+        self._lock_timeout = lock_timeout
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="store-read")
@@ -117,12 +140,12 @@ class Store:
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _owner_only(self.path)
-        conn = _open(self.path)
+        conn = _open(self.path, self._lock_timeout)
         try:
             # A database of a newer release is refused before anything (even the journal mode) is
             # written to it; then the schema is brought up to date, in the writer's connection.
             migrations.refuse_newer(conn, self.path)
-            migrations.migrate(_configure(conn, self._synchronous), self.path)
+            migrations.migrate(_configure(conn, self._synchronous, self._lock_timeout), self.path)
         except BaseException:
             conn.close()
             raise
@@ -166,7 +189,7 @@ class Store:
         return fn(conn, *args)
 
     def _connect_reader(self) -> Any:
-        return _connect(self.path, self._synchronous)
+        return _connect(self.path, self._synchronous, self._lock_timeout)
 
     def _write_loop(self, conn: Any) -> None:
         stopping = False

@@ -37,10 +37,13 @@ ERROR_TEXT = {
     409: "Conflict with an existing resource.",
     413: "The request body is larger than http.max_body, or the message larger than messages.max_payload.",
     429: "Too many requests: try again after Retry-After seconds.",
+    503: "The database is unavailable (restarting, unreachable, or locked by another process): nothing "
+    "was changed; try again after Retry-After seconds.",
 }
 
 
-# Every 429 says when to try again (the middleware sets it from TooManyRequests.retry_after).
+# Every 429 and 503 says when to try again (the middleware sets it: TooManyRequests.retry_after, or 1
+# second while the database is unavailable).
 RETRY_AFTER: dict[str, Schema] = {
     "Retry-After": {
         "description": "whole seconds to wait",

@@ -108,15 +108,17 @@ def _operation(place: Mounted, op: Operation, schemas: _Schemas) -> Schema:
         else _response(ResponseDoc(model, "Success."), schemas)
         for status, model in op.alternatives.items()
     }
+    # Any operation may meet an unavailable database (the error middleware answers 503).
+    errors = op.errors if any(e.status == 503 for e in op.errors) else (*op.errors, ErrorDoc(503))
     doc["responses"] = successes | {
-        str(error.status): _response(_error_response(dialect, error), schemas) for error in op.errors
+        str(error.status): _response(_error_response(dialect, error), schemas) for error in errors
     }
     return doc
 
 
 def _error_response(dialect: Dialect, error: ErrorDoc) -> ResponseDoc:
     response = dialect.error_response(error)
-    if error.status == 429:  # in every dialect (set by the middleware)
+    if error.status in (429, 503):  # in every dialect (set by the middleware)
         response = replace(response, headers={**RETRY_AFTER, **response.headers})
     return response
 
