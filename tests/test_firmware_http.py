@@ -198,6 +198,21 @@ async def test_version_routes(bridge: Bridge, owner: Account, shop: Product) -> 
     assert gone.status == 404
     failed(await manage("DELETE", f"{base}/3.0 beta"), 404, "not found")
 
+    # Deleted through the upgrader's own route, a version loses its image too: entity and blob.
+    answer(await manage("PUT", f"{base}/5.0", json=body), 201)
+    blob = os.urandom(64)
+    answer(await manage("PUT", f"{base}/5.0/firmware", data=blob))
+    stored = bridge.folder / "data" / "content" / hashlib.sha256(blob).hexdigest()
+    assert stored.exists()
+    deleted = await call("DELETE", f"{bridge.http}/v2/software/{shop.software}/versions/5.0", owner.token)
+    assert answer(deleted) == {"deletedCount": 1}
+    content = await call(
+        "GET",
+        f"{bridge.http}/provision/manage/content/{shop.model}/fw-5.0",
+        headers={"X-Exosite-Token": shop.vendor_token},
+    )
+    assert content.status == 404 and not stored.exists()
+
 
 async def test_serial_routes(bridge: Bridge, owner: Account, shop: Product) -> None:
     manage = Fw(bridge, owner.token)

@@ -273,6 +273,7 @@ class Firmware:
         self.upgrades = upgrades_
         self.provisioning = provisioning
         self.mount = mount
+        upgrades_.version_deleted.append(self._drop_image)
 
     async def republish(self) -> None:
         """At start-up the broker holds no retained messages: every product thing's target again."""
@@ -430,12 +431,22 @@ class Firmware:
         return await self.outbox.write(link)
 
     async def delete_version(self, owner_id: str, product_id: str, version: str) -> None:
-        """The upgrader's version (with its profiles, notices and rollouts) and its firmware entity."""
+        """The upgrader's version (with its profiles, notices and rollouts) and its firmware entity
+        (`_drop_image`, as when the upgrader's own route deletes it)."""
         product = await self.store.read(_owned, owner_id, product_id)
         await self.upgrades.delete_version(owner_id, product["software_name"], version)
-        await self.provisioning.content.delete(
-            _vendor(product), product["model_name"], CONTENT_PREFIX + version
+
+    async def _drop_image(self, owner_id: str, software: str, version: str) -> None:
+        """After the software's version was deleted: the image of each product bound to it."""
+        products = await self.store.read(
+            lambda c: c.execute(
+                f"{_PRODUCT} WHERE p.owner_id = ? AND s.name = ?", (owner_id, software)
+            ).fetchall()
         )
+        for product in products:
+            await self.provisioning.content.delete(
+                _vendor(product), product["model_name"], CONTENT_PREFIX + version
+            )
 
     # ---- serial numbers (provisioning's, through the product) ------------------------------------
     async def _model(self, owner_id: str | None, product_id: str) -> tuple[Vendor, str]:

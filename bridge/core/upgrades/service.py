@@ -4,7 +4,7 @@ read or write."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -73,6 +73,9 @@ class Upgrades:
         self.link = link
         self.messages = messages
         self.on_results = on_results
+        # Awaited after a version's delete committed, (owner id, software name, version): the
+        # firmware model drops the version's image (its content entity and blob) there.
+        self.version_deleted: list[Callable[[str, str, str], Awaitable[None]]] = []
 
     # ---- rollout profiles ----------------------------------------------------------------------
     async def create_profile(self, owner_id: str, body: Any) -> str:
@@ -471,7 +474,10 @@ class Upgrades:
                 conn, owner_id, software_version(conn, software_row(conn, owner_id, name), number)["pk"]
             )
 
-        return await self.outbox.write(delete)
+        deleted = await self.outbox.write(delete)
+        for then in self.version_deleted:
+            await then(owner_id, name, number)
+        return deleted
 
     async def dependencies(self, owner_id: str, name: str, number: str) -> list[Record]:
         def read(conn: sqlite3.Connection) -> list[Record]:
