@@ -7,9 +7,12 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -64,6 +67,14 @@ class PostgresServer:
         self._run(
             "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-N"
         )
+        # Ends the server if this process goes away without stop() (a killed test run or bench).
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.postgres", str(os.getpid()), str(self.folder)],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         with socket.socket() as probe:  # a free port; pg_ctl fails clearly if it is taken meanwhile
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -111,3 +122,24 @@ class PostgresServer:
                 self.halt()
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def watch(parent: int, folder: str) -> None:
+    """Once `parent` has exited, stop the server it left in `folder` (SIGQUIT to the postmaster
+    named in its postmaster.pid: an immediate shutdown that ends its backends too) and remove the
+    folder: a server never outlives its test run."""
+    while Path(f"/proc/{parent}").exists():
+        time.sleep(1)
+    pidfile = Path(folder) / "data" / "postmaster.pid"
+    try:
+        os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
+        deadline = time.monotonic() + 30
+        while pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except (OSError, ValueError, IndexError):
+        pass  # stopped already (stop() ran, or the server never started)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":  # the watchdog PostgresServer.start starts: parent pid, folder
+    watch(int(sys.argv[1]), sys.argv[2])
