@@ -23,6 +23,7 @@ from bridge.core.errors import DomainError, Invalid
 from bridge.core.service import Core
 from bridge.core.status import DESIRED_FIELDS, kind_name
 from bridge.core.things import NewThing
+from bridge.store import StoreError
 
 
 def _common(p: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
@@ -386,5 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DomainError as exc:
         print(f"thingbridge: {exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:  # locked past store.lock_timeout_ms by the server, or unreachable
+        print(f"thingbridge: the database refused the command: {exc}", file=sys.stderr)
         return 1
     return 0

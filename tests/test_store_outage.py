@@ -121,8 +121,9 @@ def sqlite_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
 
 
 async def test_a_locked_sqlite_file_answers_503_then_serves(sqlite_bridge: Bridge, tmp_path: Path) -> None:
-    """Another process (the command line, a backup) holding the file's write lock past
-    store.lock_timeout_ms: writes are refused as unavailable, not as an internal error."""
+    """Another process (a backup, say) holding the file's write lock past store.lock_timeout_ms:
+    writes are refused as unavailable, not as an internal error; the command line, which waits
+    for the same lock, says so in one line."""
     bridge = sqlite_bridge
     owner = account(bridge)
     thing = await create_thing(bridge, owner.token, tmp_path)
@@ -136,6 +137,11 @@ async def test_a_locked_sqlite_file_answers_503_then_serves(sqlite_bridge: Bridg
             assert "the database is unavailable" in error(resp, 503)
             assert resp.headers["Retry-After"] == "1"
             assert len(ok(await call("GET", f"{bridge.api}/things", owner.token))) == 1  # reads go on
+            refused = bridge.cli("user", "add", "late", "--password", "late-password-1", check=False)
+            assert (refused.returncode, refused.stderr) == (
+                1,
+                "thingbridge: the database refused the command: database is locked\n",
+            )
             with pytest.raises(aiomqtt.MqttError):  # no PUBACK: the bridge closes the connection
                 await client.publish(f"things/{thing.id}/collect", orjson.dumps({"n": 2}), qos=1)
         finally:
