@@ -177,6 +177,8 @@ async def serve(cfg: Config, first_start: str | None = None) -> int:
         core.outbox.start()
         core.rollouts.start()  # re-publishes rollout states and upgrade notices, then checks timeouts
         started.push_async_callback(core.rollouts.stop)
+        core.retention.start()
+        started.push_async_callback(core.retention.stop)
         if mqtt is not None:
             await _listen_mqtt(cfg, mqtt)
 

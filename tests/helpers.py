@@ -9,7 +9,7 @@ import itertools
 import sqlite3
 import time
 import zipfile
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -25,8 +25,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bridge import config as bridge_config
+from bridge.core.service import Core
+from bridge.store import create as create_store
 from bridge.store.postgres import translate
-from tests.conftest import ADMIN_PASSWORD, Bridge, basic
+from tests.conftest import ADMIN_PASSWORD, Bridge, basic, write_config
 
 _names = itertools.count(1)
 
@@ -319,3 +322,16 @@ def postgres_files(url: str) -> bytes:
         folder = conn.execute("SHOW data_directory").fetchone()[0]
         oid = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]
     return b"".join(p.read_bytes() for p in (Path(folder) / "base" / str(oid)).iterdir() if p.is_file())
+
+
+@contextlib.asynccontextmanager
+async def in_process_core(folder: Path, store_url: str) -> AsyncIterator[Core]:
+    """The core on a real store in `folder` (the SQLite file, or the PostgreSQL database
+    `store_url`), without a server: synchronous OFF, the test's own durability is not the point."""
+    cfg = bridge_config.load(write_config(folder, store={"url": store_url}))
+    store = create_store(cfg.store.url, cfg.db_path, "OFF")
+    store.open()
+    try:
+        yield Core(cfg, store)
+    finally:
+        await asyncio.to_thread(store.close)

@@ -158,6 +158,10 @@ def test_short_admin_password(tmp_path: Path) -> None:
         ({"accounts": {"token_ttl": -5}}, "accounts.token_ttl: must be at least 1 (got -5)"),
         ({"accounts": {"free_plan_things": -1}}, "accounts.free_plan_things: must be at least 0 (got -1)"),
         ({"messages": {"page_limit": 0}}, "messages.page_limit: must be at least 1 (got 0)"),
+        (
+            {"messages": {"retention_days": -1}},
+            "messages.retention_days: must be between 0 and 36500 (got -1)",
+        ),
         ({"http": {"max_body": -1}}, "http.max_body: must be at least 1 (got -1)"),
         (
             {"mqtt": {"tls": {"port": 65536}}},

@@ -242,7 +242,10 @@ class Messages:
             ).fetchone()
         )
         if row is None:
-            raise Invalid(f"after: no message {after!r} of this thing (it may have been deleted)")
+            raise Invalid(
+                f"after: no message {after!r} of this thing (it may have been deleted, or been older"
+                " than messages.retention_days)"
+            )
         return row["seq"]
 
     async def query(self, thing_id: str, owner_id: str | None, q: Query) -> list[Message]:

@@ -12,6 +12,7 @@ from bridge.core.outbox import Outbox
 from bridge.core.ports import DeviceLink, NoLink
 from bridge.core.presence import Presence
 from bridge.core.provisioning import Provisioning
+from bridge.core.retention import Retention
 from bridge.core.rollouts import Rollouts
 from bridge.core.status import Status
 from bridge.core.things import Things
@@ -48,6 +49,8 @@ class Core:
         self.messages = Messages(
             store, self.link, max_payload=cfg.messages.max_payload, page_limit=cfg.messages.page_limit
         )
+        # Deletes history older than messages.retention_days (a task of the serving process).
+        self.retention = Retention(store, cfg.messages.retention_days)
         self.presence = Presence(store, self.outbox)
         self.status = Status(store, self.outbox, self.link)
         # Software upgrades; a device's results move the staged rollouts it is in.

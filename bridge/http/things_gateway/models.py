@@ -520,3 +520,5 @@ class BrokerStats(Model):
     consumedMessages: Count | UnsetType = UNSET
     duplicateMessages: Count | UnsetType = UNSET
     retriedMessages: Count | UnsetType = UNSET
+    # messages deleted by messages.retention_days since the process started
+    prunedMessages: Count | UnsetType = UNSET

@@ -122,4 +122,4 @@ async def set_fleet_defaults(call: Call[User, ThingTypePath, None, Any]) -> mode
     errors=(401, 403),
 )
 async def broker_stats(call: Call[User, None, None, None]) -> models.BrokerStats:
-    return msgspec.convert(call.core.link.stats(), models.BrokerStats)
+    return msgspec.convert({**call.core.link.stats(), **call.core.retention.stats()}, models.BrokerStats)
