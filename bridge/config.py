@@ -137,8 +137,8 @@ class MessagesConfig:
     max_payload: int = _int(256 * 1024, 1)
     # Most records one history query returns (the `limit` parameter may ask for fewer).
     page_limit: int = _int(10000, 1)
-    # Days of message history kept: older messages are deleted by a background pass (each thing's
-    # newest message of each type stays, see bridge/core/retention.py); 0 keeps everything.
+    # Days of message history kept: older messages are deleted by a background pass
+    # (bridge/core/retention.py); 0 keeps everything.
     retention_days: int = _int(0, 0, 36500)
 
 

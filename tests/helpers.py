@@ -325,10 +325,11 @@ def postgres_files(url: str) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def in_process_core(folder: Path, store_url: str) -> AsyncIterator[Core]:
+async def in_process_core(folder: Path, store_url: str, **settings: object) -> AsyncIterator[Core]:
     """The core on a real store in `folder` (the SQLite file, or the PostgreSQL database
-    `store_url`), without a server: synchronous OFF, the test's own durability is not the point."""
-    cfg = bridge_config.load(write_config(folder, store={"url": store_url}))
+    `store_url`), without a server: synchronous OFF, the test's own durability is not the point.
+    `settings`: broker.yaml's sections other than the defaults."""
+    cfg = bridge_config.load(write_config(folder, store={"url": store_url}, **settings))
     store = create_store(cfg.store.url, cfg.db_path, "OFF")
     store.open()
     try:

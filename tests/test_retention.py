@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import pytest
 from bridge.core import ids
 from bridge.core.errors import Invalid
 from bridge.core.identity import DeviceIdentity
-from bridge.core.messages import EGRESS, INGRESS, STATUS, Message, Query, insert_message
-from bridge.core.retention import DAY, Retention
+from bridge.core.messages import DAY, EGRESS, INGRESS, STATUS, Message, Query, insert_message
+from bridge.core.retention import Retention
 from bridge.core.service import Core
 from bridge.core.things import NewThing
 from tests.conftest import Bridge, on_each_store, store_bridge
@@ -24,7 +25,6 @@ from tests.helpers import (
     account,
     call,
     create_thing,
-    error,
     in_process_core,
     next_message,
     ok,
@@ -39,7 +39,7 @@ RETENTION = 2  # days
 
 @pytest.fixture
 async def core(tmp_path: Path, store_url: str) -> AsyncIterator[Core]:
-    async with in_process_core(tmp_path, store_url) as core:
+    async with in_process_core(tmp_path, store_url, messages={"retention_days": RETENTION}) as core:
         yield core
 
 
@@ -54,17 +54,17 @@ async def devices(core: Core, *names: str) -> list[DeviceIdentity]:
 
 
 async def stored(core: Core, device: DeviceIdentity, kind: str, count: int, age_days: float = 0) -> list[str]:
-    """`count` messages of `kind` stored now, then dated `age_days` back; their ids."""
+    """`count` messages of `kind` stored now, then dated `age_days` back (their ids too, which
+    carry the time); their ids."""
 
     def write(conn):  # type: ignore[no-untyped-def]
         made = [
             insert_message(conn, device.thing_id, device.owner_id, kind, b"{}", "json", "http")
             for _ in range(count)
         ]
-        conn.executemany(
-            "UPDATE messages SET ts = ? WHERE seq = ?", [(m.ts - age_days * DAY, m.seq) for m in made]
-        )
-        return [m.id for m in made]
+        dated = [(ts, ids.message_id(ts), m.seq) for m in made for ts in [m.ts - age_days * DAY]]
+        conn.executemany("UPDATE messages SET ts = ?, id = ? WHERE seq = ?", dated)
+        return [msg_id for _, msg_id, _ in dated]
 
     return await core.store.write(write)
 
@@ -73,39 +73,67 @@ async def history(core: Core, device: DeviceIdentity, **query: object) -> list[M
     return await core.messages.query(device.thing_id, device.owner_id, Query(**query))  # type: ignore[arg-type]
 
 
-async def test_a_pass_deletes_the_old_history_but_each_newest_of_a_type(core: Core) -> None:
+async def test_a_pass_deletes_the_old_history_and_cursors_naming_it_go_on(core: Core) -> None:
     busy, idle = await devices(core, "busy", "idle")
     old_ingress = await stored(core, busy, INGRESS, 5, age_days=RETENTION + 1)
     old_egress = await stored(core, busy, EGRESS, 3, age_days=RETENTION + 1)
-    old_status = await stored(core, busy, STATUS, 1, age_days=RETENTION + 1)
-    idle_ingress = await stored(core, idle, INGRESS, 2, age_days=RETENTION + 30)
+    await stored(core, idle, INGRESS, 2, age_days=RETENTION + 30)
+    legacy = await legacy_message(core, busy, age_days=RETENTION + 1)
     recent = await stored(core, busy, INGRESS, 3, age_days=RETENTION - 1)
+    recent_egress = await stored(core, busy, EGRESS, 1, age_days=RETENTION - 1)
     before = max(m.seq for m in await history(core, busy))
 
-    retention = Retention(core.store, RETENTION, batch=4)  # windows of 4: the pass takes several
-    # all 5 old ingress (newer ones exist), 2 of 3 egress, 1 of idle's 2; the status is its newest
-    assert await retention.prune() == 8
-    assert retention.stats() == {"prunedMessages": 8}
-    kept = old_egress[-1:] + old_status + recent
+    retention = core.retention
+    retention.batch = 4  # windows of 4: the pass takes several
+    assert await retention.prune() == 11
+    assert retention.stats() == {"prunedMessages": 11}
+    kept = recent + recent_egress
     assert [m.id for m in await history(core, busy)] == kept
     assert [m.id for m in await history(core, busy, start=0, end=int(time.time()))] == kept
-    assert [m.id for m in await history(core, idle)] == idle_ingress[-1:]
-    # a cursor naming a kept message goes on; one naming a pruned message is refused as deleted
-    assert await core.messages.wait_egress(busy.thing_id, busy.owner_id, Query(after=old_egress[-1]), 0) == []
-    for pruned in (old_ingress[0], old_egress[0]):
+    assert await history(core, idle) == []
+    # a cursor naming a pruned message goes on with what is left after it (the device's long-poll too)
+    for pruned in (old_ingress[0], old_egress[-1]):
+        assert [m.id for m in await history(core, busy, after=pruned)] == kept
+    waited = await core.messages.wait_egress(busy.thing_id, busy.owner_id, Query(after=old_egress[0]), 0)
+    assert [m.id for m in waited] == recent_egress
+    # an id of an earlier release (version 4, no time in it), or one younger than the retention
+    # that is not there: refused as before
+    for unknown in (legacy, ids.message_id(time.time())):
         with pytest.raises(Invalid, match="no message"):
-            await history(core, busy, after=pruned)
+            await history(core, busy, after=unknown)
     # seq keeps growing past what was deleted: `after=` cursors stay monotonic
     (fresh,) = await stored(core, busy, INGRESS, 1)
-    assert (await history(core, busy, after=recent[-1]))[0].id == fresh
-    assert [m.seq for m in await history(core, busy, after=fresh)] == []
+    assert [m.id for m in await history(core, busy, after=recent[-1])] == [*recent_egress, fresh]
+    assert (await history(core, busy, after=fresh)) == []
     assert (await history(core, busy, type=INGRESS))[-1].seq > before
 
     assert await retention.prune() == 0  # nothing more is due
-    # the clock moved past the retention of the recent ones: all but the newest ingress go
+    # the clock moved past the retention of what is left: it goes
     later = Retention(core.store, RETENTION, clock=lambda: time.time() + RETENTION * DAY)
-    assert await later.prune() == 3
-    assert [m.id for m in await history(core, busy)] == old_egress[-1:] + old_status + [fresh]
+    assert await later.prune() == len(kept) + 1
+    assert await history(core, busy) == []
+
+
+async def legacy_message(core: Core, device: DeviceIdentity, age_days: float) -> str:
+    """A message as releases before retention stored it: a version 4 UUID for its id."""
+    msg_id = str(uuid.uuid4())
+    await core.store.write(
+        lambda c: c.execute(
+            "INSERT INTO messages (id, thing_id, owner_id, type, ts, encoding, payload, transport)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (
+                msg_id,
+                device.thing_id,
+                device.owner_id,
+                STATUS,
+                ids.now() - age_days * DAY,
+                "json",
+                b"{}",
+                "http",
+            ),
+        )
+    )
+    return msg_id
 
 
 async def test_no_acknowledged_message_is_lost_while_a_pass_runs(core: Core) -> None:
@@ -179,33 +207,48 @@ async def test_the_serving_pass_prunes_history_but_not_a_sessions_queue(
     async with thing_client(bridge, device) as client:
         for i in range(3):
             await client.publish(f"things/{device.id}/collect", f"old {i}".encode(), qos=1)
-    history = f"/things/{offline.id}/messages"
-    commands = [m["flmessagespk"] for m in ok(await call("GET", bridge.api + history, alice.token))]
-    assert len(commands) == len(queued)
     bridge.stop()
-    rows(bridge, "UPDATE messages SET ts = ts - ?", 2 * DAY)  # all of it two days old
-    due = rows(bridge, "SELECT count(*) - count(DISTINCT thing_id || type) FROM messages")[0][0]
+    due = age(bridge, 2)
+    commands = [
+        r[0] for r in rows(bridge, "SELECT id FROM messages WHERE thing_id = ? ORDER BY seq", offline.id)
+    ]
+    assert len(commands) == len(queued)
 
     bridge.start()
     async with thing_client(bridge, device) as client:  # beside the start-up pass
         for i in range(20):
             await client.publish(f"things/{device.id}/collect", f"new {i}".encode(), qos=1)
+    history = f"{bridge.api}/things/{offline.id}/messages"
+    new = ok(await call("POST", f"{bridge.api}/things/{offline.id}/publish", alice.token, data=b"command 3"))
     admin = await token(bridge)
     stats = await until(
         lambda: stats_if(bridge, admin, lambda s: s["prunedMessages"] == due), "the start-up pass"
     )
     assert stats["prunedMessages"] == due > 0
     async with thing_client(bridge, offline, clean_session=False) as session:
-        heard = [(await next_message(session)).payload for _ in queued]
-    assert heard == queued
+        heard = [(await next_message(session)).payload for _ in range(len(queued) + 1)]
+    assert heard == [*queued, b"command 3"]
 
-    history = bridge.api + history  # the ports of this start
-    assert [m["flmessagespk"] for m in ok(await call("GET", history, alice.token))] == commands[-1:]
-    error(await call("GET", f"{history}?after={commands[0]}", alice.token), 400)
-    waited = f"{history}?after={commands[-1]}&messagetype=egress&wait=0"
-    assert ok(await call("GET", waited, alice.token)) == []
+    assert [m["flmessagespk"] for m in ok(await call("GET", history, alice.token))] == [new["flmessagespk"]]
+    for cursor in (commands[0], commands[-1]):  # pruned: what is left after it
+        waited = ok(await call("GET", f"{history}?after={cursor}&messagetype=egress&wait=0", alice.token))
+        assert [m["message"] for m in waited] == ["command 3"]
     kept = ok(await call("GET", f"{bridge.api}/things/{device.id}/messages", alice.token))
-    assert [m["message"] for m in kept] == ["old 2"] + [f"new {i}" for i in range(20)]
+    assert [m["message"] for m in kept] == [f"new {i}" for i in range(20)]
+
+
+def age(bridge: Bridge, days: float) -> int:
+    """Date every message of the stopped server `days` back, ids included; how many there are."""
+    found = rows(bridge, "SELECT seq, ts FROM messages")
+    for seq, ts in found:
+        rows(
+            bridge,
+            "UPDATE messages SET ts = ?, id = ? WHERE seq = ?",
+            ts - days * DAY,
+            ids.message_id(ts - days * DAY),
+            seq,
+        )
+    return len(found)
 
 
 async def stats_if(bridge: Bridge, admin: str, want: Callable[[dict], bool]) -> dict | None:

@@ -4,6 +4,7 @@ an MQTT client-id prefix at once, so it may not contain '/', '+', '#', ':' or sp
 from __future__ import annotations
 
 import re
+import secrets
 import time
 import uuid
 
@@ -18,6 +19,26 @@ RESERVED_THING_IDS = frozenset({"app"})
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def message_id(ts: float) -> str:
+    """A message's id: a UUID of version 7 (RFC 9562), whose first 48 bits are `ts` in milliseconds
+    and the rest random, so that a cursor naming a message the retention deleted still says when
+    that message was stored (message_time)."""
+    value = (int(ts * 1000) & (1 << 48) - 1) << 80 | 7 << 76 | secrets.randbits(12) << 64
+    return str(uuid.UUID(int=value | 2 << 62 | secrets.randbits(62)))
+
+
+def message_time(value: str) -> float | None:
+    """When the message named by a message_id was stored (to the millisecond, rounded down); None
+    for any other string (the version 4 ids of releases before it among them)."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    if parsed.version != 7 or parsed.variant != uuid.RFC_4122:
+        return None
+    return (parsed.int >> 80) / 1000
 
 
 def check_thing_id(value: str) -> str:

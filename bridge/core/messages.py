@@ -28,6 +28,7 @@ UPGRADE, VERSIONS = "upgrade", "versions"
 MESSAGE_TYPES = (INGRESS, EGRESS, STATUS, UPGRADE, VERSIONS)
 DEVICE_BOUND = (EGRESS, UPGRADE)
 MAX_WAIT = 60
+DAY = 86400
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ def insert_message(
     only while its thing exists with this owner and, for one a device sent (`cert_id`, the
     certificate its identity rests on), is enabled with that certificate. Whatever was in flight
     when a delete or disable committed is refused, and a re-created id starts empty."""
-    msg_id, ts = ids.new_id(), ids.now()
+    ts = ids.now()
+    msg_id = ids.message_id(ts)
     device = " AND cert_id = ? AND enabled = 1" if cert_id is not None else ""
     inserted = conn.execute(
         "INSERT INTO messages (id, thing_id, owner_id, type, ts, encoding, payload, transport)"
@@ -134,8 +136,17 @@ def insert_message(
     return Message(inserted[0], msg_id, thing_id, owner_id, kind, ts, encoding, payload, transport)
 
 
+@dataclass(frozen=True)
+class Cursor:
+    """Where `after=<id>` starts: after the message's seq, or, for a message the retention deleted,
+    after the time its id says it was stored (what is left of the thing's history is newer)."""
+
+    seq: int | None = None
+    since: float | None = None
+
+
 def _where(
-    thing_id: str, owner_id: str, q: Query, after_seq: int | None, types: tuple[str, ...] = ()
+    thing_id: str, owner_id: str, q: Query, after: Cursor, types: tuple[str, ...] = ()
 ) -> tuple[str, list[Any]]:
     # The owner too: a thing deleted and re-created by another user while a read or a long-poll
     # was under way keeps the id, not the owner.
@@ -152,18 +163,24 @@ def _where(
     elif types:
         clauses.append(f"type IN ({','.join('?' * len(types))})")
         args.extend(types)
-    if after_seq is not None:
+    if after.seq is not None:
         clauses.append("seq > ?")
-        args.append(after_seq)
+        args.append(after.seq)
+    if after.since is not None:
+        clauses.append("ts > ?")
+        args.append(after.since)
     return " AND ".join(clauses), args
 
 
 class Messages:
-    def __init__(self, store: Store, link: DeviceLink, *, max_payload: int, page_limit: int) -> None:
+    def __init__(
+        self, store: Store, link: DeviceLink, *, max_payload: int, page_limit: int, retention_days: int = 0
+    ) -> None:
         self.store = store
         self.link = link
         self.max_payload = max_payload
         self.page_limit = page_limit
+        self.retention_days = retention_days
         self._egress_waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
 
     def _check_size(self, payload: bytes) -> None:
@@ -233,20 +250,20 @@ class Messages:
     async def _owner(self, thing_id: str, owner_id: str | None) -> str:
         return (await self.store.read(owned_thing, thing_id, owner_id))["owner_id"]
 
-    async def _after_seq(self, thing_id: str, after: str | None) -> int | None:
+    async def _cursor(self, thing_id: str, after: str | None) -> Cursor:
         if after is None:
-            return None
+            return Cursor()
         row = await self.store.read(
             lambda c: c.execute(
                 "SELECT seq FROM messages WHERE id = ? AND thing_id = ?", (after, thing_id)
             ).fetchone()
         )
-        if row is None:
-            raise Invalid(
-                f"after: no message {after!r} of this thing (it may have been deleted, or been older"
-                " than messages.retention_days)"
-            )
-        return row["seq"]
+        if row is not None:
+            return Cursor(seq=row["seq"])
+        stored = ids.message_time(after)
+        if self.retention_days and stored is not None and stored < ids.now() - self.retention_days * DAY:
+            return Cursor(since=stored)
+        raise Invalid(f"after: no message {after!r} of this thing (it may have been deleted)")
 
     async def query(self, thing_id: str, owner_id: str | None, q: Query) -> list[Message]:
         owner = await self._owner(thing_id, owner_id)
@@ -255,11 +272,11 @@ class Messages:
     async def _select(
         self, thing_id: str, owner_id: str, q: Query, types: tuple[str, ...] = ()
     ) -> list[Message]:
-        after = await self._after_seq(thing_id, q.after)
+        after = await self._cursor(thing_id, q.after)
         where, args = _where(thing_id, owner_id, q, after, types)
         # Time windows walk the (thing_id, ts) index, whose entries are in ts then rowid order, so
         # "ts, seq" needs no sort; a cursor walks (thing_id, type, seq). Both are arrival order.
-        order = "seq" if after is not None else "ts, seq"
+        order = "seq" if after.seq is not None else "ts, seq"
         limit = min(q.limit or self.page_limit, self.page_limit)
 
         def select(conn: sqlite3.Connection) -> list[Message]:
@@ -295,7 +312,7 @@ class Messages:
 
     async def delete(self, thing_id: str, owner_id: str, q: Query) -> int:
         await self._owner(thing_id, owner_id)
-        where, args = _where(thing_id, owner_id, q.check(), None)
+        where, args = _where(thing_id, owner_id, q.check(), Cursor())
         return await self.store.write(
             lambda c: c.execute(f"DELETE FROM messages WHERE {where}", args).rowcount
         )

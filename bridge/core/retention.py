@@ -2,11 +2,10 @@
 the retention, in small batches through the store's one writer, so device writes (and their
 acknowledgements after commit) go on between two batches.
 
-What is kept regardless of age: each thing's newest message of each type, so that a cursor
-(`after=<id>`) naming the last message a device or application read stays valid however long it
-was away. Nothing else depends on a message row: a persistent MQTT session's queue holds its own
-copy of each message (mqtt_queue), pending upgrades live in upgrade_notices, the device twin in
-thing_state, and no table references messages."""
+Nothing depends on a message row: no table references messages, a persistent MQTT session's queue
+holds its own copy of each message (mqtt_queue), pending upgrades live in upgrade_notices, the
+device twin in thing_state; and a cursor (`after=<id>`) naming a deleted message still works, its
+id saying when it was stored (messages.Messages._cursor)."""
 
 from __future__ import annotations
 
@@ -17,20 +16,13 @@ import time
 from collections.abc import Callable
 
 from bridge.core.background import Background
+from bridge.core.messages import DAY
 from bridge.store import Store
 
 log = logging.getLogger("thingbridge.retention")
 
-DAY = 86400
 BATCH = 200  # rows a batch examines: one short write among the devices' (~5 ms on SQLite)
 INTERVAL = 3600  # seconds between passes
-
-# The window's rows older than the cutoff, but not the newest of their thing and type.
-_DELETE = (
-    "DELETE FROM messages WHERE seq > ? AND seq <= ? AND ts < ? AND EXISTS (SELECT 1 FROM messages"
-    " newer WHERE newer.thing_id = messages.thing_id AND newer.type = messages.type"
-    " AND newer.seq > messages.seq)"
-)
 
 
 def prune_batch(conn: sqlite3.Connection, after: int, cutoff: float, size: int) -> tuple[int, int | None]:
@@ -43,7 +35,10 @@ def prune_batch(conn: sqlite3.Connection, after: int, cutoff: float, size: int) 
     if not any(row[1] < cutoff for row in window):
         return 0, None
     last = window[-1][0]
-    return conn.execute(_DELETE, (after, last, cutoff)).rowcount, last
+    deleted = conn.execute(
+        "DELETE FROM messages WHERE seq > ? AND seq <= ? AND ts < ?", (after, last, cutoff)
+    ).rowcount
+    return deleted, last
 
 
 class Retention(Background):
@@ -72,8 +67,7 @@ class Retention(Background):
         return {"prunedMessages": self.pruned}
 
     async def prune(self) -> int:
-        """One pass: every message older than the retention, but each thing's newest of each type,
-        is deleted; the count."""
+        """One pass: every message older than the retention is deleted; the count."""
         cutoff = self.clock() - self.days * DAY
         deleted, after = 0, 0
         while True:

@@ -47,7 +47,11 @@ class Core:
             audiences=self.token_audiences,
         )
         self.messages = Messages(
-            store, self.link, max_payload=cfg.messages.max_payload, page_limit=cfg.messages.page_limit
+            store,
+            self.link,
+            max_payload=cfg.messages.max_payload,
+            page_limit=cfg.messages.page_limit,
+            retention_days=cfg.messages.retention_days,
         )
         # Deletes history older than messages.retention_days (a task of the serving process).
         self.retention = Retention(store, cfg.messages.retention_days)
