@@ -2,7 +2,8 @@
 header objects and reads each field with an awaited read of its own. BridgeHandler's reader loop
 takes here a PUBLISH at QoS 0 or 1, a PUBACK or a PINGREQ whose bytes are all buffered, with the
 rules of the strict parsing in hardened.py (UTF-8 topic without U+0000 or wildcards); any other
-packet, or one not wholly buffered yet, is left to amqtt's parser."""
+packet, or one not wholly buffered yet, is left to amqtt's parser. The broker's direct delivery
+(HardenedBroker._deliver) encodes its PUBLISH packets here."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any
 from amqtt.errors import MQTTError
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingreq import PingReqPacket
-from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 
 PUBLISH, PUBACK, PINGREQ = 3, 4, 12
@@ -25,9 +25,28 @@ def puback(packet_id: int) -> bytes:
     return b"\x40\x02" + packet_id.to_bytes(2, "big")
 
 
+def topic_field(topic: str) -> bytes:
+    """A PUBLISH's topic as it is sent (length, UTF-8): once per message, whatever its receivers."""
+    raw = topic.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def publish(topic: bytes, payload: bytes, qos: int, packet_id: int | None = None, dup: bool = False) -> bytes:
+    """A PUBLISH packet (RETAIN off) with `topic` from topic_field."""
+    packet_id_field = packet_id.to_bytes(2, "big") if packet_id is not None else b""
+    length = len(topic) + len(packet_id_field) + len(payload)
+    header = bytearray((0x30 | qos << 1 | dup << 3,))
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        header.append(byte | 0x80 if length else byte)
+        if not length:
+            break
+    return b"".join((header, topic, packet_id_field, payload))
+
+
 def take(buffer: bytearray, max_size: int) -> tuple[int, Any] | None:
     """(packet type, packet) of the packet at the start of `buffer`, removed from it, when it is a
-    hot one and wholly there; else None and `buffer` is left as it is."""
+    hot one and wholly there (a PUBACK as its packet id); else None and `buffer` is left as it is."""
     size = len(buffer)
     if size < 2:
         return None
@@ -53,7 +72,7 @@ def take(buffer: bytearray, max_size: int) -> tuple[int, Any] | None:
     if kind == PUBACK:
         if length != 2:
             return None
-        packet: Any = PubackPacket.build((buffer[i] << 8) | buffer[i + 1])
+        packet: Any = (buffer[i] << 8) | buffer[i + 1]
     elif kind == PINGREQ:
         if length != 0:
             return None

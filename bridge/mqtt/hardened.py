@@ -93,6 +93,7 @@ DISCONNECTED = "thingbridge.disconnected"
 REVOKED = "thingbridge.revoked"
 FORGET = "thingbridge.forget"
 NEW_FILTERS = "thingbridge.new_filters"  # subscribed, retained messages not sent yet
+MAX_PACKET_ID = 65535
 
 
 class MalformedPacket(ConnectionError):
@@ -193,6 +194,72 @@ class ConsumedMessage(IncomingApplicationMessage):
     __slots__ = ()
 
 
+class SentMessage(OutgoingApplicationMessage):
+    """An outgoing QoS 1 message already sent once (a direct delivery, or one restored from disk):
+    DUP when it is sent again. `sent_by` is the handler whose bound (`_pending`) holds its bytes
+    until its PUBACK on that connection."""
+
+    __slots__ = ("sent_by",)
+
+    def __init__(self, packet_id: int, topic: str, data: bytes, sent_by: BridgeHandler | None) -> None:
+        super().__init__(packet_id, topic, QOS_1, data, False)
+        self.sent_by = sent_by
+
+
+class Subscriptions(dict[str, list[tuple[Session, int]]]):
+    """The broker's table (filter -> subscribers) knowing, per topic, which filters match it: stock
+    tests every filter against every message. Any change to the filters clears what it knows;
+    it knows at most MAX_TOPICS topics at a time (then it starts over)."""
+
+    MAX_TOPICS = 4096
+
+    def __init__(self, matches: Callable[[str, str], bool]) -> None:
+        super().__init__()
+        self._matches = matches
+        self._matched: dict[str, tuple[str, ...]] = {}
+
+    def matching(self, topic: str) -> tuple[str, ...]:
+        found = self._matched.get(topic)
+        if found is None:
+            if len(self._matched) >= self.MAX_TOPICS:
+                self._matched.clear()
+            found = self._matched[topic] = tuple(f for f in self if self._matches(topic, f))
+        return found
+
+    def __setitem__(self, key: str, value: list[tuple[Session, int]]) -> None:
+        self._matched.clear()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._matched.clear()
+        super().__delitem__(key)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def pop(self, *args: Any) -> Any:
+        self._matched.clear()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, list[tuple[Session, int]]]:
+        self._matched.clear()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._matched.clear()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._matched.clear()
+        super().update(*args, **kwargs)
+
+    def __ior__(self, other: Any) -> Subscriptions:
+        self.update(other)
+        return self
+
+
 class LeanQueue(asyncio.Queue):  # type: ignore[type-arg]
     """The unbounded asyncio.Queue amqtt keeps four of per connection (two in the session, two in the
     protocol handler), at a tenth of its 3.3 KiB: nothing joins these queues (one shared `finished`
@@ -253,8 +320,8 @@ class OfflineQueue(LeanQueue):
 class Limits:
     """Bounds of what the broker holds per client, and the count of what they dropped."""
 
-    # Bytes of deliveries not yet written and acknowledged; amqtt starts a task per delivery, each
-    # holding its payload, so a subscriber that does not read would grow memory without bound.
+    # Bytes of deliveries not yet written and acknowledged (QoS 1: until the PUBACK), so a
+    # subscriber that does not read cannot grow memory without bound.
     max_pending: int = 8 * 1024 * 1024
     # What an offline persistent session may have queued; beyond either bound the oldest goes.
     max_queued_messages: int = 1000
@@ -297,22 +364,75 @@ class BridgeHandler(BrokerProtocolHandler):
         retain: bool,
         ack_timeout: int | None = None,
     ) -> OutgoingApplicationMessage:
-        size, session = len(data), self.session
-        if self._pending + size > self.limits.max_pending:
-            if isinstance(self.writer, BridgeWriter):
-                client = session.client_id if session else "?"
-                log.warning("closing %s: %d bytes of deliveries it has not taken", client, self._pending)
-                self.writer.abort()
-            if session is not None and not session.clean_session and qos in (QOS_1, QOS_2):
-                # a persistent session gets it when it comes back, like anything sent while offline
-                queued = data if isinstance(data, bytes) else bytes(data)  # a Stored one keeps its rows
-                self.limits.enqueue(session, RetainedApplicationMessage(None, topic, queued, qos))
+        size = len(data)
+        if self._over_limit(topic, data, qos, self._pending + size):
             raise ConnectionResetError("the subscriber does not read")
         self._pending += size
         try:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
         finally:
             self._pending -= size
+
+    def _over_limit(
+        self, topic: str, data: bytes | bytearray, qos: int | None, held: int, ids_left: bool = True
+    ) -> bool:
+        """With `held` bytes of deliveries not taken, is the client past `max_pending` (or has it
+        left no packet id free)? Then its connection is cut, and the message queued when its
+        session is persistent."""
+        if held <= self.limits.max_pending and ids_left:
+            return False
+        session = self.session
+        if isinstance(self.writer, BridgeWriter):
+            client = session.client_id if session else "?"
+            log.warning("closing %s: %d bytes of deliveries it has not taken", client, held)
+            self.writer.abort()
+        if session is not None and not session.clean_session and qos in (QOS_1, QOS_2):
+            # a persistent session gets it when it comes back, like anything sent while offline
+            queued = data if isinstance(data, bytes) else bytes(data)  # a Stored one keeps its rows
+            self.limits.enqueue(session, RetainedApplicationMessage(None, topic, queued, qos))
+        return True
+
+    def deliver(self, topic: str, encoded_topic: bytes, data: bytes, qos: int) -> None:
+        """Send a message the bridge routes (QoS 0 or 1) at once, without amqtt's task, message and
+        packet objects per delivery: its bytes go to the writer (which sends what a loop turn wrote
+        at its end, nothing once the connection is closed); a QoS 1 one stays in `inflight_out`
+        until its PUBACK (on_puback), re-sent when the session resumes (I)."""
+        session, writer = self.session, self.writer
+        if session is None or not isinstance(writer, BridgeWriter):
+            return  # a handler of ours always has one (bridge/mqtt/broker.py), until it stops
+        size = len(data)
+        if qos == QOS_0:
+            if not self._over_limit(topic, data, qos, self._pending + writer.unsent() + size):
+                writer.write(codec.publish(encoded_topic, data, QOS_0))
+            return
+        ids_left = len(session.inflight_out) + len(session.inflight_in) < MAX_PACKET_ID
+        if self._over_limit(topic, data, qos, self._pending + size, ids_left):
+            return
+        packet_id = session.next_packet_id
+        session.inflight_out[packet_id] = SentMessage(packet_id, topic, data, self)
+        self._pending += size
+        durable = self.limits.durable
+        if durable is not None:
+            durable.sent(session.client_id, data, packet_id)
+        writer.write(codec.publish(encoded_topic, data, QOS_1, packet_id))
+
+    def on_puback(self, packet_id: int) -> None:
+        """A PUBACK: the end of a direct delivery (deliver), or of a flow awaiting it."""
+        waiter = self._puback_waiters.get(packet_id)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(PubackPacket.build(packet_id))
+            return
+        session = self.session
+        message = session.inflight_out.get(packet_id) if session is not None else None
+        if not isinstance(message, SentMessage) or session is None:
+            log.debug("PUBACK for packet id %d, which is not in flight", packet_id)
+            return
+        del session.inflight_out[packet_id]
+        if message.sent_by is self:
+            self._pending -= len(message.data)
+        if self.limits.durable is not None:
+            self.limits.durable.done(session.client_id, message.data)
 
     def revoke(self, *, forget: bool) -> None:
         """Cut the connection at once: the transport is closed here, not when the reader task
@@ -406,7 +526,8 @@ class BridgeHandler(BrokerProtocolHandler):
             return
         packet_id = app_message.packet_id
         session.inflight_out[packet_id] = app_message
-        packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+        sent = app_message.publish_packet is not None or isinstance(app_message, SentMessage)
+        packet = app_message.build_publish_packet(dup=sent)
         durable = self.limits.durable
         if durable is not None:
             durable.sent(session.client_id, app_message.data, packet_id)
@@ -470,6 +591,9 @@ class BridgeHandler(BrokerProtocolHandler):
                         self.reader, fixed_header=fixed_header
                     )
                     kind = fixed_header.packet_type
+                if kind == PUBACK:
+                    self.on_puback(packet if hot is not None else packet.variable_header.packet_id)
+                    continue
                 if kind == DISCONNECT:
                     await self.handle_disconnect(packet)
                     break
@@ -493,7 +617,6 @@ class BridgeHandler(BrokerProtocolHandler):
         await self.stop()
 
     _inline_handlers: ClassVar[dict[int, str]] = {
-        PUBACK: "handle_puback",
         PUBREC: "handle_pubrec",
         PUBREL: "handle_pubrel",
         PUBCOMP: "handle_pubcomp",
@@ -598,6 +721,10 @@ class BridgeWriter(StreamWriterAdapter):
         self._held.clear()
         self._writer.transport.abort()
 
+    def unsent(self) -> int:
+        """Bytes written and not sent yet (held for this turn, or in the transport's buffer)."""
+        return self._held_bytes + self._writer.transport.get_write_buffer_size()
+
     async def drain(self) -> None:
         if self._writer.transport.is_closing():
             raise ConnectionResetError("connection closed")
@@ -623,6 +750,9 @@ class HardenedBroker(Broker):
         super().__init__(*args, **kwargs)
         self.limits = Limits()
         self._stopping = False
+        self._subscriptions = Subscriptions(self._matches)
+        self._sends: set[asyncio.Future[Any]] = set()
+        self._delivering = asyncio.Lock()
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         if session.attributes.pop(PREAUTHENTICATED, False):
@@ -771,16 +901,54 @@ class HardenedBroker(Broker):
         if durable is not None:
             targets = {
                 session.client_id: qos
-                for topic_filter, subscribers in self._subscriptions.items()
-                if self._matches(topic, topic_filter)
-                for session, qos in subscribers
+                for topic_filter in self._subscriptions.matching(topic)
+                for session, qos in self._subscriptions[topic_filter]
                 if qos == QOS_1 and durable.persistent(session)
             }
             for client_id in list(targets):
                 session = self._sessions.get(client_id, (None, None))[0]
                 if session is None or not await self._topic_filtering(session, topic, Action.RECEIVE):
                     del targets[client_id]
-        return Routed(topic, data, targets, lambda topic, data: self._broadcast_message(None, topic, data))
+        return Routed(topic, data, targets, self._deliver)
+
+    async def _deliver(self, topic: str, data: bytes) -> None:
+        """Stock's broadcast (a queue, a task per message and one per delivery, amqtt's message
+        and packet objects for each) for a message the bridge routes: the same rules (receive
+        ACL for every subscriber, queued for an offline persistent session, the subscription's
+        QoS), each connected subscriber's PUBLISH written at once (BridgeHandler.deliver), in the
+        order the messages are sent (one at a time, as stock's broadcast loop: a receive ACL that
+        waits on the store holds the next message back, so none overtakes another). QoS 2
+        subscriptions keep stock's flow."""
+        encoded = codec.topic_field(topic)
+        subscriptions = self._subscriptions
+        async with self._delivering:
+            for topic_filter in subscriptions.matching(topic):
+                for session, qos in tuple(subscriptions.get(topic_filter, ())):
+                    try:
+                        await self._deliver_to(session, qos, topic, encoded, data)
+                    except Exception:  # one subscriber's failure is neither the publisher's nor the others'
+                        log.exception("a message on %.200r was not delivered to %s", topic, session.client_id)
+
+    async def _deliver_to(self, session: Session, qos: int, topic: str, encoded: bytes, data: bytes) -> None:
+        if not await self._topic_filtering(session, topic, Action.RECEIVE):
+            return
+        if session.transitions.state != "connected":
+            if not session.clean_session and qos in (QOS_1, QOS_2) and not session.is_anonymous:
+                self.limits.enqueue(session, RetainedApplicationMessage(None, topic, data, qos))
+            return
+        handler = self._get_handler(session)
+        if isinstance(handler, BridgeHandler) and qos in (QOS_0, QOS_1):
+            handler.deliver(topic, encoded, data, qos)
+        elif handler is not None:  # QoS 2: stock's exchange, a task of its own
+            self._sends.add(
+                task := asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+            )
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Future[Any]) -> None:
+        self._sends.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a delivery failed: %r", task.exception())
 
     async def route(self, topic: str, data: bytes) -> None:
         """A message the bridge publishes with no record of its own (the outbox's documents, live
@@ -805,9 +973,7 @@ class HardenedBroker(Broker):
             if packet_id is None:
                 self.limits.enqueue(session, RetainedApplicationMessage(None, topic, payload, qos))
                 continue
-            message = OutgoingApplicationMessage(packet_id, topic, qos, payload, False)
-            message.publish_packet = message.build_publish_packet()  # sent before: DUP when re-sent
-            session.inflight_out[packet_id] = message
+            session.inflight_out[packet_id] = SentMessage(packet_id, topic, payload, None)
             session._packet_id = packet_id
 
     async def _send_will(self, session: Session) -> None:
