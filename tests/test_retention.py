@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from bridge.core import ids
@@ -20,6 +21,7 @@ from bridge.core.messages import DAY, EGRESS, INGRESS, STATUS, Message, Query, i
 from bridge.core.retention import Retention
 from bridge.core.service import Core
 from bridge.core.things import NewThing
+from bridge.store.postgres import AHEAD, DEFAULT_PARTITION
 from tests.conftest import Bridge, on_each_store, store_bridge
 from tests.helpers import (
     account,
@@ -33,6 +35,7 @@ from tests.helpers import (
     token,
     until,
 )
+from tests.postgres import PostgresServer
 
 RETENTION = 2  # days
 
@@ -108,8 +111,9 @@ async def test_a_pass_deletes_the_old_history_and_cursors_naming_it_go_on(core: 
     assert (await history(core, busy, type=INGRESS))[-1].seq > before
 
     assert await retention.prune() == 0  # nothing more is due
-    # the clock moved past the retention of what is left: it goes
-    later = Retention(core.store, RETENTION, clock=lambda: time.time() + RETENTION * DAY)
+    # the clock moved a day past the retention of what is left: it goes (on PostgreSQL with the
+    # partition of its day)
+    later = Retention(core.store, RETENTION, clock=lambda: time.time() + (RETENTION + 1) * DAY)
     assert await later.prune() == len(kept) + 1
     assert await history(core, busy) == []
 
@@ -254,3 +258,56 @@ def age(bridge: Bridge, days: float) -> int:
 async def stats_if(bridge: Bridge, admin: str, want: Callable[[dict], bool]) -> dict | None:
     stats = ok(await call("GET", f"{bridge.api}/broker/stats", admin))
     return stats if want(stats) else None
+
+
+async def test_postgresql_drops_whole_days_and_makes_the_coming_ones(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """messages is partitioned by day there: a pass makes today's and the next AHEAD days'
+    partitions (moving into a new one what the default partition held for its day), and drops
+    those whose whole day is older than the retention."""
+    url = postgres_server.new_database()
+    async with in_process_core(tmp_path, url, messages={"retention_days": RETENTION}) as core:
+        (device,) = await devices(core, "daily")
+        now = time.time()
+        clock = [now]
+        retention = Retention(core.store, RETENTION, clock=lambda: clock[0])
+        assert await retention.prune() == 0
+        today = int(now // DAY)
+        assert partitions(url) >= {day_table(d) for d in range(today, today + AHEAD + 1)}
+        current = await stored(core, device, INGRESS, 3)
+        far = AHEAD + 2  # days ahead: past the partitions made, so in the default partition
+        later = await stored(core, device, INGRESS, 2, age_days=-far)
+        assert where(url) == {DEFAULT_PARTITION: 2, day_table(today): 3}
+
+        clock[0] = now + far * DAY  # today's and the next two days are past the retention
+        assert await retention.prune() == len(current)
+        assert retention.stats() == {"prunedMessages": len(current)}
+        assert where(url) == {day_table(today + far): 2}
+        found = partitions(url)
+        assert {day_table(d) for d in range(today, today + far - RETENTION)}.isdisjoint(found)
+        assert found >= {day_table(d) for d in range(today + far, today + far + AHEAD + 1)}
+        assert [m.id for m in await history(core, device)] == later
+        # one identity feeds every partition: seq goes on past what was dropped
+        (fresh,) = await stored(core, device, STATUS, 1)
+        assert [m.id for m in await history(core, device, after=later[-1])] == [fresh]
+
+
+def day_table(day: int) -> str:
+    return "messages_p" + time.strftime("%Y%m%d", time.gmtime(day * DAY))
+
+
+def partitions(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'messages'::regclass"
+        )
+        return {name for (name,) in found}
+
+
+def where(url: str) -> dict[str, int]:
+    """How many messages each partition holds."""
+    with psycopg.connect(url) as conn:
+        found = conn.execute("SELECT tableoid::regclass::text, count(*) FROM messages GROUP BY 1")
+        return dict(found.fetchall())

@@ -25,25 +25,28 @@ BATCH = 200  # rows a batch examines: one short write among the devices' (~5 ms 
 INTERVAL = 3600  # seconds between passes
 
 
-def prune_batch(conn: sqlite3.Connection, after: int, cutoff: float, size: int) -> tuple[int, int | None]:
-    """Delete what is due among the `size` messages after seq `after` (in seq order, which is the
-    order of arrival); (rows deleted, the window's last seq), or None for it when the window holds
-    nothing older than the cutoff: the pass is over (what arrives later is younger)."""
+def prune_batch(
+    conn: sqlite3.Connection, table: str, after: int, cutoff: float, size: int
+) -> tuple[int, int | None]:
+    """Delete what is due among the `size` messages of `table` after seq `after` (in seq order,
+    which is the order of arrival); (rows deleted, the window's last seq), or None for it when the
+    window holds nothing older than the cutoff: the pass is over (what arrives later is younger)."""
     window = conn.execute(
-        "SELECT seq, ts FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after, size)
+        f"SELECT seq, ts FROM {table} WHERE seq > ? ORDER BY seq LIMIT ?", (after, size)
     ).fetchall()
     if not any(row[1] < cutoff for row in window):
         return 0, None
     last = window[-1][0]
     deleted = conn.execute(
-        "DELETE FROM messages WHERE seq > ? AND seq <= ? AND ts < ?", (after, last, cutoff)
+        f"DELETE FROM {table} WHERE seq > ? AND seq <= ? AND ts < ?", (after, last, cutoff)
     ).rowcount
     return deleted, last
 
 
 class Retention(Background):
-    """Runs a pass at start and every `interval` seconds (days 0: never). `clock` gives the time a
-    pass measures age from (tests move it instead of waiting)."""
+    """Runs a pass at start and every `interval` seconds (days 0: only to make partitions ahead, on
+    a store that has them). `clock` gives the time a pass measures age from (tests move it instead
+    of waiting)."""
 
     step = "retention pass"
 
@@ -67,19 +70,30 @@ class Retention(Background):
         return {"prunedMessages": self.pruned}
 
     async def prune(self) -> int:
-        """One pass: every message older than the retention is deleted; the count."""
-        cutoff = self.clock() - self.days * DAY
-        deleted, after = 0, 0
-        while True:
-            count, last = await self.store.write(prune_batch, after, cutoff, self.batch)
+        """One pass: every message older than the retention is deleted; the count. On a store that
+        partitions messages by day (PostgreSQL) the partitions of the coming days are made, those
+        whose whole day is older are dropped, and rows are deleted only from its default partition:
+        there a message goes with its day, between N and N + 1 days old."""
+        now = self.clock()
+        cutoff = now - self.days * DAY if self.days else None
+        deleted = 0
+        if self.store.rotate is not None:
+            deleted = await self.store.write(self.store.rotate, now, cutoff)
+            self.pruned += deleted
+        after = 0
+        while cutoff is not None:
+            count, last = await self.store.write(
+                prune_batch, self.store.history_rows, after, cutoff, self.batch
+            )
             deleted += count
             self.pruned += count
             if last is None:
-                return deleted
+                break
             after = last
+        return deleted
 
     async def _run(self) -> None:
-        if self.days == 0:
+        if self.days == 0 and self.store.rotate is None:
             return
         while True:
             started = time.monotonic()

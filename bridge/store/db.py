@@ -121,6 +121,11 @@ class Store:
 
     # SQLite: take the write lock at once (another process, the CLI, waits instead of failing later)
     BEGIN = "BEGIN IMMEDIATE"
+    # The retention (bridge/core/retention.py): the table whose old rows it deletes one by one, and
+    # on a store that partitions messages by day its step there, rotate(conn, now, cutoff or None)
+    # -> rows dropped, run as a write.
+    history_rows = "messages"
+    rotate: Callable[[Any, float, float | None], int] | None = None
 
     def __init__(
         self, path: Path, synchronous: str = "FULL", readers: int = 2, lock_timeout: float = LOCK_TIMEOUT

@@ -558,6 +558,14 @@ def session_owner(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE mqtt_sessions DROP COLUMN cert_id")
 
 
+def partitioned_messages(conn: sqlite3.Connection) -> None:
+    """Version 9: on PostgreSQL, `messages` partitioned by day of `ts`, so that the retention drops
+    whole days (postgres.Migrating.partition_messages); a SQLite file keeps its table (the step is
+    its version number only)."""
+    if not isinstance(conn, sqlite3.Connection):
+        conn.partition_messages()
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, baseline),
@@ -568,7 +576,10 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (6, mqtt_sessions),
     (7, owner_counts),
     (8, session_owner),
+    (9, partitioned_messages),
 ]
+# Steps that change nothing in SQLite: a new PostgreSQL database, made from SQLite's schema, runs them.
+POSTGRES_ONLY = (partitioned_messages,)
 LATEST = MIGRATIONS[-1][0]
 
 
