@@ -6,7 +6,6 @@ timeouts and stops itself above its error threshold."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 import orjson
 import pytest
 
-from bridge import config as bridge_config
 from bridge.core import topics
 from bridge.core.accounts import User
 from bridge.core.errors import Conflict, Invalid, NotFound, Revoked
@@ -25,8 +23,7 @@ from bridge.core.rollouts import parse_waves, wave_order, wave_sizes, waves_of
 from bridge.core.service import Core
 from bridge.core.things import DeviceIdentity, NewThing
 from bridge.core.upgrades import Put
-from bridge.store import create as create_store
-from tests.conftest import write_config
+from tests.helpers import in_process_core
 
 # The document's example version, with its "High" priority (an alias of UPGRADE_TYPE_FORCED).
 EXAMPLE_VERSION = {
@@ -101,13 +98,8 @@ def test_wave_membership_is_stable_and_cumulative() -> None:
 # ---- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture
 async def core(tmp_path: Path, store_url: str) -> AsyncIterator[Core]:
-    cfg = bridge_config.load(write_config(tmp_path, store={"url": store_url}))
-    store = create_store(cfg.store.url, cfg.db_path, "OFF")
-    store.open()
-    try:
-        yield Core(cfg, store)
-    finally:
-        await asyncio.to_thread(store.close)
+    async with in_process_core(tmp_path, store_url) as core:
+        yield core
 
 
 @dataclass
