@@ -262,6 +262,9 @@ async def test_a_re_certified_thing_resumes_its_own_session_before_and_after_a_r
 
     await publish_all(bridge, alice.token, {thing: [b"before"]})
     second = await certified_device(bridge, tmp_path / "second", thing, cik)
+    with pytest.raises(aiomqtt.MqttCodeError):  # the replaced certificate, accepted just before: refused
+        async with thing_client(bridge, first):
+            pass
     await publish_all(bridge, alice.token, {thing: [b"between"]})
     raw = await Raw.connect(bridge, second)
     assert raw.session_present

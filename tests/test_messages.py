@@ -23,6 +23,8 @@ import jwt
 import orjson
 import pytest
 
+from bridge.core.identity import DeviceIdentity
+from bridge.core.things import NewThing
 from tests import mqttraw
 from tests.conftest import Bridge
 from tests.helpers import (
@@ -34,6 +36,7 @@ from tests.helpers import (
     call,
     create_thing,
     error,
+    in_process_core,
     next_message,
     ok,
     run_sync,
@@ -549,6 +552,25 @@ async def test_presence_online_and_offline(bridge: Bridge, alice_app: str, fresh
         assert dropped["state"] == "offline" and dropped["ts"] >= online["ts"]
         retained = await late_presence(bridge, alice_app, thing.id)
         assert retained.retain and orjson.loads(retained.payload)["state"] == "offline"
+
+
+async def test_presence_changes_in_one_group_end_with_the_latest(tmp_path: Path) -> None:
+    """Presence changes are written in groups (issue #14), a thing's latest change in a group
+    winning: a connect and a disconnect recorded at once end offline, in the stored state and in
+    the last retained document queued for the broker."""
+    async with in_process_core(tmp_path, "sqlite:") as core:
+        owner = await core.accounts.create_user("alice", "alice-password-1")
+        thing = await core.things.create(owner, NewThing(key_type="EC"))
+        device = DeviceIdentity(thing.id, owner.id, thing.cert_id)
+        await asyncio.gather(core.presence.record(device, "online"), core.presence.record(device, "offline"))
+        stored, queued = await core.store.read(
+            lambda c: (
+                c.execute("SELECT state FROM presence").fetchall(),
+                c.execute("SELECT payload FROM outbox WHERE topic LIKE '%/presence'").fetchall(),
+            )
+        )
+    assert [row["state"] for row in stored] == ["offline"]
+    assert [orjson.loads(row["payload"])["state"] for row in queued] == ["offline"]
 
 
 async def test_a_will_on_a_bridge_flow_is_stored_like_any_message(

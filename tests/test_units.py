@@ -13,6 +13,7 @@ from amqtt.session import Session
 from bridge import config
 from bridge.core import topics
 from bridge.core.errors import Invalid, Unauthorized
+from bridge.core.identity import DeviceIdentity, KnownDevices
 from bridge.core.messages import classify
 from bridge.core.status import DEFAULT, Effective, decide
 from bridge.core.things import check_audience
@@ -259,3 +260,13 @@ def test_engine_logins_are_bounded() -> None:
     logins.add("a", "CN=a2")  # seen again: a is the newest thing
     logins.add("c", "CN=c")
     assert (logins.of("a"), logins.of("b"), logins.of("c")) == (["CN=a1", "CN=a2"], [], ["CN=c"])
+
+
+def test_known_devices_are_bounded() -> None:
+    known = KnownDevices(limit=2)
+    a, b, c = (DeviceIdentity(name, "owner", f"cert-{name}") for name in "abc")
+    for device in (a, b, c):
+        known.put(device)
+    assert (known.get("a"), known.get("b"), known.get("c")) == (None, b, c)  # the oldest went
+    known.drop("b")
+    assert known.get("b") is None

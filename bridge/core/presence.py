@@ -4,7 +4,9 @@ like every retained state document)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from asyncio import Future
 
 import orjson
 
@@ -12,6 +14,8 @@ from bridge.core import ids, topics
 from bridge.core.identity import DeviceIdentity
 from bridge.core.outbox import Outbox, enqueue, restoring
 from bridge.store import Store
+
+Change = tuple[DeviceIdentity, str, float, str]  # the thing's incarnation, its state, since, transport
 
 
 class Presence:
@@ -21,6 +25,11 @@ class Presence:
         # Live connections per incarnation (thing id, certificate id): a deleted thing's
         # connections that end late do not count against a new thing of the same id.
         self._connections: dict[tuple[str, str], int] = {}
+        # States recorded and not written yet, by incarnation; the future their recorders await;
+        # the write in flight.
+        self._pending: dict[tuple[str, str], Change] = {}
+        self._next: Future[None] | None = None
+        self._writing: Future[None] | None = None
 
     def connected(self, device: DeviceIdentity) -> bool:
         """Count a new connection (synchronously, so events apply in the order they happened);
@@ -41,21 +50,48 @@ class Presence:
 
     async def record(self, device: DeviceIdentity, state: str, transport: str = "mqtt") -> None:
         """Store the new state and queue it, retained, in the same transaction; only while this
-        incarnation of the thing exists (a deleted thing's late offline event leaves nothing)."""
-        ts = ids.now()
+        incarnation of the thing exists (a deleted thing's late offline event leaves nothing).
+        Returns once committed. The states recorded during one turn of the event loop, or while the
+        previous group is being written, are written together (one store write instead of one per
+        connect and disconnect; issue #14): an incarnation's latest state in the group wins, so a
+        connect followed at once by a disconnect ends offline."""
+        key = (device.thing_id, device.cert_id)
+        self._pending.pop(key, None)  # its latest change goes last, in the order changes happened
+        self._pending[key] = (device, state, ids.now(), transport)
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            if self._writing is None:
+                asyncio.get_running_loop().call_soon(self._write_next)
+        await asyncio.shield(self._next)
 
+    def _write_next(self) -> None:
+        group, committed = self._pending, self._next
+        self._pending, self._next = {}, None
+        if committed is not None:
+            self._writing = asyncio.ensure_future(self._write(list(group.values()), committed))
+
+    async def _write(self, group: list[Change], committed: Future[None]) -> None:
         def write(conn: sqlite3.Connection) -> None:
-            written = conn.execute(
-                "INSERT INTO presence (thing_id, state, ts, transport) SELECT ?,?,?,? WHERE EXISTS"
-                " (SELECT 1 FROM things WHERE id = ? AND cert_id = ?) ON CONFLICT (thing_id) DO UPDATE SET"
-                " state = excluded.state, ts = excluded.ts, transport = excluded.transport",
-                (device.thing_id, state, ts, transport, device.thing_id, device.cert_id),
-            ).rowcount
-            if written:
-                _publish(conn, device.thing_id, state, ts)
+            for device, state, ts, transport in group:
+                written = conn.execute(
+                    "INSERT INTO presence (thing_id, state, ts, transport) SELECT ?,?,?,? WHERE EXISTS"
+                    " (SELECT 1 FROM things WHERE id = ? AND cert_id = ?) ON CONFLICT (thing_id) DO UPDATE"
+                    " SET state = excluded.state, ts = excluded.ts, transport = excluded.transport",
+                    (device.thing_id, state, ts, transport, device.thing_id, device.cert_id),
+                ).rowcount
+                if written:
+                    _publish(conn, device.thing_id, state, ts)
 
-        await self.store.write(write)
-        self.outbox.kick()
+        try:
+            await self.store.write(write)
+        except Exception as exc:  # every recorder of the group hears it
+            committed.set_exception(exc)
+        else:
+            committed.set_result(None)
+            self.outbox.kick()
+        finally:
+            self._writing = None
+            self._write_next()  # what was recorded meanwhile
 
     async def restore(self) -> None:
         """At start-up nothing is connected: a thing that was online when the process ended is

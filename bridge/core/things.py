@@ -16,7 +16,7 @@ from bridge import pki
 from bridge.core import ids
 from bridge.core.accounts import SubscriptionPolicy, User, active_policy
 from bridge.core.errors import Conflict, Invalid, QuotaExceeded, Unauthorized
-from bridge.core.identity import DeviceIdentity
+from bridge.core.identity import DeviceIdentity, KnownDevices
 from bridge.core.lookup import owned_thing, thing_not_found
 from bridge.core.outbox import Outbox, forget_thing
 from bridge.core.ports import DeviceLink
@@ -28,6 +28,7 @@ TOKEN_ISSUER_PREFIX = "urn:thing:"
 MAX_TOKEN_LIFETIME = 24 * 3600
 TOKEN_LEEWAY = 30  # seconds of clock skew allowed on exp/nbf
 MAX_REMEMBERED_TOKENS = 100_000
+KNOWN_DEVICES = 50_000  # identities kept for CONNECTs: about 18 MiB when full
 
 
 # The cert_id of a thing whose credential is a provisioning CIK (no certificate yet): this prefix and
@@ -100,6 +101,7 @@ class Things:
         # the registry before the bump re-reads it (see standing) instead of trusting it.
         self.revocations = 0
         self._verifiers: dict[str, tuple[str, str, str, Any]] = {}
+        self._devices = KnownDevices(KNOWN_DEVICES)
         self._verified_tokens: dict[str, tuple[DeviceIdentity, float]] = {}
 
     def _row(self, row: sqlite3.Row) -> Thing:
@@ -270,6 +272,9 @@ class Things:
         """The thing's current identity while it exists and is enabled. Alone, for an MQTT engine
         that checked the certificate itself and names only the thing (external mode)."""
         revocations = self.revocations
+        known = self._devices.get(thing_id)
+        if known is not None:
+            return known
         row = await self.store.read(
             lambda c: c.execute(
                 "SELECT owner_id, cert_id, enabled FROM things WHERE id = ?", (thing_id,)
@@ -277,9 +282,27 @@ class Things:
         )
         if row is None or not row["enabled"]:
             return None
+        device = DeviceIdentity(thing_id, row["owner_id"], row["cert_id"])
         if revocations == self.revocations:  # else the row may be gone already: do not cache it
             self._owners[thing_id] = row["owner_id"]
-        return DeviceIdentity(thing_id, row["owner_id"], row["cert_id"])
+            self._devices.put(device)
+        return device
+
+    async def know_enabled(self) -> None:
+        """Fill the identities kept for CONNECTs (the things most recently online first), before
+        the MQTT listeners open: the reconnect storm after a restart is then checked without a
+        store read per CONNECT."""
+        revocations = self.revocations
+        rows = await self.store.read(
+            lambda c: c.execute(
+                "SELECT t.id, t.owner_id, t.cert_id FROM things t LEFT JOIN presence p ON p.thing_id = t.id"
+                " WHERE t.enabled = 1 ORDER BY coalesce(p.ts, 0) DESC LIMIT ?",
+                (self._devices.limit,),
+            ).fetchall()
+        )
+        if revocations == self.revocations:
+            for row in rows:
+                self._devices.put(DeviceIdentity(row["id"], row["owner_id"], row["cert_id"]))
 
     async def device_by_subject(self, thing_id: str, serial: str | None) -> DeviceIdentity | None:
         """The thing behind a certificate that an external MQTT engine verified and reports by its
@@ -368,6 +391,7 @@ class Things:
     def _revoke(self, thing_id: str) -> None:
         self.revocations += 1
         self._owners.pop(thing_id, None)
+        self._devices.drop(thing_id)
         self._verifiers.pop(thing_id, None)
         self._verified_tokens = {
             token: entry for token, entry in self._verified_tokens.items() if entry[0].thing_id != thing_id

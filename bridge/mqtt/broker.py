@@ -42,9 +42,13 @@ def device_tls_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLCo
     ctx.verify_mode = ssl.CERT_REQUIRED  # no certificate from our CA, no handshake
     # TLS 1.3 session tickets let a reconnecting device resume (no certificate chain to verify,
     # no signature; its identity is still checked at CONNECT against the registry). One ticket per
-    # handshake, not OpenSSL's two: OpenSSL 3.0 copies the session (re-decoding the client
-    # certificate) for every ticket after the first, a sixth of a full handshake's CPU (issue #14).
+    # handshake, not OpenSSL's two (it copies the session for every ticket after the first), and
+    # stateful (OP_NO_TICKET): the ticket names a session kept in OpenSSL's cache (20,480 at most,
+    # for 2 hours: its defaults). A stateless ticket carries the session itself, encrypted: OpenSSL
+    # 3.0 encodes and decodes the session, client certificate and key included, to make one, and
+    # decodes it again to resume, a fifth of a full handshake's CPU (issue #14).
     ctx.num_tickets = 1
+    ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 
@@ -90,6 +94,7 @@ class MqttBroker:
             limits.max_queued_messages = self.cfg.mqtt.max_queued_messages
             limits.max_queued_bytes = self.cfg.mqtt.max_queued_bytes
             limits.durable = DurableSessions(core.store, self.cfg.mqtt.session_expiry)
+        await core.things.know_enabled()
         await self.broker.start()
         if isinstance(self.broker, HardenedBroker) and self.broker.limits.durable is not None:
             # before the listeners open: a thing that reconnects finds its session
