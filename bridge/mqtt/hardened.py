@@ -579,6 +579,7 @@ class BridgeHandler(BrokerProtocolHandler):
           connection ends finishes (or is refused at the ingest seam when the client is revoked)."""
         session, ready = self.session, self._reader_ready
         assert session is not None and ready is not None
+        loop = asyncio.get_running_loop()  # once: each lookup is a getpid() system call on 3.11
         keepalive = session.keep_alive if session.keep_alive > 0 else None
         ready.set()
         try:
@@ -611,7 +612,7 @@ class BridgeHandler(BrokerProtocolHandler):
                 if inline is not None:
                     await getattr(self, inline)(packet)
                 elif kind in (PUBLISH, PINGREQ):  # both may wait on the store or the writer
-                    task = asyncio.create_task(
+                    task = loop.create_task(
                         self.handle_publish(packet) if kind == PUBLISH else self.handle_pingreq(packet)
                     )
                     self._packet_tasks.add(task)
@@ -708,12 +709,13 @@ class BridgeWriter(StreamWriterAdapter):
         super().__init__(writer)
         self._held: list[bytes] = []
         self._held_bytes = 0
+        self._loop = asyncio.get_running_loop()
 
     def write(self, data: bytes) -> None:
         if self.is_closed:
             return
         if not self._held:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
         self._held.append(data)
         self._held_bytes += len(data)
         if self._held_bytes >= self.FLUSH_AT:

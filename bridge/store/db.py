@@ -175,7 +175,12 @@ class Store:
             self._read_conns.clear()
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
+        # The running loop, remembered per thread: asyncio.get_running_loop() makes a getpid()
+        # system call each time on Python 3.11. One loop runs in a thread at a time, so the one
+        # remembered is the running one while it runs.
+        loop = getattr(self._local, "loop", None)
+        if loop is None or not loop.is_running():
+            loop = self._local.loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._queue.put((fn, args, loop, fut))
         return await fut
