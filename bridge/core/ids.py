@@ -3,8 +3,8 @@ an MQTT client-id prefix at once, so it may not contain '/', '+', '#', ':' or sp
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import time
 import uuid
 
@@ -24,9 +24,16 @@ def new_id() -> str:
 def message_id(ts: float) -> str:
     """A message's id: a UUID of version 7 (RFC 9562), whose first 48 bits are `ts` in milliseconds
     and the rest random, so that a cursor naming a message the retention deleted still says when
-    that message was stored (message_time)."""
-    value = (int(ts * 1000) & (1 << 48) - 1) << 80 | 7 << 76 | secrets.randbits(12) << 64
-    return str(uuid.UUID(int=value | 2 << 62 | secrets.randbits(62)))
+    that message was stored (message_time). Formatted here, on the hot path: this costs less than
+    uuid4() did (0.55-0.75x in one timeit run), uuid.UUID's str() more than twice as much."""
+    value = (int(ts * 1000) & _MILLIS) << 80 | int.from_bytes(os.urandom(10), "big")
+    digits = f"{value & _VERSION_VARIANT_CLEAR | _VERSION_7:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+_MILLIS = (1 << 48) - 1
+_VERSION_VARIANT_CLEAR = ~(0xF << 76 | 0x3 << 62)
+_VERSION_7 = 7 << 76 | 2 << 62  # the version nibble, and RFC 4122's variant bits 10
 
 
 def message_time(value: str) -> float | None:
