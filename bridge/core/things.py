@@ -101,7 +101,8 @@ class Things:
         # the registry before the bump re-reads it (see standing) instead of trusting it.
         self.revocations = 0
         self._verifiers: dict[str, tuple[str, str, str, Any]] = {}
-        self._devices = KnownDevices(KNOWN_DEVICES)
+        # Identities kept for CONNECTs: made by know_enabled, in the embedded broker's process only.
+        self._devices: KnownDevices | None = None
         self._verified_tokens: dict[str, tuple[DeviceIdentity, float]] = {}
 
     def _row(self, row: sqlite3.Row) -> Thing:
@@ -265,16 +266,23 @@ class Things:
         """The thing behind a verified client certificate, if it exists, is enabled, and the
         certificate is the one currently issued to it (so a deleted-and-recreated id does not
         accept the old certificate)."""
-        device = await self.enabled_device(thing_id)
+        # Identities are kept in memory only beside the embedded broker, whose process makes every
+        # change of a thing and drops the entry (_revoke); in external mode other bridge processes
+        # change things too, so each check reads the row.
+        known = self._devices
+        device = known.get(thing_id) if known is not None else None
+        if device is None:
+            revocations = self.revocations
+            device = await self.enabled_device(thing_id)
+            if known is not None and device is not None and revocations == self.revocations:
+                known.put(device)  # (else the row may be gone already)
         return device if device is not None and device.cert_id == presented_cert_id else None
 
     async def enabled_device(self, thing_id: str) -> DeviceIdentity | None:
-        """The thing's current identity while it exists and is enabled. Alone, for an MQTT engine
-        that checked the certificate itself and names only the thing (external mode)."""
+        """The thing's current identity while it exists and is enabled, as the store has it now.
+        Alone, for an MQTT engine that checked the certificate itself and names only the thing
+        (external mode)."""
         revocations = self.revocations
-        known = self._devices.get(thing_id)
-        if known is not None:
-            return known
         row = await self.store.read(
             lambda c: c.execute(
                 "SELECT owner_id, cert_id, enabled FROM things WHERE id = ?", (thing_id,)
@@ -282,27 +290,27 @@ class Things:
         )
         if row is None or not row["enabled"]:
             return None
-        device = DeviceIdentity(thing_id, row["owner_id"], row["cert_id"])
         if revocations == self.revocations:  # else the row may be gone already: do not cache it
             self._owners[thing_id] = row["owner_id"]
-            self._devices.put(device)
-        return device
+        return DeviceIdentity(thing_id, row["owner_id"], row["cert_id"])
 
     async def know_enabled(self) -> None:
-        """Fill the identities kept for CONNECTs (the things most recently online first), before
-        the MQTT listeners open: the reconnect storm after a restart is then checked without a
-        store read per CONNECT."""
+        """Keep identities for CONNECTs from now on (the embedded broker's process, where every
+        change of a thing is made), filled with the things most recently online first, before the
+        MQTT listeners open: the reconnect storm after a restart is then checked without a store
+        read per CONNECT."""
         revocations = self.revocations
+        known = self._devices = KnownDevices(KNOWN_DEVICES)
         rows = await self.store.read(
             lambda c: c.execute(
                 "SELECT t.id, t.owner_id, t.cert_id FROM things t LEFT JOIN presence p ON p.thing_id = t.id"
                 " WHERE t.enabled = 1 ORDER BY coalesce(p.ts, 0) DESC LIMIT ?",
-                (self._devices.limit,),
+                (known.limit,),
             ).fetchall()
         )
         if revocations == self.revocations:
             for row in rows:
-                self._devices.put(DeviceIdentity(row["id"], row["owner_id"], row["cert_id"]))
+                known.put(DeviceIdentity(row["id"], row["owner_id"], row["cert_id"]))
 
     async def device_by_subject(self, thing_id: str, serial: str | None) -> DeviceIdentity | None:
         """The thing behind a certificate that an external MQTT engine verified and reports by its
@@ -391,7 +399,8 @@ class Things:
     def _revoke(self, thing_id: str) -> None:
         self.revocations += 1
         self._owners.pop(thing_id, None)
-        self._devices.drop(thing_id)
+        if self._devices is not None:
+            self._devices.drop(thing_id)
         self._verifiers.pop(thing_id, None)
         self._verified_tokens = {
             token: entry for token, entry in self._verified_tokens.items() if entry[0].thing_id != thing_id
