@@ -16,6 +16,7 @@ from bridge.core.outbox import Outbox, enqueue, restoring
 from bridge.store import Store
 
 Change = tuple[DeviceIdentity, str, float, str]  # the thing's incarnation, its state, since, transport
+RETRY = 1.0  # seconds before states the store refused are written again
 
 
 class Presence:
@@ -65,10 +66,11 @@ class Presence:
         await asyncio.shield(self._next)
 
     def _write_next(self) -> None:
-        group, committed = self._pending, self._next
-        self._pending, self._next = {}, None
-        if committed is not None:
-            self._writing = asyncio.ensure_future(self._write(list(group.values()), committed))
+        committed = self._next
+        if committed is None:  # nothing recorded since (or only changes waiting for _retry)
+            return
+        group, self._pending, self._next = self._pending, {}, None
+        self._writing = asyncio.ensure_future(self._write(list(group.values()), committed))
 
     async def _write(self, group: list[Change], committed: Future[None]) -> None:
         def write(conn: sqlite3.Connection) -> None:
@@ -86,12 +88,26 @@ class Presence:
             await self.store.write(write)
         except Exception as exc:  # every recorder of the group hears it
             committed.set_exception(exc)
+            # The changes are kept and written again (each unless a later one of its incarnation
+            # came meanwhile): a thing that went offline while the database was away must not
+            # stay online. One entry per incarnation: bounded by the things.
+            for change in group:
+                self._pending.setdefault((change[0].thing_id, change[0].cert_id), change)
+            asyncio.get_running_loop().call_later(RETRY, self._retry)
         else:
             committed.set_result(None)
             self.outbox.kick()
         finally:
             self._writing = None
             self._write_next()  # what was recorded meanwhile
+
+    def _retry(self) -> None:
+        if self._pending and self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            # nobody may await this group: its failure is not "never retrieved"
+            self._next.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if self._writing is None:
+                self._write_next()
 
     async def restore(self) -> None:
         """At start-up nothing is connected: a thing that was online when the process ended is
