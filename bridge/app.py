@@ -171,7 +171,7 @@ async def serve(cfg: Config, first_start: str | None = None) -> int:
             assert engine is not None
             started.push_async_callback(engine.stop)
             await engine.start(core)
-        await core.presence.restore()
+        await core.presence.restore(connections_outlive_us=engine is not None)
         await core.status.republish_all()
         await core.firmware.republish()
         core.outbox.start()

@@ -77,6 +77,12 @@ class ExternalConfig:
     queue: str = "thingbridge.devices"
     # Unacknowledged deliveries one worker holds at most.
     prefetch: int = _int(256, 1, 65535)
+    # The things' presence from the engine's connection events (its rabbitmq_event_exchange plugin,
+    # which must be enabled); false: presence is not tracked in external mode.
+    presence: bool = True
+    # Seconds a new connection may take to show in the engine's list of connections (its management
+    # statistics): a revocation's sweep and a presence reconciliation look again after this long.
+    list_lag: int = _int(10, 1, 3600)
 
 
 @dataclass

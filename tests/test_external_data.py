@@ -7,6 +7,7 @@ killed or an engine node stopped loses nothing acknowledged and commits nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +16,10 @@ import aiomqtt
 import orjson
 import pytest
 
-from tests.conftest import Bridge, basic, write_config
-from tests.engine import Node, RabbitCluster
+from tests.conftest import Bridge, basic
+from tests.engine import Node, RabbitCluster, serving
 from tests.helpers import Account, account, call, create_thing, next_message, ok, run_sync, until
+from tests.test_external_presence import becomes
 
 # kill -9 of a worker under load is a race: once in the suite (its time budget), 20 rounds when it
 # was made and whenever the consumer changes (THINGBRIDGE_KILL_ROUNDS=20)
@@ -41,29 +43,12 @@ def external_bridge(cluster: RabbitCluster, folder: Path) -> Bridge:
     return cluster.bridge(folder, external_config(cluster))
 
 
-def second_worker(cluster: RabbitCluster, first: Bridge, folder: Path) -> Bridge:
-    """Another bridge process on the first one's store, CA and queue. Only one process answers the
-    engine's auth backend (the cluster asks one port), so this one opens no auth listener."""
-    external = external_config(cluster, auth={"enabled": False})
-    config = write_config(
-        folder,
-        data_dir=str(first.folder / "data"),
-        pki={"dir": str(first.folder / "certs")},
-        mqtt={"mode": "external", "external": external},
-    )
-    return Bridge(folder, config)
-
-
 @pytest.fixture(scope="module")
 def engine_bridge(
     rabbit_cluster: RabbitCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Bridge]:
     bridge = external_bridge(rabbit_cluster, tmp_path_factory.mktemp("external"))
-    bridge.start(timeout=60)
-    try:
-        yield bridge
-    finally:
-        bridge.kill()
+    yield from serving(bridge)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +157,7 @@ def test_kill_9_of_a_worker_loses_nothing_and_commits_nothing_twice(
 ) -> None:
     """A second worker on the same store and queue; killed while 300 messages flow: the first
     takes its unacknowledged ones over, and the redelivered ones it finds committed are skipped."""
-    worker = second_worker(rabbit_cluster, engine_bridge, tmp_path)
+    worker = rabbit_cluster.worker(engine_bridge, tmp_path, external_config(rabbit_cluster))
     worker.start(timeout=60)
     thing = run_sync(create_thing(engine_bridge, owner.token, tmp_path / "things"))
     total = 300
@@ -211,8 +196,10 @@ async def test_killing_the_engine_node_that_holds_the_queue_loses_nothing_acknow
     """kill -9 of the node holding the queue (and the bridge's AMQP connections, and the device's)
     while a device publishes through it: the device goes on through the other node, the bridge's
     connections move there, the queue's mirror takes over. Every message the engine acknowledged
-    is stored; only one the device sent again (no PUBACK came) may be stored twice."""
+    is stored; only one the device sent again (no PUBACK came) may be stored twice. A thing that
+    was connected to that node alone is offline (no closed event: the node died)."""
     thing = await create_thing(engine_bridge, owner.token, tmp_path)
+    bystander = await create_thing(engine_bridge, owner.token, tmp_path / "bystander")
     first, holder = rabbit_cluster.nodes  # the bridge declared the queue through the second
     total = 300
     acked: set[int] = set()
@@ -235,7 +222,10 @@ async def test_killing_the_engine_node_that_holds_the_queue_loses_nothing_acknow
     assert queue["effective_policy_definition"] == {"ha-mode": "all", "ha-sync-mode": "automatic"}
     assert queue["node"] == holder.name and queue["synchronised_slave_nodes"] == [first.name]
     killer = asyncio.create_task(kill_holder())
+    bystanding = contextlib.AsyncExitStack()
     try:
+        await bystanding.enter_async_context(holder.thing_client(bystander, timeout=3))
+        await becomes(engine_bridge, owner, bystander.id, "online")
         for node in (holder, first, first):
             broken = False
             try:
@@ -260,11 +250,14 @@ async def test_killing_the_engine_node_that_holds_the_queue_loses_nothing_acknow
             return stored if {m["message"]["seq"] for m in stored} >= acked else None
 
         stored = published_seqs(await until(all_stored, "every acknowledged message stored", 30))
+        await becomes(engine_bridge, owner, bystander.id, "offline")
         twice = {seq for seq in stored if stored.count(seq) > 1}
         assert all(attempts[seq] > 1 for seq in twice), twice  # only what the device sent again
         assert attempts[0] == 1 and max(attempts.values()) > 1  # the kill did cut the flow
     finally:
         killer.cancel()
+        with contextlib.suppress(aiomqtt.MqttError):  # its node is gone
+            await bystanding.aclose()
         if holder.proc is None:  # the cluster serves the next tests whole again
             await asyncio.to_thread(rejoin, rabbit_cluster, holder)
 

@@ -23,7 +23,7 @@ from bridge.mqtt.external.auth import Logins
 from bridge.mqtt.external.management import Management
 from bridge.pki import CertificateAuthority
 from tests.conftest import Bridge
-from tests.engine import RabbitCluster
+from tests.engine import RabbitCluster, serving
 from tests.helpers import (
     account,
     call,
@@ -79,11 +79,7 @@ def test_a_client_certificate_of_another_ca_is_refused_by_the_engine(
 def external(rabbit_cluster: RabbitCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
     """A bridge in external mode on the cluster (its auth listener on the port the cluster calls)."""
     bridge = rabbit_cluster.bridge(tmp_path_factory.mktemp("bridge"))
-    bridge.start(timeout=60)
-    try:
-        yield bridge
-    finally:
-        bridge.kill()
+    yield from serving(bridge)
 
 
 def app_engine_client(cluster: RabbitCluster, name: str, password: str, **kw: Any) -> aiomqtt.Client:

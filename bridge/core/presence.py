@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from asyncio import Future
+from collections.abc import Collection
 
 import orjson
 
@@ -109,9 +110,34 @@ class Presence:
             if self._writing is None:
                 self._write_next()
 
-    async def restore(self) -> None:
+    async def offline(self, thing_ids: Collection[str]) -> None:
+        """The things are offline now, whichever incarnation's connection ended: for an external
+        engine, whose report of a closed connection does not name its certificate."""
+        ts = ids.now()
+
+        def write(conn: sqlite3.Connection) -> None:
+            for thing_id in thing_ids:
+                if conn.execute(
+                    "UPDATE presence SET state = 'offline', ts = ? WHERE thing_id = ? AND state <> 'offline'",
+                    (ts, thing_id),
+                ).rowcount:
+                    _publish(conn, thing_id, "offline", ts)
+
+        await self.store.write(write)
+        self.outbox.kick()
+
+    async def states(self) -> dict[str, tuple[str, float]]:
+        """Every recorded state and since when, by thing id (an external engine's reconciliation)."""
+        rows = await self.store.read(
+            lambda c: c.execute("SELECT thing_id, state, ts FROM presence").fetchall()
+        )
+        return {row["thing_id"]: (row["state"], row["ts"]) for row in rows}
+
+    async def restore(self, *, connections_outlive_us: bool = False) -> None:
         """At start-up nothing is connected: a thing that was online when the process ended is
-        offline now (published); every other thing's last state is restored as retained."""
+        offline now (published); every other thing's last state is restored as retained.
+        `connections_outlive_us` (an external engine): the devices stayed connected to it, so every
+        state is restored as it is (the engine's connection events correct it)."""
 
         def went_offline(conn: sqlite3.Connection) -> None:
             for row in conn.execute(
@@ -119,12 +145,14 @@ class Presence:
             ).fetchall():
                 _publish(conn, row["thing_id"], "offline", row["ts"])
 
-        def offline_before(conn: sqlite3.Connection) -> None:
-            for row in conn.execute("SELECT thing_id, ts FROM presence WHERE state = 'offline'").fetchall():
-                _publish(conn, row["thing_id"], "offline", row["ts"])
+        def restore_states(conn: sqlite3.Connection) -> None:
+            where = "" if connections_outlive_us else " WHERE state = 'offline'"
+            for row in conn.execute(f"SELECT thing_id, state, ts FROM presence{where}").fetchall():
+                _publish(conn, row["thing_id"], row["state"], row["ts"])
 
-        await self.store.write(restoring(offline_before))
-        await self.store.write(went_offline)
+        await self.store.write(restoring(restore_states))
+        if not connections_outlive_us:
+            await self.store.write(went_offline)
         self.outbox.kick()
 
 

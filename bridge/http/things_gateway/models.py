@@ -520,5 +520,10 @@ class BrokerStats(Model):
     consumedMessages: Count | UnsetType = UNSET
     duplicateMessages: Count | UnsetType = UNSET
     retriedMessages: Count | UnsetType = UNSET
+    # the things' presence: connection events this worker applied, reconciliations it made,
+    # connections it could not keep track of (no room)
+    presenceEvents: Count | UnsetType = UNSET
+    presenceReconciliations: Count | UnsetType = UNSET
+    presenceUntracked: Count | UnsetType = UNSET
     # messages deleted by messages.retention_days since the process started
     prunedMessages: Count | UnsetType = UNSET

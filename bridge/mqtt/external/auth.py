@@ -73,6 +73,16 @@ def subject_fields(dn: str) -> dict[str, str] | None:
     return fields
 
 
+def thing_subject(dn: str) -> tuple[str, str | None] | None:
+    """(thing id, serialNumber or None) of a subject that can be a thing certificate's; None for
+    any other engine user (an application, the bridge)."""
+    fields = subject_fields(dn) if "=" in dn else None
+    cn = fields.get("CN") if fields else None
+    if not fields or not cn or set(fields) - {"CN", "SERIALNUMBER"} or cn.startswith(APP_PREFIX) or "." in cn:
+        return None
+    return cn, fields.get("SERIALNUMBER")
+
+
 def _der_string(value: str) -> str:
     try:
         der = bytes.fromhex(value[1:])
@@ -186,12 +196,11 @@ class EngineAuth:
         if username == self.username:
             return Service(username)
         if "=" in username:
-            fields = subject_fields(username) or {}
-            cn = fields.get("CN", "")
-            if not cn or cn.startswith(APP_PREFIX) or "." in cn:
+            subject = thing_subject(username)
+            if subject is None:
                 raise Refused("unknown_certificate", "not a thing certificate's subject")
             # the login checked the certificate; a revocation since then closes the connection
-            return Principal("thing", cn, "")
+            return Principal("thing", subject[0], "")
         app = await self.core.accounts.app(username)
         if app is None:
             raise Refused("unknown_app", f"unknown application {username[:200]!r}")

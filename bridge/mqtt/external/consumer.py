@@ -40,6 +40,7 @@ from bridge.core.identity import DeviceIdentity
 from bridge.core.messages import Message, Query
 from bridge.core.service import Core
 from bridge.mqtt.auth import Principal
+from bridge.mqtt.external import presence
 from bridge.mqtt.external.amqp import EXCHANGE, routing_key, sessions
 from bridge.mqtt.external.link import ROUTED_BY_ENGINE, ExternalLink
 from bridge.mqtt.router import Router
@@ -88,12 +89,13 @@ class DeviceConsumer:
                 await self._task
 
     async def mirror(self) -> None:
-        """Mirror the queue on every node (a classic mirrored queue: it survives one node of two
-        stopping; a quorum queue would need three nodes for a majority). A policy, set through the
-        management API of the first node that answers."""
+        """Mirror the queue, and the presence events' (`<queue>.presence`), on every node (a
+        classic mirrored queue: it survives one node of two stopping; a quorum queue would need
+        three nodes for a majority). A policy, set through the management API of the first node
+        that answers."""
         vhost = urllib.parse.urlsplit(self.ext.amqp[0]).path[1:] or "/"
         policy = {
-            "pattern": f"^{re.escape(self.ext.queue)}$",
+            "pattern": f"^({re.escape(self.ext.queue)}|{re.escape(presence.queue_name(self.ext))})$",
             "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"},
             "apply-to": "queues",
             "priority": 10,

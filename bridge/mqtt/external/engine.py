@@ -1,13 +1,15 @@
 """External mode as the serving process runs it, in place of the embedded broker: the link is made
 before the core (its DeviceLink), then `start(core)` opens the auth backend's listener (the engine
-asks it about the bridge's own user too), the connections to the engine, and consumes; `stop()`
-closes them again."""
+asks it about the bridge's own user too), the connections to the engine, and consumes device
+traffic and connection events (presence); `stop()` closes them again."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
 import urllib.parse
+
+import aio_pika
 
 from bridge.config import Config, ConfigError
 from bridge.core.service import Core
@@ -16,6 +18,7 @@ from bridge.mqtt.external.auth import AuthListener, Logins, start_external_auth
 from bridge.mqtt.external.consumer import DeviceConsumer
 from bridge.mqtt.external.link import ExternalLink
 from bridge.mqtt.external.management import Management
+from bridge.mqtt.external.presence import PresenceConsumer
 
 START_TIMEOUT = 30.0  # s for the engine to answer at start-up
 
@@ -27,6 +30,7 @@ class ExternalEngine:
         self.management = Management(cfg.mqtt.external, self.logins)
         self.link = ExternalLink(cfg.mqtt.external, close_thing=self.management.close_thing)
         self.consumer: DeviceConsumer | None = None
+        self.presence: PresenceConsumer | None = None
         self.auth: AuthListener | None = None
 
     def device_port(self) -> int:
@@ -49,17 +53,31 @@ class ExternalEngine:
         except ConnectionError as exc:
             raise ConfigError(f"mqtt.external.management: {exc}") from None
         try:  # once, at start: an engine that is not there is a setting to fix, not a retry loop
-            await (await connect(ext, tls)).close()
+            connection = await connect(ext, tls)
         except Exception as exc:
             why = exc or type(exc).__name__
             raise ConfigError(
                 f"mqtt.external.amqp: no engine node answered ({', '.join(ext.amqp)}: {why}); check the"
                 " URLs, that the engine runs, and mqtt.external.username and password"
             ) from None
+        async with connection:
+            if ext.presence:
+                self.presence = PresenceConsumer(core, self.link, self.management)
+                try:
+                    await self.presence.declare(await connection.channel())
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    raise ConfigError(
+                        "mqtt.external.presence: the engine has no exchange amq.rabbitmq.event; enable"
+                        " the rabbitmq_event_exchange plugin on every node, or set presence: false"
+                    ) from None
         self.link.start(tls)
         self.consumer.start(tls)
+        consuming = [self.consumer.ready.wait()]
+        if self.presence is not None:
+            self.presence.start(tls)
+            consuming.append(self.presence.ready.wait())
         try:
-            await asyncio.wait_for(self.consumer.ready.wait(), START_TIMEOUT)
+            await asyncio.wait_for(asyncio.gather(*consuming), START_TIMEOUT)
         except TimeoutError:
             raise ConfigError(
                 f"mqtt.external.amqp: no engine node answered within {START_TIMEOUT:.0f} s"
@@ -71,6 +89,8 @@ class ExternalEngine:
         return {"engine_auth": self.auth.port} if self.auth is not None else {}
 
     async def stop(self) -> None:
+        if self.presence is not None:
+            await self.presence.stop()
         if self.consumer is not None:
             await self.consumer.stop()
         await self.link.stop()

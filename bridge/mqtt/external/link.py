@@ -96,6 +96,7 @@ class ExternalLink:
         self.nodes = {url: Backlog() for url in ext.mqtt}
         self.counters = Counters()  # messages from the engine denied or dropped (the consumer's)
         self.consumed = {"consumed": 0, "duplicates": 0, "retried": 0}
+        self.presence = {"events": 0, "reconciliations": 0, "untracked": 0}  # the presence consumer's
         self.unroutable = 0  # for things whose id the engine cannot route (it has a '.')
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -161,6 +162,11 @@ class ExternalLink:
             "consumedMessages": self.consumed["consumed"],
             "duplicateMessages": self.consumed["duplicates"],
             "retriedMessages": self.consumed["retried"],
+            # connection events applied, reconciliations with the engine's list of connections, and
+            # connections not kept for want of room (presence.MAX_CONNECTIONS)
+            "presenceEvents": self.presence["events"],
+            "presenceReconciliations": self.presence["reconciliations"],
+            "presenceUntracked": self.presence["untracked"],
         }
 
     async def _send_amqp(self, tls: ssl.SSLContext | None) -> None:

@@ -7,9 +7,9 @@ with (CN = thing id; an older certificate's subject before a re-certification). 
   DELETE /api/connections/username/<subject>: the engine's own record, exact at once, every node;
 * then the list of all connections (GET /api/connections) is searched for other subjects with that
   CN (logins through another bridge process, or before this one started) and each is DELETEd. That
-  list comes from the management statistics and shows a new connection only after a while (not
-  within a second here; the statistics interval is 5 s by default), so it is searched again
-  RESWEEP seconds later. Both searches close only connections the engine opened before the
+  list comes from the management statistics and shows a new connection only after a while (up
+  to 6 s in the tests, whose statistics interval is 1 s; 5 s by default), so it is searched again
+  `mqtt.external.list_lag` seconds later. Both searches close only connections the engine opened before the
   revocation (`connected_at`, the engine's clock: keep the clocks in sync): a device that got a new
   certificate, or was enabled again, and reconnected meanwhile passed the auth backend after the
   revocation and stays connected."""
@@ -31,13 +31,13 @@ from bridge.mqtt.external.auth import Logins, subject_fields
 
 log = logging.getLogger(__name__)
 TIMEOUT = aiohttp.ClientTimeout(total=5)
-RESWEEP = 6.0  # s: past the engine's default collect_statistics_interval (5 s)
 REASON = "thingbridge: the thing was revoked, deleted or disabled"
 
 
 class Management:
     def __init__(self, ext: ExternalConfig, logins: Logins) -> None:
         self.logins = logins
+        self.resweep = float(ext.list_lag)  # s: until a new connection shows in the list
         self.urls = [u.rstrip("/") for u in ext.management]
         credentials = base64.b64encode(f"{ext.username}:{ext.password}".encode()).decode()
         self.headers = {"Authorization": f"Basic {credentials}"}  # never logged
@@ -64,7 +64,7 @@ class Management:
         return closed
 
     async def _resweep(self, thing_id: str, revoked: float) -> int:
-        await asyncio.sleep(RESWEEP)
+        await asyncio.sleep(self.resweep)
         return await self._sweep(thing_id, revoked)
 
     async def _sweep(self, thing_id: str, revoked: float) -> int:
@@ -82,15 +82,39 @@ class Management:
         log.error("no engine management node answered: thing %s's connections stay open", thing_id)
         return 0
 
+    async def connections(self) -> list[dict[str, Any]]:
+        """Every connection of the cluster (name, node, user, connected_at); it lags (see the
+        module's docstring)."""
+        return await self._ask("/api/connections", {"columns": "name,node,user,connected_at"})
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """The cluster's nodes (name, running)."""
+        return await self._ask("/api/nodes", {"columns": "name,running"})
+
+    async def _ask(self, path: str, params: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """A list from the first node that answers; raises when none does."""
+        error: Exception = ConnectionError("no management URL")
+        for url in self.urls:
+            try:
+                return await self._list(url, path, params)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("engine management %s: %r", url, exc)
+                error = exc
+        raise error
+
+    async def _list(self, url: str, path: str, params: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        async with self._http().get(f"{url}{path}", params=params) as resp:
+            resp.raise_for_status()
+            found = await resp.json()
+        return [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
+
     async def _close_user(self, username: str) -> int:
         """DELETE /api/connections/username/<subject>: the engine's own record of its connections,
         exact at once (the list of connections lags, see the module's docstring)."""
         quoted = urllib.parse.quote(username, safe="")
         for url in self.urls:
             try:
-                async with self._http().get(f"{url}/api/connections/username/{quoted}") as resp:
-                    resp.raise_for_status()
-                    count = len(await resp.json())
+                count = len(await self._list(url, f"/api/connections/username/{quoted}"))
                 async with self._http().delete(
                     f"{url}/api/connections/username/{quoted}", headers={"X-Reason": REASON}
                 ) as resp:
@@ -104,10 +128,7 @@ class Management:
 
     async def _connections_of(self, url: str, thing_id: str, revoked: float) -> list[str]:
         """The thing's connections opened before `revoked` (ms since the epoch)."""
-        params = {"columns": "name,user,connected_at"}
-        async with self._http().get(f"{url}/api/connections", params=params) as resp:
-            resp.raise_for_status()
-            connections: list[dict[str, Any]] = await resp.json()
+        connections = await self._list(url, "/api/connections", {"columns": "name,user,connected_at"})
         return [
             c["name"]
             for c in connections
