@@ -923,6 +923,11 @@ class HardenedBroker(Broker):
         elif client_session.will_flag and not isinstance(disconnect_waiter.result(), DisconnectPacket):
             await self._send_will(client_session)
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        current = self._sessions.get(client_session.client_id, (None, None))[0]
+        if client_session.clean_session and current is client_session:
+            # A clean session ends with its connection: gone now, not at the session monitor's
+            # next tick, which stopped its handler a second time (issue #14).
+            await self._delete_session(client_session.client_id)
         ended = client_session.attributes.pop(DISCONNECTED, None)
         if ended is not None:
             ended.set()
