@@ -115,7 +115,11 @@ StartTs = Annotated[QueryInt, Meta(description="from this UTC epoch second (incl
 EndTs = Annotated[QueryInt, Meta(description="to this UTC epoch second (inclusive); not before startts")]
 MessageType = Annotated[Literal[MESSAGE_TYPES], Meta(description="only messages of this type")]
 After = Annotated[
-    str, Meta(description="only messages after this flmessagespk (a cursor; 400 when no such message)")
+    str,
+    Meta(
+        description="only messages after this flmessagespk (a cursor; one that messages.retention_days "
+        "deleted goes on after the time it names; 400 when no such message)"
+    ),
 ]
 Limit = Annotated[
     int, Meta(ge=1, le=MAX_QUERY_INT, description="at most this many records (capped by messages.page_limit)")
