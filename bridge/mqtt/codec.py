@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from amqtt.errors import MQTTError
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingreq import PingReqPacket
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
@@ -19,6 +18,29 @@ PUBLISH, PUBACK, PINGREQ = 3, 4, 12
 
 class Malformed(ValueError):
     """A hot packet that does not parse: the connection ends (hardened.MalformedPacket)."""
+
+
+class Publish:
+    """A PUBLISH at QoS 0 or 1 as the reader loop takes it: one object where amqtt's PublishPacket
+    is four; `packet()` makes amqtt's, for a message the broker's own code handles."""
+
+    __slots__ = ("data", "flags", "length", "packet_id", "qos", "retain_flag", "topic_name")
+
+    def __init__(self, flags: int, topic_name: str, packet_id: int | None, data: bytes, length: int) -> None:
+        self.flags = flags
+        self.qos = (flags >> 1) & 0x03
+        self.retain_flag = bool(flags & 0x01)
+        self.topic_name = topic_name
+        self.packet_id = packet_id
+        self.data = data
+        self.length = length  # the remaining length: what follows the fixed header
+
+    def packet(self) -> PublishPacket:
+        return PublishPacket(
+            MQTTFixedHeader(PUBLISH, self.flags, self.length),
+            PublishVariableHeader(self.topic_name, self.packet_id),
+            PublishPayload(self.data),
+        )
 
 
 def puback(packet_id: int) -> bytes:
@@ -83,7 +105,7 @@ def take(buffer: bytearray, max_size: int) -> tuple[int, Any] | None:
     return kind, packet
 
 
-def _publish(first: int, body: bytes) -> PublishPacket:
+def _publish(first: int, body: bytes) -> Publish:
     qos = (first >> 1) & 0x03
     if len(body) < 2:
         raise Malformed("PUBLISH without a topic")
@@ -97,11 +119,7 @@ def _publish(first: int, body: bytes) -> PublishPacket:
         raise Malformed("a string field is not valid UTF-8") from exc
     if "\x00" in topic:
         raise Malformed("a string field contains U+0000")
+    if "#" in topic or "+" in topic:
+        raise Malformed("malformed PublishPacket: [MQTT-3.3.2-2] a topic name has no wildcards")
     packet_id = ((body[2 + n] << 8) | body[3 + n]) if qos else None
-    try:
-        variable = PublishVariableHeader(topic, packet_id)  # refuses wildcards [MQTT-3.3.2-2]
-    except MQTTError as exc:
-        raise Malformed(f"malformed PublishPacket: {exc}") from exc
-    return PublishPacket(
-        MQTTFixedHeader(PUBLISH, first & 0x0F, len(body)), variable, PublishPayload(body[head:])
-    )
+    return Publish(first & 0x0F, topic, packet_id, body[head:], len(body))

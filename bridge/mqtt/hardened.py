@@ -465,8 +465,14 @@ class BridgeHandler(BrokerProtocolHandler):
                 self.revoke(forget=verdict == "gone")
         await super().start()
 
-    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+    async def handle_publish(self, publish_packet: PublishPacket | codec.Publish) -> None:
+        """A PUBLISH, from codec (QoS 0 or 1) or from amqtt's parser."""
         topic, data, session = publish_packet.topic_name, publish_packet.data, self.session
+        if isinstance(publish_packet, codec.Publish):
+            packet_id = publish_packet.packet_id
+        else:
+            header = publish_packet.variable_header
+            packet_id = header.packet_id if header is not None else None
         if session is not None and session.attributes.get(REVOKED):
             return
         if publish_packet.retain_flag and session is not None:
@@ -474,11 +480,11 @@ class BridgeHandler(BrokerProtocolHandler):
             # in the contract. Dropped and counted like any denied publish, acknowledged if QoS 1.
             self.limits.refused_retained += 1
             log.info("retained publish by %s on %.200r refused", session.client_id, topic)
-            if publish_packet.qos == QOS_1 and publish_packet.variable_header is not None:
-                await self._send_packet(PubackPacket.build(publish_packet.variable_header.packet_id))
+            if publish_packet.qos == QOS_1 and packet_id is not None:
+                await self._send_raw(codec.puback(packet_id))
             return
         if topic is None or data is None or session is None or self.ingest is None:
-            await super().handle_publish(publish_packet)
+            await super().handle_publish(_amqtt_publish(publish_packet))
             return
         try:
             consumed = await self.ingest(session, topic, bytes(data))
@@ -499,9 +505,8 @@ class BridgeHandler(BrokerProtocolHandler):
             await self.handle_connection_closed()
             return
         if not consumed:
-            await super().handle_publish(publish_packet)
+            await super().handle_publish(_amqtt_publish(publish_packet))
             return
-        packet_id = publish_packet.variable_header.packet_id if publish_packet.variable_header else None
         if publish_packet.qos == QOS_0:
             return  # stored and routed; nothing to acknowledge
         if publish_packet.qos == QOS_1:
@@ -509,7 +514,7 @@ class BridgeHandler(BrokerProtocolHandler):
             await self._send_raw(codec.puback(packet_id))
             return
         message = ConsumedMessage(packet_id, topic, publish_packet.qos, data, publish_packet.retain_flag)
-        message.publish_packet = publish_packet
+        message.publish_packet = _amqtt_publish(publish_packet)
         await self._handle_message_flow(message)  # QoS 2: the stock PUBREC/PUBREL/PUBCOMP exchange
 
     async def _send_raw(self, data: bytes) -> None:
@@ -572,53 +577,23 @@ class BridgeHandler(BrokerProtocolHandler):
           they arrived. Stock made each a task and cancelled those not yet run when the stream
           ended, so a PUBACK followed by DISCONNECT and EOF (mosquitto_sub -C 1) was lost and the
           acknowledged message re-sent on every reconnect, and a clean DISCONNECT fired the will;
-        - the keepalive (D) is a deadline on this task, not a wait_for task that can swallow a
-          cancellation, and ends the connection;
+        - the keepalive (D) is a deadline on this task (Keepalive), not a wait_for task that can
+          swallow a cancellation, and ends the connection;
         - a packet that does not parse ends the connection (G'); PUBLISH still runs as a task
           each, so a window of QoS 1 messages is committed in one group. A task left when the
           connection ends finishes (or is refused at the ingest seam when the client is revoked)."""
         session, ready = self.session, self._reader_ready
         assert session is not None and ready is not None
         loop = asyncio.get_running_loop()  # once: each lookup is a getpid() system call on 3.11
-        keepalive = session.keep_alive if session.keep_alive > 0 else None
         ready.set()
         try:
-            while self.reader is not None:
-                hot = None
-                if isinstance(self.reader, CappedReader):
-                    hot = self.reader.take_hot()
-                    if hot is None and self.reader.empty():
-                        async with asyncio.timeout(keepalive):
-                            await self.reader.wait_for_data()
-                        hot = self.reader.take_hot()
-                if hot is not None:
-                    kind, packet = hot
-                else:
-                    async with asyncio.timeout(keepalive):
-                        fixed_header = await StrictFixedHeader.from_stream(self.reader)
-                    if not fixed_header or fixed_header.packet_type in (RESERVED_0, RESERVED_15):
-                        break
-                    packet = await packet_class(fixed_header).from_stream(
-                        self.reader, fixed_header=fixed_header
-                    )
-                    kind = fixed_header.packet_type
-                if kind == PUBACK:
-                    self.on_puback(packet if hot is not None else packet.variable_header.packet_id)
-                    continue
-                if kind == DISCONNECT:
-                    await self.handle_disconnect(packet)
-                    break
-                inline = self._inline_handlers.get(kind)
-                if inline is not None:
-                    await getattr(self, inline)(packet)
-                elif kind in (PUBLISH, PINGREQ):  # both may wait on the store or the writer
-                    task = loop.create_task(
-                        self.handle_publish(packet) if kind == PUBLISH else self.handle_pingreq(packet)
-                    )
-                    self._packet_tasks.add(task)
-                    task.add_done_callback(self._packet_done)
-                else:  # CONNECT again [MQTT-3.1.0-2], or a packet only a server sends
-                    break
+            async with asyncio.timeout(None) as deadline:
+                keepalive = Keepalive(deadline, session.keep_alive) if session.keep_alive > 0 else None
+                try:
+                    await self._read_packets(loop, keepalive)
+                finally:
+                    if keepalive is not None:
+                        keepalive.cancel()
         except TimeoutError:
             log.info("closing %s: no packet within its keepalive", session.client_id)
         except (asyncio.CancelledError, ConnectionError, NoDataError, MQTTError, AMQTTError):
@@ -626,6 +601,48 @@ class BridgeHandler(BrokerProtocolHandler):
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
+
+    async def _read_packets(self, loop: asyncio.AbstractEventLoop, keepalive: Keepalive | None) -> None:
+        while self.reader is not None:
+            hot = None
+            if isinstance(self.reader, CappedReader):
+                hot = self.reader.take_hot()
+                if hot is None and self.reader.empty():
+                    if keepalive is not None:
+                        keepalive.waiting = loop.time()
+                    await self.reader.wait_for_data()
+                    if keepalive is not None:
+                        keepalive.waiting = None
+                    hot = self.reader.take_hot()
+            if hot is not None:
+                kind, packet = hot
+            else:
+                if keepalive is not None:
+                    keepalive.waiting = loop.time()
+                fixed_header = await StrictFixedHeader.from_stream(self.reader)
+                if keepalive is not None:
+                    keepalive.waiting = None
+                if not fixed_header or fixed_header.packet_type in (RESERVED_0, RESERVED_15):
+                    return
+                packet = await packet_class(fixed_header).from_stream(self.reader, fixed_header=fixed_header)
+                kind = fixed_header.packet_type
+            if kind == PUBACK:
+                self.on_puback(packet if hot is not None else packet.variable_header.packet_id)
+                continue
+            if kind == DISCONNECT:
+                await self.handle_disconnect(packet)
+                return
+            inline = self._inline_handlers.get(kind)
+            if inline is not None:
+                await getattr(self, inline)(packet)
+            elif kind in (PUBLISH, PINGREQ):  # both may wait on the store or the writer
+                task = loop.create_task(
+                    self.handle_publish(packet) if kind == PUBLISH else self.handle_pingreq(packet)
+                )
+                self._packet_tasks.add(task)
+                task.add_done_callback(self._packet_done)
+            else:  # CONNECT again [MQTT-3.1.0-2], or a packet only a server sends
+                return
 
     _inline_handlers: ClassVar[dict[int, str]] = {
         PUBREC: "handle_pubrec",
@@ -641,6 +658,35 @@ class BridgeHandler(BrokerProtocolHandler):
             return  # the acknowledgement could not be written: the connection is gone
         if not task.cancelled() and task.exception() is not None:
             log.warning("packet handling failed: %r", task.exception())
+
+
+class Keepalive:
+    """D: a client that sends nothing for its keepalive (1.5 x what it announced) is cut. One timer
+    per connection that looks at how long the reader loop has been waiting (`waiting`: since
+    when, None while it handles a packet), instead of a timeout (a timer, a task lookup) around
+    each read; when it has waited that long, the loop's deadline expires (TimeoutError)."""
+
+    __slots__ = ("_deadline", "_loop", "_seconds", "_timer", "waiting")
+
+    def __init__(self, deadline: asyncio.Timeout, seconds: float) -> None:
+        self._deadline, self._seconds = deadline, seconds
+        self._loop = asyncio.get_running_loop()
+        self.waiting: float | None = None
+        self._timer = self._loop.call_later(seconds, self._check)
+
+    def _check(self) -> None:
+        now, since = self._loop.time(), self.waiting
+        if since is not None and now - since >= self._seconds:
+            self._deadline.reschedule(now)
+        else:
+            self._timer = self._loop.call_at((now if since is None else since) + self._seconds, self._check)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _amqtt_publish(packet: PublishPacket | codec.Publish) -> PublishPacket:
+    return packet.packet() if isinstance(packet, codec.Publish) else packet
 
 
 class CappedReader(StreamReaderAdapter):
