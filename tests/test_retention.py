@@ -21,6 +21,7 @@ from bridge.core.messages import DAY, EGRESS, INGRESS, STATUS, Message, Query, i
 from bridge.core.retention import Retention
 from bridge.core.service import Core
 from bridge.core.things import NewThing
+from bridge.store import sessions
 from bridge.store.postgres import AHEAD, DEFAULT_PARTITION
 from tests.conftest import Bridge, store_bridge
 from tests.helpers import (
@@ -116,6 +117,19 @@ async def test_a_pass_deletes_the_old_history_and_cursors_naming_it_go_on(core: 
     later = Retention(core.store, RETENTION, clock=lambda: time.time() + (RETENTION + 1) * DAY)
     assert await later.prune() == len(kept) + 1
     assert await history(core, busy) == []
+
+
+async def test_a_sessions_queued_message_outlives_its_history_row(core: Core) -> None:
+    """A publish for a thing with an offline persistent session leaves a history row and a queue
+    row (its own copy): pruning the first leaves the second whole, as a restart loads it."""
+    (device,) = await devices(core, "asleep")
+    topic = f"things/{device.thing_id}/publish"
+    await core.store.write(sessions.save, device.thing_id, (device.thing_id, None), b"principal")
+    await core.store.write(sessions.enqueue, [(device.thing_id, topic, b"command", 1)])
+    await stored(core, device, EGRESS, 1, age_days=RETENTION + 1)
+    assert await core.retention.prune() == 1
+    (session,) = await core.store.write(sessions.load, time.time(), DAY)
+    assert [(m[1], m[2]) for m in session.messages] == [(topic, b"command")]
 
 
 async def legacy_message(core: Core, device: DeviceIdentity, age_days: float) -> str:
