@@ -21,7 +21,7 @@ from bridge.core.messages import DAY, EGRESS, INGRESS, STATUS, Message, Query, i
 from bridge.core.retention import Retention
 from bridge.core.service import Core
 from bridge.core.things import NewThing
-from bridge.store import sessions
+from bridge.store import OperationalError, sessions
 from bridge.store.postgres import AHEAD, DEFAULT_PARTITION
 from tests.conftest import Bridge, store_bridge
 from tests.helpers import (
@@ -298,6 +298,12 @@ async def test_postgresql_drops_whole_days_and_makes_the_coming_ones(
         assert where(url) == {DEFAULT_PARTITION: 2, day_table(today): 3}
 
         clock[0] = now + far * DAY  # today's and the next two days are past the retention
+        with psycopg.connect(url) as reader:  # a long read: its locks on messages last until it ends
+            reader.execute("SELECT count(*) FROM messages")
+            device_write = asyncio.create_task(core.messages.collect(device, b"beside", transport="http"))
+            with pytest.raises(OperationalError, match="lock timeout"):
+                await retention.prune()  # gave up after PARTITION_LOCK_WAIT, nothing changed
+            current.append((await device_write).id)  # the writer went on
         assert await retention.prune() == len(current)
         assert retention.stats() == {"prunedMessages": len(current)}
         assert where(url) == {day_table(today + far): 2}
