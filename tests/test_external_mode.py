@@ -391,3 +391,45 @@ async def test_a_connection_this_process_did_not_log_in_is_found_in_the_engine_l
         assert management.failures == 0
     finally:
         await management.close()
+
+
+async def test_with_the_bridge_down_the_engine_lets_no_one_in(
+    external: Bridge, rabbit_cluster: RabbitCluster, tenants: dict[str, Any]
+) -> None:
+    """The engine asks the bridge for every login (auth_backends.1 = http, no cache): with no
+    bridge to answer, a device with a valid certificate and an application with its right password
+    are refused on every node, not let in on the engine's own judgement; the bridge back, they are
+    let in again. (Last in the module: it restarts the module's bridge.)"""
+    a = tenants["a"]
+    assert external.stop() == 0
+    try:
+        for node in rabbit_cluster.nodes:
+            await refused(node.thing_client(a, timeout=5))
+        await refused(app_engine_client(rabbit_cluster, tenants["app"], "app-password-1"))
+    finally:
+        external.start()
+    async with rabbit_cluster.nodes[0].thing_client(a, timeout=5):
+        pass
+    async with app_engine_client(rabbit_cluster, tenants["app"], "app-password-1"):
+        pass
+
+
+async def test_a_thing_deleted_through_another_worker_is_refused_by_this_one(
+    external: Bridge, rabbit_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    """Several bridge processes share the store in external mode, so none may answer a device's
+    credential from memory: a thing deleted through one worker's API is refused at once by the
+    other's HTTPS listener, where its client certificate had just been accepted."""
+    owner = account(external)
+    thing = await create_thing(external, owner.token, tmp_path / "thing")
+    (tmp_path / "worker").mkdir()
+    worker = rabbit_cluster.worker(external, tmp_path / "worker", rabbit_cluster.external_config())
+    worker.start(timeout=60)
+    try:
+        https = f"https://127.0.0.1:{external.ports['https']}/dev/v1/things/{thing.id}/collect"
+        ctx = external.client_tls(thing.cert, thing.key)
+        assert (await call("POST", https, json={"n": 1}, ssl=ctx)).status == 200
+        ok(await call("DELETE", f"{worker.api}/things/{thing.id}", owner.token))
+        assert (await call("POST", https, json={"n": 2}, ssl=ctx)).status == 401
+    finally:
+        worker.kill()
