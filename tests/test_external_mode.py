@@ -414,22 +414,29 @@ async def test_with_the_bridge_down_the_engine_lets_no_one_in(
         pass
 
 
-async def test_a_thing_deleted_through_another_worker_is_refused_by_this_one(
-    external: Bridge, rabbit_cluster: RabbitCluster, tmp_path: Path
+@pytest.mark.parametrize("how", ["disable", "delete"])
+async def test_a_thing_revoked_through_another_worker_is_refused_by_this_one(
+    external: Bridge, rabbit_cluster: RabbitCluster, tmp_path: Path, how: str
 ) -> None:
     """Several bridge processes share the store in external mode, so none may answer a device's
-    credential from memory: a thing deleted through one worker's API is refused at once by the
-    other's HTTPS listener, where its client certificate had just been accepted."""
+    credential from memory: a thing disabled or deleted through one worker's API is refused at
+    once by the other's HTTPS listener, where its client certificate had just been accepted."""
     owner = account(external)
     thing = await create_thing(external, owner.token, tmp_path / "thing")
     (tmp_path / "worker").mkdir()
     worker = rabbit_cluster.worker(external, tmp_path / "worker", rabbit_cluster.external_config())
     worker.start(timeout=60)
     try:
-        https = f"https://127.0.0.1:{external.ports['https']}/dev/v1/things/{thing.id}/collect"
+        https = f"https://127.0.0.1:{external.ports['https']}/dev/v1/things/{thing.id}"
         ctx = external.client_tls(thing.cert, thing.key)
-        assert (await call("POST", https, json={"n": 1}, ssl=ctx)).status == 200
-        ok(await call("DELETE", f"{worker.api}/things/{thing.id}", owner.token))
-        assert (await call("POST", https, json={"n": 2}, ssl=ctx)).status == 401
+        assert (await call("POST", f"{https}/collect", json={"n": 1}, ssl=ctx)).status == 200
+        url = f"{worker.api}/things/{thing.id}"
+        if how == "disable":
+            ok(await call("PATCH", url, owner.token, json={"enabled": False}))
+        else:
+            ok(await call("DELETE", url, owner.token))
+        # a read (no write whose statement checks the thing again) and a write
+        assert (await call("GET", f"{https}/messages", ssl=ctx)).status == 401
+        assert (await call("POST", f"{https}/collect", json={"n": 2}, ssl=ctx)).status == 401
     finally:
         worker.kill()
