@@ -440,3 +440,17 @@ async def test_a_thing_revoked_through_another_worker_is_refused_by_this_one(
         assert (await call("POST", f"{https}/collect", json={"n": 2}, ssl=ctx)).status == 401
     finally:
         worker.kill()
+
+
+async def test_failed_logins_through_the_engine_do_not_lock_out_other_applications(
+    external: Bridge, tenants: dict[str, Any]
+) -> None:
+    """The engine relays password logins from its own address: 51 failures (a source's 50 free
+    ones, and one) under other names must not refuse the real application, as they would if the
+    engine's address were taken for the client's."""
+    url = f"http://127.0.0.1:{external.ports['engine_auth']}/auth/user"
+    for i in range(51):
+        resp = await call("POST", url, data={"username": f"guess{i}", "password": "wrong-password"})
+        assert resp.body == b"deny"
+    resp = await call("POST", url, data={"username": tenants["app"], "password": "app-password-1"})
+    assert resp.body == b"allow"

@@ -219,6 +219,25 @@ def test_backoff_rule() -> None:
         limiter.admit(*bob)
 
 
+def test_a_relayed_login_is_limited_by_its_name_alone() -> None:
+    """An MQTT engine relays application logins without the client's address (source None): a
+    flood of failures through it backs off only the names it tried, not every application behind
+    the engine, as one address would; a name still backs off after its own 200."""
+    now = [1000.0]
+    limiter = FailureLimiter(clock=lambda: now[0])
+    for i in range(300):  # far past a source's 50 free failures
+        limiter.admit(None, "apps", f"guess{i}")
+        limiter.settle(None, "apps", f"guess{i}", False)
+    limiter.admit(None, "apps", "dashboard")  # the real application gets in
+    limiter.settle(None, "apps", "dashboard", True)
+    for _ in range(200):
+        limiter.admit(None, "apps", "target")
+        limiter.settle(None, "apps", "target", False)
+    with pytest.raises(TooManyRequests) as refused:
+        limiter.admit(None, "apps", "target")
+    assert refused.value.retry_after == 1.0
+
+
 def test_limiter_memory_is_bounded() -> None:
     limiter = FailureLimiter(max_keys=100)
     for i in range(1000):

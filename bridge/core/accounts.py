@@ -160,7 +160,13 @@ class Accounts:
         return _user(row)
 
     async def _check(
-        self, table: str, column: str, row: sqlite3.Row | None, name: str, password: str, source: str
+        self,
+        table: str,
+        column: str,
+        row: sqlite3.Row | None,
+        name: str,
+        password: str,
+        source: str | None,
     ) -> bool:
         stored = row["password_hash"] if row else None
         verdict = await self.passwords.verify(table, name, password, stored, source)
@@ -304,8 +310,9 @@ class Accounts:
             lambda c: c.execute("UPDATE apps SET cert_id = ? WHERE name = ?", (cert_id, name))
         )
 
-    async def app_login(self, name: str, password: str, *, source: str) -> App | None:
-        """`source`: the client's address, for the failure limiter (TooManyRequests)."""
+    async def app_login(self, name: str, password: str, *, source: str | None) -> App | None:
+        """`source`: the client's address, for the failure limiter (TooManyRequests); None when an
+        MQTT engine relays the login without it."""
         row = await self.store.read(
             lambda c: c.execute("SELECT * FROM apps WHERE name = ?", (name,)).fetchone()
         )

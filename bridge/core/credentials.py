@@ -138,9 +138,15 @@ class FailureLimiter:
         return len(self._entries)
 
     @staticmethod
-    def keys(source: str, realm: str, name: str) -> list[tuple[tuple[str, ...], Scope]]:
+    def keys(source: str | None, realm: str, name: str) -> list[tuple[tuple[str, ...], Scope]]:
+        """`source` None: a login an MQTT engine relays without the client's address. Its own
+        address would lump every client behind it into one source that anyone could block, so
+        such a login is limited by its name alone."""
+        named = (("name", realm, name), NAME)
+        if source is None:
+            return [named]
         src = source_key(source)
-        return [(("pair", src, realm, name), PAIR), (("source", src), SOURCE), (("name", realm, name), NAME)]
+        return [(("pair", src, realm, name), PAIR), (("source", src), SOURCE), named]
 
     def _entry(self, key: tuple[str, ...], scope: Scope, now: float) -> _Entry:
         entry = self._entries.get(key)
@@ -152,7 +158,7 @@ class FailureLimiter:
             self.evictions += 1
         return entry
 
-    def admit(self, source: str, realm: str, name: str) -> tuple[int, int]:
+    def admit(self, source: str | None, realm: str, name: str) -> tuple[int, int]:
         """Reserve one attempt, or raise TooManyRequests with how long to wait. Returns its priority:
         the failed and in-flight attempts of its (source, name) and of its source (fewer first)."""
         now = self._clock()
@@ -161,13 +167,13 @@ class FailureLimiter:
         if waits:
             wait = max(waits)
             raise TooManyRequests(f"too many failed {self.what}; retry in {math.ceil(wait)} s", wait)
-        pair, src, _name = entries
+        pair, src = entries[0], entries[min(1, len(entries) - 1)]  # a relayed one: its name twice
         priority = (pair.failures + pair.pending, src.failures + src.pending)
         for entry in entries:
             entry.pending += 1
         return priority
 
-    def settle(self, source: str, realm: str, name: str, ok: bool | None) -> None:
+    def settle(self, source: str | None, realm: str, name: str, ok: bool | None) -> None:
         """End an admitted attempt: succeeded, failed, or None when it never ran."""
         now = self._clock()
         for key, scope in self.keys(source, realm, name):
@@ -275,10 +281,11 @@ class Passwords:
             self._verified.popitem(last=False)
 
     async def verify(
-        self, realm: str, name: str, password: str, stored_hash: str | None, source: str
+        self, realm: str, name: str, password: str, stored_hash: str | None, source: str | None
     ) -> Verdict:
         """Does `password` match `stored_hash` (None: no such principal)? `realm` separates name
-        spaces ("users", "apps"); `source` is the client's address. Raises TooManyRequests when the
+        spaces ("users", "apps"); `source` is the client's address (None: unknown, relayed by an
+        MQTT engine; FailureLimiter.keys). Raises TooManyRequests when the
         limiter or the pool refuses the check."""
         digest = self._digest(realm, name, password)
         if self._remembered(digest, stored_hash):

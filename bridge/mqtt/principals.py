@@ -83,7 +83,10 @@ async def app_by_certificate(core: Any, name: str, cert_id: str) -> Principal:
     return Principal("app", app.name, app.owner_id, app.fleet_wide)
 
 
-async def app_by_password(core: Any, username: str | None, password: str | None, source: str) -> Principal:
+async def app_by_password(
+    core: Any, username: str | None, password: str | None, source: str | None
+) -> Principal:
+    """`source` None: the login is relayed by an MQTT engine, which does not say from where."""
     if not username or password is None:
         raise Refused("no_credentials", "an application needs a username and password")
     try:
