@@ -38,7 +38,7 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
@@ -66,6 +66,16 @@ PREFETCH = 256
 
 def queue_name(ext: ExternalConfig) -> str:
     return f"{ext.queue}.presence"
+
+
+@dataclass
+class Changes:
+    """What a batch of events changed: the things that came online (with their connections) and
+    those that went offline, each in its final state; the thing connection events in it."""
+
+    online: dict[str, list[Connection]] = field(default_factory=dict)
+    offline: set[str] = field(default_factory=set)
+    events: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,18 +180,28 @@ class PresenceConsumer:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=PREFETCH)
         queue = await self.declare(channel)
+        inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        channel.close_callbacks.add(lambda *_: inbox.put_nowait(None))
+        await queue.consume(inbox.put)
         await self._request(channel, RECONCILE)  # to whichever worker is active
-        async with queue.iterator() as deliveries:
-            self.ready.set()
-            async for delivery in deliveries:
+        self.ready.set()
+        while True:
+            # What has arrived, in order, applied together: one write for the states it changes.
+            batch = [await inbox.get()]
+            while batch[-1] is not None and len(batch) < PREFETCH and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            deliveries = [d for d in batch if d is not None]
+            if deliveries:
                 try:
-                    await self._handle(channel, delivery)
+                    await self._handle(channel, deliveries)
                 except StoreError as exc:
                     log.warning("engine presence events: %s; consuming again in %.0f s", exc, RETRY[1])
                     await connection.close()  # what this worker held goes to another one at once
                     await asyncio.sleep(RETRY[1])  # the events wait in the queue meanwhile
                     return
-                await delivery.ack()
+                await deliveries[-1].ack(multiple=True)
+            if len(deliveries) < len(batch):
+                raise ConnectionError("the channel closed")
 
     async def _request(self, channel: AbstractChannel, kind: str) -> None:
         message = aio_pika.Message(b"", type=kind, user_id=self.ext.username)
@@ -197,39 +217,54 @@ class PresenceConsumer:
         self._later.add(task)
         task.add_done_callback(self._later.discard)
 
-    async def _handle(self, channel: AbstractChannel, delivery: AbstractIncomingMessage) -> None:
-        request = delivery.type if delivery.user_id == self.ext.username else None
-        if delivery.routing_key == NODE_LINK_GONE:
-            request = RECONCILE
-        taking_over = not self._active
-        if request in (RECONCILE, SETTLE) or taking_over:
-            self._active = True
-            await self.reconcile()
-            if request != SETTLE or taking_over:
-                self._request_later(channel)
-        if delivery.routing_key in (CREATED, CLOSED) and request is None:
-            await self._apply(delivery.routing_key, delivery.headers or {})
+    async def _handle(self, channel: AbstractChannel, deliveries: list[AbstractIncomingMessage]) -> None:
+        """Apply deliveries in order: the things' final states are written once at the end, or
+        before a reconciliation (which reads them)."""
+        changes = Changes()
+        for delivery in deliveries:
+            request = delivery.type if delivery.user_id == self.ext.username else None
+            if delivery.routing_key == NODE_LINK_GONE:
+                request = RECONCILE
+            taking_over = not self._active
+            if request in (RECONCILE, SETTLE) or taking_over:
+                self._active = True
+                await self._write(changes)
+                changes = Changes()
+                await self.reconcile()
+                if request != SETTLE or taking_over:
+                    self._request_later(channel)
+            if delivery.routing_key in (CREATED, CLOSED) and request is None:
+                self._apply(changes, delivery.routing_key, delivery.headers or {})
+        await self._write(changes)
 
-    async def _apply(self, event: str, headers: dict[str, Any]) -> None:
-        """A thing connection's event (the others are skipped): counted in `events` once applied."""
+    def _apply(self, changes: Changes, event: str, headers: dict[str, Any]) -> None:
+        """A thing connection's event into `changes` (the others are skipped)."""
         key = f"{_text(headers.get('node'))} {_text(headers.get('name'))}"
         if event == CLOSED:
-            known = key in self.connections.live
+            changes.events += key in self.connections.live
             thing_id = self.connections.remove(key)
             if thing_id is not None:
-                await self.core.presence.offline([thing_id])
-            self.counts["events"] += known
+                changes.online.pop(thing_id, None)
+                changes.offline.add(thing_id)
             return
         user = _text(headers.get("user"))
         subject = thing_subject(user)
         if subject is None:  # an application's or the bridge's own connection
             return
+        changes.events += 1
         opened = headers.get("connected_at")
         opened = opened if isinstance(opened, int | float) else time.time() * 1000
         connection = Connection(_text(headers.get("node")), *subject, user, opened)
         if self.connections.add(key, connection):
-            await self._online([connection])
-        self.counts["events"] += 1
+            changes.offline.discard(connection.thing_id)
+            changes.online[connection.thing_id] = [connection]
+
+    async def _write(self, changes: Changes) -> None:
+        """The things' final states, together (Presence groups the records of one loop turn)."""
+        await asyncio.gather(*(self._online(connections) for connections in changes.online.values()))
+        if changes.offline:
+            await self.core.presence.offline(changes.offline)
+        self.counts["events"] += changes.events  # once applied
 
     async def _online(self, connections: list[Connection]) -> None:
         """Record the thing online, as the incarnation one of its connections' certificates is of
