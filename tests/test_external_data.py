@@ -40,7 +40,8 @@ def external_bridge(cluster: RabbitCluster, folder: Path) -> Bridge:
     """A bridge of the cluster in external mode, with the cluster's CA (the engine trusts what it
     issues); it answers the engine's auth backend."""
     folder.mkdir(parents=True, exist_ok=True)
-    return cluster.bridge(folder, external_config(cluster))
+    # a thing per test and round (THINGBRIDGE_KILL_ROUNDS): a quota set here, not by a CLI process
+    return cluster.bridge(folder, external_config(cluster), accounts={"free_plan_things": 1000})
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,7 @@ def engine_bridge(
 
 @pytest.fixture(scope="module")
 def owner(engine_bridge: Bridge) -> Account:
-    user = account(engine_bridge)
-    engine_bridge.cli("plan", "set", user.name, "--things", "1000")  # a thing per test and round
-    return user
+    return account(engine_bridge)
 
 
 async def messages(bridge: Bridge, owner: Account, thing_id: str, kind: str | None = None) -> list[dict]:
