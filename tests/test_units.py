@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from amqtt.broker import RetainedApplicationMessage
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
 from bridge import config
@@ -17,8 +18,9 @@ from bridge.core.identity import DeviceIdentity, KnownDevices
 from bridge.core.messages import classify
 from bridge.core.status import DEFAULT, Effective, decide
 from bridge.core.things import check_audience
+from bridge.mqtt import codec
 from bridge.mqtt.external.auth import Logins, subject_fields
-from bridge.mqtt.hardened import Limits, OfflineQueue
+from bridge.mqtt.hardened import Limits, OfflineQueue, Subscriptions
 
 
 # ---- the SetStatus decision ------------------------------------------------------------------------
@@ -270,3 +272,43 @@ def test_known_devices_are_bounded() -> None:
     assert (known.get("a"), known.get("b"), known.get("c")) == (None, b, c)  # the oldest went
     known.drop("b")
     assert known.get("b") is None
+
+
+# ---- the MQTT hot path's codec and match cache -------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 100, 16_384, 2_100_000])  # remaining length of 1 to 4 bytes
+@pytest.mark.parametrize(("qos", "packet_id", "dup"), [(0, None, False), (1, 7, False), (1, 65535, True)])
+def test_codec_publish_is_amqtts(size: int, qos: int, packet_id: int | None, dup: bool) -> None:
+    """What the direct delivery writes is byte for byte amqtt's PUBLISH, and reads back as sent."""
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    ours = codec.publish(codec.topic_field("things/t\u00e9/collect"), payload, qos, packet_id, dup)
+    stock = PublishPacket.build("things/t\u00e9/collect", payload, packet_id, dup, qos, False)
+    assert ours == stock.to_bytes()
+    kind, packet = codec.take(bytearray(ours), 4 * 1024 * 1024)
+    assert (kind, packet.topic_name, packet.packet_id, packet.data, packet.qos) == (
+        codec.PUBLISH,
+        "things/t\u00e9/collect",
+        packet_id,
+        payload,
+        qos,
+    )
+    assert packet.packet().to_bytes() == stock.to_bytes()
+
+
+def test_subscriptions_know_the_filters_that_match_until_they_change() -> None:
+    tried: list[str] = []
+
+    def matches(topic: str, topic_filter: str) -> bool:
+        tried.append(topic_filter)
+        return topic_filter in (topic, "#")
+
+    table = Subscriptions(matches)
+    table["a"] = []
+    assert table.matching("a") == ("a",)
+    assert table.matching("a") == ("a",) and tried == ["a"]  # remembered, not matched again
+    table.setdefault("#", [])  # a filter added: matched again
+    assert table.matching("a") == ("a", "#")
+    del table["a"]
+    assert table.matching("a") == ("#",)
+    for n in range(Subscriptions.MAX_TOPICS + 10):
+        table.matching(str(n))
+    assert len(table._matched) <= Subscriptions.MAX_TOPICS
