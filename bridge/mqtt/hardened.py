@@ -812,7 +812,7 @@ class HardenedBroker(Broker):
         self.limits = Limits()
         self._stopping = False
         self._subscriptions = Subscriptions(self._matches)
-        self._sends: set[asyncio.Future[Any]] = set()
+        self._sends: set[asyncio.Future[Any]] = set()  # QoS 2 deliveries, resumed sessions' catch-up
         self._delivering = asyncio.Lock()
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
@@ -1017,6 +1017,8 @@ class HardenedBroker(Broker):
 
     async def shutdown(self) -> None:
         self._stopping = True
+        for task in list(self._sends):  # as stock cancels its broadcast tasks
+            task.cancel()
         await super().shutdown()
 
     async def delivery(self, topic: str, data: bytes) -> Routed:
@@ -1152,7 +1154,10 @@ class HardenedBroker(Broker):
         if isinstance(handler, BridgeHandler) and (
             session.inflight_out or not session.retained_messages.empty()
         ):
-            self._tasks_queue.append(asyncio.ensure_future(self._resume(session, handler)))
+            # Not amqtt's broadcast tasks: only its broadcast loop trims those, and routed messages
+            # no longer pass through it (_deliver), so finished ones would pile up there.
+            self._sends.add(task := asyncio.ensure_future(self._resume(session, handler)))
+            task.add_done_callback(self._sent)
 
     async def _resume(self, session: Session, handler: BridgeHandler) -> None:
         sending: set[asyncio.Future[Any]] = set()
