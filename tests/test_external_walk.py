@@ -112,6 +112,12 @@ async def test_the_device_walk_through_the_engine_on_postgresql(
 
         await until(collected, "the collected message in the history")
 
+        async def online() -> bool:  # presence from the engine's connection events, in the twin
+            twin = ok(await call("GET", f"{bridge.api}/things/{thing.id}/state", owner.token))
+            return twin["presence"]["state"] == "online"
+
+        await until(online, "the thing online in its twin")
+
         # status -> accepted with the decision; the owner's message -> delivered
         await dev.publish(f"{base}/status", orjson.dumps({"status": "ok", "info": {}}), qos=1)
         assert await reply(dev, f"{base}/status/accepted") == {"config": "sync"}  # nothing new to fetch
