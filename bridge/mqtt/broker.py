@@ -19,15 +19,10 @@ from bridge.core import topics
 from bridge.core.ports import Delivery
 from bridge.core.service import Core
 from bridge.mqtt.auth import Counters, standing
-from bridge.mqtt.hardened import (
-    BridgeWriter,
-    CappedReader,
-    HardenedBroker,
-    Limits,
-    close_client,
-)
+from bridge.mqtt.hardened import HardenedBroker, Limits, close_client
 from bridge.mqtt.router import Router
 from bridge.mqtt.sessions import DurableSessions, Routed
+from bridge.mqtt.streams import BridgeWriter, CappedReader
 from bridge.mqtt.transport import listen
 
 log = logging.getLogger(__name__)

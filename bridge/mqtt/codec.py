@@ -17,7 +17,7 @@ PUBLISH, PUBACK, PINGREQ = 3, 4, 12
 
 
 class Malformed(ValueError):
-    """A hot packet that does not parse: the connection ends (hardened.MalformedPacket)."""
+    """A hot packet that does not parse: the connection ends (streams.MalformedPacket)."""
 
 
 class Publish:

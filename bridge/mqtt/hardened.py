@@ -1,4 +1,6 @@
-"""Every override of amqtt internals lives here, and only here. amqtt is pinned to 0.12.1 in
+"""Every override of amqtt internals lives here, and in the two modules beside it that this one
+installs: lean.py (amqtt's per-connection objects without their weight) and streams.py (the
+reader and writer under the protocol handler). amqtt is pinned to 0.12.1 in
 pyproject.toml because these methods are private; tests/test_amqtt_defects.py shows, for each
 fix, the stock behaviour next to ours, so an upgrade tells at once which overrides it still needs.
 
@@ -38,13 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from amqtt import broker as broker_module
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.codecs_amqtt import read_or_raise
 from amqtt.contexts import Action
@@ -70,7 +69,6 @@ from amqtt.mqtt.packet import (
     UNSUBSCRIBE,
     MQTTFixedHeader,
 )
-from amqtt.mqtt.protocol import broker_handler as broker_handler_module
 from amqtt.mqtt.protocol import handler as protocol_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
@@ -79,7 +77,9 @@ from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 
 from bridge.mqtt import codec
 from bridge.mqtt.auth import PEERCERT
+from bridge.mqtt.lean import LeanQueue, OfflineQueue, Subscriptions
 from bridge.mqtt.sessions import DurableSessions, Restored, Routed
+from bridge.mqtt.streams import BridgeWriter, CappedReader, Keepalive, MalformedPacket
 from bridge.store import Unavailable
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,6 @@ REVOKED = "thingbridge.revoked"
 FORGET = "thingbridge.forget"
 NEW_FILTERS = "thingbridge.new_filters"  # subscribed, retained messages not sent yet
 MAX_PACKET_ID = 65535
-
-
-class MalformedPacket(ConnectionError):
-    """Raised for a packet that did not parse; the reader loop then ends the connection."""
 
 
 def _strict(cls: type[Any]) -> type[Any]:
@@ -136,47 +132,6 @@ for _module in (publish_module, subscribe_module, unsubscribe_module):
     _module.decode_string = _strict_string  # type: ignore[attr-defined]
 
 
-class SessionState:
-    """A session's state as amqtt drives it (new -> connected <-> disconnected), with the triggers
-    and the check it calls. Stock gives every Session a `transitions` Machine of its own: 23 KiB
-    and about a tenth of the event loop's time per TLS connection (issue #14)."""
-
-    __slots__ = ("_session", "state")
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        self.state = "new"
-
-    def is_connected(self) -> bool:
-        return self.state == "connected"
-
-    def connect(self) -> bool:
-        if self.state == "connected":  # stock's take-over path catches this (as MachineError)
-            raise ValueError("Can't trigger event connect from state connected!")
-        self.state = "connected"
-        self._session._on_enter_connected()
-        return True
-
-    def disconnect(self) -> bool:
-        self.state = "disconnected"  # from any state, entered again when already there
-        self._session._on_enter_disconnected()
-        return True
-
-
-class BridgeSession(Session):
-    def __init__(self) -> None:
-        super().__init__()
-        self.retained_messages = OfflineQueue()
-        self.delivered_message_queue = LeanQueue()
-
-    def _init_states(self) -> None:
-        self.transitions = SessionState(self)
-
-
-# amqtt makes its sessions by these module names (a CONNECT, an offline session at start-up).
-broker_handler_module.Session = BridgeSession  # type: ignore[attr-defined]
-broker_module.Session = BridgeSession  # type: ignore[attr-defined]
-
 # (session, topic, payload) -> True when the bridge took the message over (stored and routed it).
 Ingest = Callable[[Session, str, bytes], Awaitable[bool]]
 # session -> "valid", "disabled" or "gone": asked again once a session is registered.
@@ -205,125 +160,6 @@ class SentMessage(OutgoingApplicationMessage):
     def __init__(self, packet_id: int, topic: str, data: bytes, sent_by: BridgeHandler | None) -> None:
         super().__init__(packet_id, topic, QOS_1, data, False)
         self.sent_by = sent_by
-
-
-class Subscriptions(dict[str, list[tuple[Session, int]]]):
-    """The broker's table (filter -> subscribers) knowing, per topic, which filters match it: stock
-    tests every filter against every message. Any change to the filters clears what it knows;
-    it knows at most MAX_TOPICS topics at a time (then it starts over)."""
-
-    MAX_TOPICS = 4096
-
-    def __init__(self, matches: Callable[[str, str], bool]) -> None:
-        super().__init__()
-        self._matches = matches
-        self._matched: dict[str, tuple[str, ...]] = {}
-
-    def matching(self, topic: str) -> tuple[str, ...]:
-        found = self._matched.get(topic)
-        if found is None:
-            if len(self._matched) >= self.MAX_TOPICS:
-                self._matched.clear()
-            found = self._matched[topic] = tuple(f for f in self if self._matches(topic, f))
-        return found
-
-    def __setitem__(self, key: str, value: list[tuple[Session, int]]) -> None:
-        self._matched.clear()
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key: str) -> None:
-        self._matched.clear()
-        super().__delitem__(key)
-
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        if key not in self:
-            self[key] = default
-        return self[key]
-
-    def pop(self, *args: Any) -> Any:
-        self._matched.clear()
-        return super().pop(*args)
-
-    def popitem(self) -> tuple[str, list[tuple[Session, int]]]:
-        self._matched.clear()
-        return super().popitem()
-
-    def clear(self) -> None:
-        self._matched.clear()
-        super().clear()
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self._matched.clear()
-        super().update(*args, **kwargs)
-
-    def __ior__(self, other: Any) -> Subscriptions:
-        self.update(other)
-        return self
-
-
-class LeanQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """The unbounded asyncio.Queue amqtt keeps four of per connection (two in the session, two in the
-    protocol handler), at a tenth of its 3.3 KiB: nothing joins these queues (one shared `finished`
-    event that nobody awaits), an unbounded put never waits (one shared putters deque, always
-    empty), and the items and the waiting getters sit in lists (a deque starts with a 512-byte
-    block; these hold one or two entries)."""
-
-    _no_putters: ClassVar[deque[Any]] = deque()
-    _never_joined: ClassVar[asyncio.Event] = asyncio.Event()
-
-    def __init__(self) -> None:  # asyncio.Queue.__init__, with the shared parts
-        self._maxsize = 0
-        self._getters: list[Any] = []  # type: ignore[assignment]
-        self._putters = self._no_putters
-        self._unfinished_tasks = 0
-        self._finished = self._never_joined
-        self._init(0)
-
-    def _wakeup_next(self, waiters: Any) -> None:  # asyncio's, for a list as well
-        while waiters:
-            waiter = waiters.pop(0)
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-
-    def _init(self, maxsize: int) -> None:
-        self._queue: list[Any] = []
-
-    def _put(self, item: Any) -> None:
-        self._queue.append(item)
-
-    def _get(self) -> Any:
-        return self._queue.pop(0)
-
-    def ring(self, waiter: asyncio.Future[None]) -> None:
-        """`waiter` is resolved by the next put, as a get() waiting here would be: one waiter for
-        several queues (HardenedBroker._client_message_loop); `unring` once it woke."""
-        self._getters.append(waiter)
-
-    def unring(self, waiter: asyncio.Future[None]) -> None:
-        with contextlib.suppress(ValueError):
-            self._getters.remove(waiter)  # type: ignore[attr-defined]
-
-
-class OfflineQueue(LeanQueue):
-    """A persistent session's messages for while it is offline (stock: a plain asyncio.Queue),
-    knowing its size in bytes and its head's (through the subclassing hooks asyncio.Queue offers)."""
-
-    def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)  # type: ignore[misc]
-        self.bytes = 0
-
-    def _put(self, item: RetainedApplicationMessage) -> None:
-        super()._put(item)  # type: ignore[misc]
-        self.bytes += len(item.data or b"")
-
-    def _get(self) -> RetainedApplicationMessage:
-        item = super()._get()  # type: ignore[misc]
-        self.bytes -= len(item.data or b"")
-        return item
-
-    def head_size(self) -> int:
-        return len(self._queue[0].data or b"")  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -660,144 +496,8 @@ class BridgeHandler(BrokerProtocolHandler):
             log.warning("packet handling failed: %r", task.exception())
 
 
-class Keepalive:
-    """D: a client that sends nothing for its keepalive (1.5 x what it announced) is cut. One timer
-    per connection that looks at how long the reader loop has been waiting (`waiting`: since
-    when, None while it handles a packet), instead of a timeout (a timer, a task lookup) around
-    each read; when it has waited that long, the loop's deadline expires (TimeoutError)."""
-
-    __slots__ = ("_deadline", "_loop", "_seconds", "_timer", "waiting")
-
-    def __init__(self, deadline: asyncio.Timeout, seconds: float) -> None:
-        self._deadline, self._seconds = deadline, seconds
-        self._loop = asyncio.get_running_loop()
-        self.waiting: float | None = None
-        self._timer = self._loop.call_later(seconds, self._check)
-
-    def _check(self) -> None:
-        now, since = self._loop.time(), self.waiting
-        if since is not None and now - since >= self._seconds:
-            self._deadline.reschedule(now)
-        else:
-            self._timer = self._loop.call_at((now if since is None else since) + self._seconds, self._check)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
 def _amqtt_publish(packet: PublishPacket | codec.Publish) -> PublishPacket:
     return packet.packet() if isinstance(packet, codec.Publish) else packet
-
-
-class CappedReader(StreamReaderAdapter):
-    """amqtt reads a packet body with one readexactly(n), n up to 256 MiB, and with no time limit
-    (its keepalive covers only the fixed header). Refuse a large n up front, and a body that does
-    not arrive within `body_timeout` (1.5 x keepalive once the session is known, else 60 s)."""
-
-    def __init__(self, reader: asyncio.StreamReader, max_read: int, body_timeout: float = 60) -> None:
-        super().__init__(reader)
-        self.max_read = max_read
-        self.body_timeout = body_timeout
-
-    def take_hot(self) -> tuple[int, Any] | None:
-        """The next packet when codec decodes it from what is buffered (PUBLISH at QoS 0/1, PUBACK,
-        PINGREQ): (type, packet); else None, and the stock parser reads it."""
-        try:
-            hot = codec.take(self._reader._buffer, self.max_read)  # type: ignore[attr-defined]
-        except codec.Malformed as exc:
-            raise MalformedPacket(str(exc)) from exc
-        if hot is not None:
-            self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
-        return hot
-
-    def empty(self) -> bool:
-        reader = self._reader
-        return not reader._buffer and not reader.at_eof() and reader.exception() is None
-
-    async def wait_for_data(self) -> None:
-        """Until bytes arrive (or the stream ends): the reader loop then tries take_hot first, so
-        the first packet of each read is not parsed the stock way, byte by byte."""
-        await self._reader._wait_for_data("read")  # type: ignore[attr-defined]
-
-    async def read(self, n: int = -1) -> bytes:
-        if n > self.max_read:
-            # Not ConnectionResetError: amqtt turns that into NoDataError and reads on.
-            raise MalformedPacket(f"MQTT packet of {n} bytes exceeds the limit of {self.max_read}")
-        reader = self._reader
-        if 0 < n <= len(reader._buffer):
-            # Served from the buffer, with no timer (the common case: a TLS record holds whole
-            # packets), and even when the connection has failed since: a write to a client that
-            # left sets the error on the reader too, and readexactly would then drop the PUBACK
-            # and DISCONNECT the client sent before it left.
-            data = bytes(reader._buffer[:n])
-            del reader._buffer[:n]
-            reader._maybe_resume_transport()
-            return data
-        # n <= 1: the fixed header, read byte by byte, is bounded by the reader loop's keepalive.
-        if n <= 1:
-            return await super().read(n)
-        try:
-            async with asyncio.timeout(self.body_timeout):
-                return await super().read(n)
-        except TimeoutError:
-            raise MalformedPacket(f"no complete packet within {self.body_timeout:.0f} s") from None
-
-
-class BridgeWriter(StreamWriterAdapter):
-    """A writer that can be cut: stock close() waits in drain(), forever for a peer that does not
-    read, and so do the writes queued behind it. Writes are coalesced: the packets written during
-    one turn of the event loop go out in one transport write at its end (one TLS record, one
-    send(); stock sent each packet on its own, a third of the loop's time under QoS 1 load)."""
-
-    FLUSH_AT = 64 * 1024  # bytes held before a turn ends at most
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        super().__init__(writer)
-        self._held: list[bytes] = []
-        self._held_bytes = 0
-        self._loop = asyncio.get_running_loop()
-
-    def write(self, data: bytes) -> None:
-        if self.is_closed:
-            return
-        if not self._held:
-            self._loop.call_soon(self.flush)
-        self._held.append(data)
-        self._held_bytes += len(data)
-        if self._held_bytes >= self.FLUSH_AT:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._held:
-            data = b"".join(self._held) if len(self._held) > 1 else self._held[0]
-            self._held.clear()
-            self._held_bytes = 0
-            if not self._writer.transport.is_closing():
-                self._writer.write(data)
-
-    def peercert(self) -> dict[str, Any] | None:
-        return self._writer.get_extra_info("peercert")  # type: ignore[no-any-return]
-
-    def abort(self) -> None:
-        self._held.clear()
-        self._writer.transport.abort()
-
-    def unsent(self) -> int:
-        """Bytes written and not sent yet (held for this turn, or in the transport's buffer)."""
-        return self._held_bytes + self._writer.transport.get_write_buffer_size()
-
-    async def drain(self) -> None:
-        if self._writer.transport.is_closing():
-            raise ConnectionResetError("connection closed")
-        await super().drain()
-
-    async def close(self) -> None:
-        self.flush()
-        try:
-            async with asyncio.timeout(5):
-                await super().close()
-        except (TimeoutError, ConnectionError):
-            self._writer.transport.abort()
 
 
 class HardenedBroker(Broker):
