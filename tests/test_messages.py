@@ -453,8 +453,9 @@ async def test_history_filters_archive_and_delete(
     every = await history(bridge, alice.token, thing.id)
     assert len(every) == 5
     seconds = sorted({r["fltimestamp"] for r in every})
-    assert len(seconds) == 3
-    s0, s1, s2 = seconds
+    # three seconds at least (a pair of requests may straddle a second on a busy machine: four)
+    assert len(seconds) >= 3
+    s0, s1, s2 = seconds[0], seconds[1], seconds[-1]
 
     def where(pred: Callable[[dict], bool]) -> list[str]:
         return [r["flmessagespk"] for r in every if pred(r)]
