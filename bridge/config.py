@@ -83,6 +83,10 @@ class ExternalConfig:
     # Seconds a new connection may take to show in the engine's list of connections (its management
     # statistics): a revocation's sweep and a presence reconciliation look again after this long.
     list_lag: int = _int(10, 1, 3600)
+    # Seconds between the reconciliations each worker asks for besides those at starts, take-overs
+    # and node losses, so that events the presence queue dropped (full) or the engine never sent are
+    # corrected within this long; 0: none (each is one read of the engine's list of connections).
+    reconcile_every: int = _int(600, 0, 86400)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -230,6 +231,38 @@ async def reconcile_now(cluster: RabbitCluster, workers: list[Bridge]) -> None:
         message = aio_pika.Message(b"", type=RECONCILE, user_id=ext["username"])
         await (await engine.channel()).default_exchange.publish(message, routing_key=PRESENCE_QUEUE)
     await settled(workers, "presenceReconciliations", before + 1)
+
+
+async def test_each_worker_asks_for_a_reconciliation_every_reconcile_every_seconds(
+    rabbit_cluster: RabbitCluster, answering: Bridge, workers: list[Bridge], owner: Account, tmp_path: Path
+) -> None:
+    """A state the events left wrong (written wrong behind the workers' backs, as an event the full
+    queue dropped would leave it) is corrected by a reconciliation, and a worker with
+    `reconcile_every: 1` asks for one every second: without it, a start asks for one, each
+    request brings a second one list_lag (6 s) later, and nothing more comes."""
+    thing = await create_thing(answering, owner.token, tmp_path / "thing")
+    async with rabbit_cluster.nodes[0].thing_client(thing):
+        await becomes(answering, owner, thing.id, "online")
+        await until(lambda: listed(rabbit_cluster, thing), "the connection in the engine's list")
+        (tmp_path / "asker").mkdir()
+        asker = rabbit_cluster.worker(
+            answering, tmp_path / "asker", external(rabbit_cluster, reconcile_every=1)
+        )
+        asker.start(timeout=60)
+        try:
+            with contextlib.closing(sqlite3.connect(answering.db_path, isolation_level=None)) as db:
+                db.execute("UPDATE presence SET state = 'offline' WHERE thing_id = ?", (thing.id,))
+            assert await presence(answering, owner, thing.id) == "offline"
+            await becomes(answering, owner, thing.id, "online")
+            # then one a second: more than the start's two and the few earlier requests left
+            made = sum(await counts([*workers, asker], "presenceReconciliations"))
+            await until(lambda: _reconciled(workers, asker, made + 6), "six more reconciliations", 8)
+        finally:
+            asker.kill()
+
+
+async def _reconciled(workers: list[Bridge], asker: Bridge, at_least: int) -> bool:
+    return sum(await counts([*workers, asker], "presenceReconciliations")) >= at_least
 
 
 async def test_a_worker_killed_hands_the_events_to_the_other(

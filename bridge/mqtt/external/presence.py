@@ -184,6 +184,7 @@ class PresenceConsumer:
         channel.close_callbacks.add(lambda *_: inbox.put_nowait(None))
         await queue.consume(inbox.put)
         await self._request(channel, RECONCILE)  # to whichever worker is active
+        self._ask_every(channel, self.ext.reconcile_every)
         self.ready.set()
         while True:
             # What has arrived, in order, applied together: one write for the states it changes.
@@ -206,6 +207,23 @@ class PresenceConsumer:
     async def _request(self, channel: AbstractChannel, kind: str) -> None:
         message = aio_pika.Message(b"", type=kind, user_id=self.ext.username)
         await channel.default_exchange.publish(message, routing_key=self.queue)
+
+    def _ask_every(self, channel: AbstractChannel, seconds: float) -> None:
+        """A RECONCILE request every `seconds` (mqtt.external.reconcile_every; 0: none) while this
+        channel lasts: events the queue dropped when full, or that the engine never sent, are
+        corrected within that time."""
+        if not seconds:
+            return
+
+        async def ask() -> None:
+            with contextlib.suppress(Exception):  # the channel is gone: its successor asks
+                while True:
+                    await asyncio.sleep(seconds)
+                    await self._request(channel, RECONCILE)
+
+        task = asyncio.create_task(ask())
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
 
     def _request_later(self, channel: AbstractChannel) -> None:
         async def settle() -> None:
