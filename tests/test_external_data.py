@@ -262,12 +262,17 @@ async def test_killing_the_engine_node_that_holds_the_queue_loses_nothing_acknow
 
 
 async def engine_queue(cluster: RabbitCluster) -> dict:
-    """The module's queue as the engine's management API describes it (as the bridge's user)."""
+    """The module's queue as the engine's management API describes it (as the bridge's user), once
+    its statistics show the policy (they lag: collect_statistics_interval, 1 s here)."""
     ext = cluster.external_config()
     url = f"{cluster.nodes[0].management_url}/api/queues/%2F/{QUEUE}"
-    answer = await call("GET", url, headers=basic(ext["username"], ext["password"]))
-    assert answer.status == 200, answer.body
-    return answer.json
+
+    async def described() -> dict | None:
+        answer = await call("GET", url, headers=basic(ext["username"], ext["password"]))
+        assert answer.status == 200, answer.body
+        return answer.json if "effective_policy_definition" in answer.json else None
+
+    return await until(described, "the queue's policy in the engine's statistics")
 
 
 def rejoin(cluster: RabbitCluster, node: Node) -> None:
