@@ -16,6 +16,7 @@ import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -251,24 +252,26 @@ def run(cfg: Config, config_file: Path | None = None) -> int:
     finally:
         try:
             _end_leftovers(loop)
-            _end_leftovers(loop, loop.create_task(loop.shutdown_asyncgens()))
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             asyncio.set_event_loop(None)
             loop.close()
 
 
-def _end_leftovers(loop: asyncio.AbstractEventLoop, closing: asyncio.Task[None] | None = None) -> None:
+def _end_leftovers(loop: asyncio.AbstractEventLoop) -> None:
     """Cancel what still runs once serve() returned (everything of ours is stopped and the store
-    closed by then) and wait for it, at most LEFTOVER_WAIT seconds: asyncio.run would wait for ever,
-    and a library's close path now and then leaves a task that a cancellation does not end
-    (aiormq's, closing an AMQP connection: a stopped external-mode worker hung in 1 of 3-5 stops)."""
-    if closing is not None:  # the loop's async generators being closed: the same bound
-        tasks = [closing]
-    else:
-        tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
-        for task in tasks:
-            task.cancel()
+    closed by then), then close the loop's async generators, waiting for each at most
+    LEFTOVER_WAIT seconds: asyncio.run would wait for ever, and a library's close path now and then
+    leaves a task that a cancellation does not end (aiormq's, closing an AMQP connection: a stopped
+    external-mode worker hung in 1 of 3-5 stops)."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    _wait_at_most(loop, tasks)
+    _wait_at_most(loop, [loop.create_task(loop.shutdown_asyncgens())])
+
+
+def _wait_at_most(loop: asyncio.AbstractEventLoop, tasks: list[asyncio.Task[Any]]) -> None:
     if not tasks:
         return
     done, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=LEFTOVER_WAIT))

@@ -205,6 +205,20 @@ async def until(probe: Callable[[], Awaitable[Any]], what: str, timeout: float =
     return found
 
 
+async def presence(bridge: Any, owner: Account, thing_id: str) -> str:
+    """The thing's presence as its twin shows it (GET .../things/{id}/state)."""
+    return ok(await call("GET", f"{bridge.api}/things/{thing_id}/state", owner.token))["presence"]["state"]
+
+
+async def becomes(bridge: Any, owner: Account, thing_id: str, state: str, timeout: float = 10) -> None:
+    """Until the thing's presence is `state`."""
+
+    async def reached() -> bool:
+        return await presence(bridge, owner, thing_id) == state
+
+    await until(reached, f"{thing_id} {state}", timeout)
+
+
 # ---- thing credentials ------------------------------------------------------------------------------
 def thing_jwt(
     thing: ThingFiles,

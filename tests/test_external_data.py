@@ -18,8 +18,7 @@ import pytest
 
 from tests.conftest import Bridge, basic
 from tests.engine import Node, RabbitCluster, serving
-from tests.helpers import Account, account, call, create_thing, next_message, ok, run_sync, until
-from tests.test_external_presence import becomes
+from tests.helpers import Account, account, becomes, call, create_thing, next_message, ok, run_sync, until
 
 # kill -9 of a worker under load is a race: once in the suite (its time budget), 20 rounds when it
 # was made and whenever the consumer changes (THINGBRIDGE_KILL_ROUNDS=20)

@@ -24,7 +24,19 @@ from yarl import URL
 from bridge.mqtt.external.presence import RECONCILE
 from tests.conftest import Bridge, basic
 from tests.engine import RabbitCluster, serving
-from tests.helpers import Account, ThingFiles, account, call, create_thing, ok, token, unique, until
+from tests.helpers import (
+    Account,
+    ThingFiles,
+    account,
+    becomes,
+    call,
+    create_thing,
+    ok,
+    presence,
+    token,
+    unique,
+    until,
+)
 from tests.test_external_mode import app_engine_client, closed_within
 
 QUEUE = "thingbridge.presence-tests"
@@ -77,17 +89,6 @@ def app(answering: Bridge, owner: Account) -> str:
     name = unique("presence-app")
     answering.cli("app", "add", name, "--owner", owner.name, "--password", "app-password-1")
     return name
-
-
-async def presence(bridge: Bridge, owner: Account, thing_id: str) -> str:
-    return ok(await call("GET", f"{bridge.api}/things/{thing_id}/state", owner.token))["presence"]["state"]
-
-
-async def becomes(bridge: Bridge, owner: Account, thing_id: str, state: str) -> None:
-    async def reached() -> bool:
-        return await presence(bridge, owner, thing_id) == state
-
-    await until(reached, f"{thing_id} {state}", 10)
 
 
 async def counts(workers: list[Bridge], key: str) -> list[int]:

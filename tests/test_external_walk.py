@@ -27,6 +27,7 @@ from tests.engine import RabbitCluster, serving
 from tests.helpers import (
     Account,
     account,
+    becomes,
     call,
     certified_device,
     create_thing,
@@ -111,12 +112,8 @@ async def test_the_device_walk_through_the_engine_on_postgresql(
             return [r for r in records if r["message"] == {"t": 21.5}]
 
         await until(collected, "the collected message in the history")
-
-        async def online() -> bool:  # presence from the engine's connection events, in the twin
-            twin = ok(await call("GET", f"{bridge.api}/things/{thing.id}/state", owner.token))
-            return twin["presence"]["state"] == "online"
-
-        await until(online, "the thing online in its twin")
+        # presence from the engine's connection events, in the twin
+        await becomes(bridge, owner, thing.id, "online", 15)
 
         # status -> accepted with the decision; the owner's message -> delivered
         await dev.publish(f"{base}/status", orjson.dumps({"status": "ok", "info": {}}), qos=1)

@@ -21,13 +21,13 @@ from tests.helpers import (
     Account,
     ThingFiles,
     account,
+    becomes,
     call,
     create_thing,
     error,
     ok,
     thing_client,
     thing_jwt,
-    until,
 )
 from tests.postgres import PostgresServer
 
@@ -61,11 +61,6 @@ async def collect(bridge: Bridge, thing: ThingFiles, n: int) -> int:
 async def stored(bridge: Bridge, owner: Account, thing: ThingFiles) -> list[int]:
     resp = await call("GET", f"{bridge.api}/things/{thing.id}/messages", owner.token)
     return sorted(r["message"]["n"] for r in ok(resp))
-
-
-async def presence_is(bridge: Bridge, owner: Account, thing: ThingFiles, state: str) -> bool:
-    resp = await call("GET", f"{bridge.api}/things/{thing.id}/state", owner.token)
-    return ok(resp)["presence"]["state"] == state
 
 
 async def logged(bridge: Bridge, text: str, timeout: float = 10) -> None:
@@ -111,7 +106,7 @@ async def test_a_lost_database_answers_503_then_serves_and_loses_nothing_acknowl
     assert sum("rollout timer step paused" in line for line in bridge.output) == 1
     assert not any("Traceback" in line for line in bridge.output), "".join(bridge.output)
     # The outage connection ended while the database was away: its thing does not stay online.
-    await until(lambda: presence_is(bridge, owner, thing, "offline"), "the thing offline", 10)
+    await becomes(bridge, owner, thing.id, "offline")
 
     # Back at once: the first request of each kind succeeds; the publisher sends its message again.
     assert await collect(bridge, thing, 12) == 200
