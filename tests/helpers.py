@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge import config as bridge_config
+from bridge.core.ports import DeviceLink
 from bridge.core.service import Core
 from bridge.store import create as create_store
 from bridge.store.postgres import translate
@@ -339,14 +340,17 @@ def postgres_files(url: str) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def in_process_core(folder: Path, store_url: str, **settings: object) -> AsyncIterator[Core]:
+async def in_process_core(
+    folder: Path, store_url: str, link: DeviceLink | None = None, **settings: object
+) -> AsyncIterator[Core]:
     """The core on a real store in `folder` (the SQLite file, or the PostgreSQL database
     `store_url`), without a server: synchronous OFF, the test's own durability is not the point.
-    `settings`: broker.yaml's sections other than the defaults."""
+    `link`: where it publishes (none by default). `settings`: broker.yaml's sections other than
+    the defaults."""
     cfg = bridge_config.load(write_config(folder, store={"url": store_url}, **settings))
     store = create_store(cfg.store.url, cfg.db_path, "OFF")
     store.open()
     try:
-        yield Core(cfg, store)
+        yield Core(cfg, store, link)
     finally:
         await asyncio.to_thread(store.close)

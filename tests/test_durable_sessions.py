@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import aiomqtt
+import orjson
 import pytest
 
 from tests import mqttraw
@@ -369,3 +370,43 @@ async def test_a_restart_restores_retained_documents_without_queueing_them_again
     async with thing_client(bridge, thing, f"{thing.id}:fresh") as fresh:
         await fresh.subscribe(f"things/{thing.id}/config", qos=1)
         assert (await next_message(fresh, 10)).payload == config  # still retained
+
+
+async def test_a_thing_online_at_a_kill_is_offline_after_the_restart(
+    restartable: Bridge, tmp_path: Path
+) -> None:
+    """Presence is published from memory once committed, not through the outbox (issue #14): a
+    thing online when the bridge is killed is offline after the restart, routed to a persistent
+    application session and retained for a new subscriber; a presence document an earlier version
+    left in the outbox is not published after it."""
+    bridge = restartable
+    alice = account(bridge)
+    [thing, other] = await things(bridge, alice, tmp_path, 2)
+    presence = f"things/{thing.id}/presence"
+    app = unique("app")
+    bridge.cli("app", "add", app, "--owner", alice.name, "--password", APP_PASSWORD)
+    async with persistent_app(bridge, app) as listener:
+        await listener.subscribe(presence, qos=1)
+        live = await Raw.connect(bridge, thing)
+        while True:  # the retained state from before, then the thing's own connect
+            message = await next_message(listener, 10)
+            if orjson.loads(message.payload)["state"] == "online" and not message.retain:
+                break
+    stale = orjson.dumps({"state": "online", "ts": time.time() + 60})
+    rows(bridge, "INSERT INTO outbox (topic, payload, retain) VALUES (?, ?, 1)", presence, stale)
+    bridge.kill()
+    live.writer.close()
+    bridge.start()
+
+    async with persistent_app(bridge, app) as listener:  # queued for the session while it was away
+        routed = await next_message(listener, 10)
+        assert orjson.loads(routed.payload)["state"] == "offline"
+    # a marker after it: the outbox is drained (the other thing's config document) by now
+    async with thing_client(bridge, other, f"{other.id}:marker") as marker:
+        await marker.subscribe(f"things/{other.id}/config", qos=1)
+        await next_message(marker, 10)
+    async with app_client(bridge, app, APP_PASSWORD, f"app:{app}:fresh") as viewer:
+        await viewer.subscribe(presence, qos=1)
+        retained = await next_message(viewer, 10)
+        assert retained.retain and orjson.loads(retained.payload)["state"] == "offline"
+    assert rows(bridge, "SELECT count(*) FROM outbox WHERE topic = ?", presence) == [(0,)]

@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from bridge.core.identity import DeviceIdentity
+from bridge.core.ports import NoLink
 from bridge.core.things import NewThing
 from tests import mqttraw
 from tests.conftest import Bridge
@@ -555,23 +556,52 @@ async def test_presence_online_and_offline(bridge: Bridge, alice_app: str, fresh
         assert retained.retain and orjson.loads(retained.payload)["state"] == "offline"
 
 
+class Published(NoLink):
+    """A device link that keeps what is published through it; it refuses the first `refuse`."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.sent: list[tuple[str, str, bool]] = []
+        self.refuse = refuse
+        self.published = asyncio.Event()
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise ConnectionError("the link is down")
+        self.sent.append((topic, orjson.loads(payload)["state"], retain))
+        self.published.set()
+
+
 async def test_presence_changes_in_one_group_end_with_the_latest(tmp_path: Path) -> None:
     """Presence changes are written in groups (issue #14), a thing's latest change in a group
     winning: a connect and a disconnect recorded at once end offline, in the stored state and in
-    the last retained document queued for the broker."""
-    async with in_process_core(tmp_path, "sqlite:") as core:
+    the one retained document published."""
+    link = Published()
+    async with in_process_core(tmp_path, "sqlite:", link) as core:
         owner = await core.accounts.create_user("alice", "alice-password-1")
         thing = await core.things.create(owner, NewThing(key_type="EC"))
         device = DeviceIdentity(thing.id, owner.id, thing.cert_id)
         await asyncio.gather(core.presence.record(device, "online"), core.presence.record(device, "offline"))
-        stored, queued = await core.store.read(
-            lambda c: (
-                c.execute("SELECT state FROM presence").fetchall(),
-                c.execute("SELECT payload FROM outbox WHERE topic LIKE '%/presence'").fetchall(),
-            )
-        )
+        stored = await core.store.read(lambda c: c.execute("SELECT state FROM presence").fetchall())
     assert [row["state"] for row in stored] == ["offline"]
-    assert [orjson.loads(row["payload"])["state"] for row in queued] == ["offline"]
+    assert link.sent == [(f"things/{thing.id}/presence", "offline", True)]
+
+
+async def test_a_presence_document_the_link_refused_is_published_again(tmp_path: Path) -> None:
+    """Presence publishes its documents itself once committed: one the link refused is written and
+    published again a moment later, unless a later change of the thing came first."""
+    link = Published(refuse=1)
+    async with in_process_core(tmp_path, "sqlite:", link) as core:
+        owner = await core.accounts.create_user("alice", "alice-password-1")
+        thing = await core.things.create(owner, NewThing(key_type="EC"))
+        device = DeviceIdentity(thing.id, owner.id, thing.cert_id)
+        with pytest.raises(ConnectionError):
+            await core.presence.record(device, "online")
+        async with asyncio.timeout(10):  # RETRY later
+            await link.published.wait()
+        assert link.sent == [(f"things/{thing.id}/presence", "online", True)]
+        await core.presence.record(device, "offline")
+        assert link.sent[-1] == (f"things/{thing.id}/presence", "offline", True)
 
 
 async def test_a_will_on_a_bridge_flow_is_stored_like_any_message(

@@ -55,7 +55,7 @@ class Core:
         )
         # Deletes history older than messages.retention_days (a task of the serving process).
         self.retention = Retention(store, cfg.messages.retention_days)
-        self.presence = Presence(store, self.outbox)
+        self.presence = Presence(store, self.outbox, self.link)
         self.status = Status(store, self.outbox, self.link)
         # Software upgrades; a device's results move the staged rollouts it is in.
         self.rollouts = Rollouts(store, self.outbox, self.messages)

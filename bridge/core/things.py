@@ -223,7 +223,7 @@ class Things:
     async def delete(self, owner: User, thing_id: str) -> None:
         def remove(conn: sqlite3.Connection) -> str:
             row = owned_thing(conn, thing_id, owner.id)
-            forget_thing(conn, thing_id)  # its config and presence documents not yet published
+            forget_thing(conn, thing_id)  # its documents not yet published
             # Its messages, presence and device-twin state go with it (ON DELETE CASCADE).
             conn.execute("DELETE FROM things WHERE id = ?", (thing_id,))
             conn.execute(
