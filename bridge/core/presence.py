@@ -25,6 +25,10 @@ from bridge.store import Store
 Change = tuple[DeviceIdentity, str, float, str]  # the thing's incarnation, its state, since, transport
 Document = tuple[str, str, float]  # thing id, state, since
 RETRY = 1.0  # seconds before states the store or the link refused are written again
+# Changes are written at most once per WINDOW seconds, together: a store write costs the event loop
+# about as much as a TLS handshake in the thread hand-overs around it, and a thing's connect and
+# disconnect within one window are one row written (issue #14).
+WINDOW = 0.05
 
 
 class Presence:
@@ -36,10 +40,11 @@ class Presence:
         # connections that end late do not count against a new thing of the same id.
         self._connections: dict[tuple[str, str], int] = {}
         # States recorded and not written yet, by incarnation; the future their recorders await;
-        # the write in flight.
+        # the write in flight; the timer of the next.
         self._pending: dict[tuple[str, str], Change] = {}
         self._next: Future[None] | None = None
         self._writing: Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connected(self, device: DeviceIdentity) -> bool:
         """Count a new connection (synchronously, so events apply in the order they happened);
@@ -61,20 +66,31 @@ class Presence:
     async def record(self, device: DeviceIdentity, state: str, transport: str = "mqtt") -> None:
         """Store the new state, then publish it retained (_publish); only while this incarnation of
         the thing exists (a deleted thing's late offline event leaves nothing). Returns once
-        committed and published. The states recorded during one turn of the event loop, or while the
-        previous group is being written, are written together (one store write instead of one per
-        connect and disconnect; issue #14): an incarnation's latest state in the group wins, so a
-        connect followed at once by a disconnect ends offline."""
+        committed and published."""
+        await asyncio.shield(self.change(device, state, transport))
+
+    def change(self, device: DeviceIdentity, state: str, transport: str = "mqtt") -> Future[None]:
+        """record() for a caller that does not wait: the future of the write that takes the change.
+        The states recorded during one turn of the event loop, or while the previous group is being
+        written, are written together (one store write instead of one per connect and disconnect;
+        issue #14): an incarnation's latest state in the group wins, so a connect followed at once
+        by a disconnect ends offline."""
         key = (device.thing_id, device.cert_id)
         self._pending.pop(key, None)  # its latest change goes last, in the order changes happened
         self._pending[key] = (device, state, ids.now(), transport)
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
-            if self._writing is None:
-                asyncio.get_running_loop().call_soon(self._write_next)
-        await asyncio.shield(self._next)
+            self._schedule()
+        return self._next
+
+    def _schedule(self) -> None:
+        """The next write, WINDOW from now, unless one is being written (it schedules the next when
+        it ends) or is scheduled already."""
+        if self._writing is None and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(WINDOW, self._write_next)
 
     def _write_next(self) -> None:
+        self._timer = None
         committed = self._next
         if committed is None:  # nothing recorded since (or only changes waiting for _retry)
             return
@@ -109,7 +125,8 @@ class Presence:
             committed.set_result(None)
         finally:
             self._writing = None
-            self._write_next()  # what was recorded meanwhile
+            if self._next is not None:  # what was recorded meanwhile
+                self._schedule()
 
     async def _publish(self, write: Callable[[sqlite3.Connection], list[Document]]) -> None:
         """Commit `write`, then publish the documents of the states it wrote, retained. Under the
@@ -130,8 +147,7 @@ class Presence:
             self._next = asyncio.get_running_loop().create_future()
             # nobody may await this group: its failure is not "never retrieved"
             self._next.add_done_callback(lambda f: f.cancelled() or f.exception())
-            if self._writing is None:
-                self._write_next()
+            self._schedule()
 
     async def offline(self, thing_ids: Collection[str]) -> None:
         """The things are offline now, whichever incarnation's connection ended: for an external

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import ssl
 from asyncio import sslproto
+from functools import partial
 from typing import Any
 
 from amqtt.broker import Broker
@@ -20,7 +21,7 @@ from bridge.core.ports import Delivery
 from bridge.core.service import Core
 from bridge.mqtt.auth import Counters, standing
 from bridge.mqtt.hardened import HardenedBroker, Limits, close_client
-from bridge.mqtt.router import Router
+from bridge.mqtt.router import Router, presence_changed
 from bridge.mqtt.sessions import DurableSessions, Routed
 from bridge.mqtt.streams import BridgeWriter, CappedReader
 from bridge.mqtt.transport import listen
@@ -64,16 +65,18 @@ class MqttBroker:
 
     def _amqtt_config(self, core: Core) -> dict[str, Any]:
         plugin_cfg = {"core": core, "counters": self.counters}
+        hardened = issubclass(self.broker_cls, HardenedBroker)
         return {
             "listeners": {
                 PLAIN: {"type": "external", "bind": "external"},
                 TLS: {"type": "external", "bind": "external"},
             },
-            # Only what we need: the default set (loggers, $SYS) costs ~30% throughput.
+            # Only what we need: the default set (loggers, $SYS) costs ~30% throughput. Presence
+            # is a plugin for stock amqtt only: HardenedBroker calls it without amqtt's events.
             "plugins": {
                 "bridge.mqtt.auth.IdentityPlugin": dict(plugin_cfg),
                 "bridge.mqtt.auth.AclPlugin": dict(plugin_cfg),
-                "bridge.mqtt.router.PresencePlugin": {"core": core},
+                **({} if hardened else {"bridge.mqtt.router.PresencePlugin": {"core": core}}),
             },
             "session_expiry_interval": self.cfg.mqtt.session_expiry,
         }
@@ -84,6 +87,7 @@ class MqttBroker:
         if isinstance(self.broker, HardenedBroker):
             self.broker.ingest = Router(core, self.counters).ingest
             self.broker.standing = lambda session: standing(core, session)
+            self.broker.presence = partial(presence_changed, core)
             limits = self.broker.limits
             limits.max_pending = self.cfg.mqtt.max_unsent
             limits.max_queued_messages = self.cfg.mqtt.max_queued_messages

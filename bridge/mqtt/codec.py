@@ -43,6 +43,11 @@ class Publish:
         )
 
 
+def connack(session_present: bool) -> bytes:
+    """A CONNACK accepting the connection."""
+    return b"\x20\x02\x01\x00" if session_present else b"\x20\x02\x00\x00"
+
+
 def puback(packet_id: int) -> bytes:
     return b"\x40\x02" + packet_id.to_bytes(2, "big")
 

@@ -13,7 +13,7 @@ Defects fixed (letters as in docs/amqtt-defects.md, which describes each one and
   E  on CONNECT, retained messages matching *any* session's filters were pushed, with no ACL;
      and a resumed session got the retained messages of its own filters again at every CONNECT,
      though [MQTT-3.3.1-6] sends them for a new subscription only
-                                                                   -> _publish_retained_messages_for_subscription
+                                               -> _publish_retained_messages_for_subscription, _serve_session
   F  PUBLISHes already PUBACKed were dropped when the client disconnected -> _handle_disconnect
   G  an invalid PUBLISH stopped the client loop but left the socket open  -> _handle_message_delivery
   I  an outgoing QoS 1 message not PUBACKed before the connection dropped was forgotten; it is
@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.codecs_amqtt import read_or_raise
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.mqtt import packet_class, packet_dict
 from amqtt.mqtt import publish as publish_module
 from amqtt.mqtt import subscribe as subscribe_module
@@ -134,6 +134,8 @@ for _module in (publish_module, subscribe_module, unsubscribe_module):
 
 # (session, topic, payload) -> True when the bridge took the message over (stored and routed it).
 Ingest = Callable[[Session, str, bytes], Awaitable[bool]]
+# (session, True) when a connection of the session opened, (session, False) when it ended.
+Presence = Callable[[Session, bool], None]
 # session -> "valid", "disabled" or "gone": asked again once a session is registered.
 Standing = Callable[[Session], Awaitable[str]]
 
@@ -299,7 +301,13 @@ class BridgeHandler(BrokerProtocolHandler):
             if verdict != "valid":
                 log.info("closing %s: revoked while it connected (%s)", self.session.client_id, verdict)
                 self.revoke(forget=verdict == "gone")
-        await super().start()
+        # Stock's start (amqtt/mqtt/protocol/handler.py:123, broker_handler.py:58) without a turn of
+        # the loop spent waiting for the reader task to begin, and without its keepalive timer, whose
+        # callback (handle_write_timeout) does nothing in a broker (issue #14).
+        self._disconnect_waiter = self._loop.create_future()
+        self._reader_stopped = asyncio.Event()
+        self._reader_task = self._loop.create_task(self._reader_loop())
+        await self._retry_deliveries()
 
     async def handle_publish(self, publish_packet: PublishPacket | codec.Publish) -> None:
         """A PUBLISH, from codec (QoS 0 or 1) or from amqtt's parser."""
@@ -418,10 +426,9 @@ class BridgeHandler(BrokerProtocolHandler):
         - a packet that does not parse ends the connection (G'); PUBLISH still runs as a task
           each, so a window of QoS 1 messages is committed in one group. A task left when the
           connection ends finishes (or is refused at the ingest seam when the client is revoked)."""
-        session, ready = self.session, self._reader_ready
-        assert session is not None and ready is not None
+        session = self.session
+        assert session is not None
         loop = asyncio.get_running_loop()  # once: each lookup is a getpid() system call on 3.11
-        ready.set()
         try:
             async with asyncio.timeout(None) as deadline:
                 keepalive = Keepalive(deadline, session.keep_alive) if session.keep_alive > 0 else None
@@ -505,6 +512,7 @@ class HardenedBroker(Broker):
 
     ingest: Ingest | None = None
     standing: Standing | None = None
+    presence: Presence | None = None  # instead of amqtt's connect and disconnect events
     resume_window: int = 10  # QoS 1 messages in flight while a resumed session catches up
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -607,6 +615,53 @@ class HardenedBroker(Broker):
                 reader.body_timeout = session.keep_alive
         return handler, session
 
+    async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
+        """Stock's connection (amqtt/broker.py:446-604) without what each connection paid there for
+        nothing (issue #14): debug and info lines formatted whether logged or not; the CONNACK built
+        from packet objects (written here as its four bytes); the plugins' connect event, a task
+        per plugin (the presence hook is called instead); a walk over every filter in the broker
+        for retained messages to send, of which a CONNECT gets none (E). Authentication, take-over
+        and session resumption are _initialize_client_session's."""
+        server = self._servers.get(listener_name)
+        if server is None:
+            raise BrokerError(f"Invalid listener name '{listener_name}'")
+        await server.acquire_connection()
+        try:
+            peer = writer.get_peer_info()
+            if peer is None:
+                await writer.close()
+                return
+            try:
+                handler, session = await self._initialize_client_session(reader, writer, *peer)
+            except (AMQTTError, MQTTError, NoDataError) as exc:
+                log.warning("Failed to initialize client session: %s", exc)
+                return
+            try:
+                await self._serve_session(reader, writer, session, handler)
+            except (AMQTTError, MQTTError, NoDataError) as exc:
+                log.warning("Error while handling client session: %s", exc)
+        finally:
+            server.release_connection()
+
+    async def _serve_session(self, reader: Any, writer: Any, session: Session, handler: Any) -> None:
+        try:
+            session.transitions.connect()
+        except ValueError:  # still connected after the take-over's wait: end that connection now
+            _, old = self._sessions[session.client_id]
+            await old.handle_connection_closed()
+            await old.stop()
+        handler.attach(session, reader, writer)
+        self._sessions[session.client_id] = (session, handler)
+        writer.write(codec.connack(bool(session.parent)))
+        if self.presence is not None:
+            self.presence(session, True)
+        await handler.start()
+        await self._publish_session_retained_messages(session)
+        # E: a filter subscribed whose retained messages were not sent before the connection ended
+        for topic_filter in list(session.attributes.get(NEW_FILTERS, ())):
+            await self._publish_retained_messages_for_subscription((topic_filter, QOS_0), session)
+        await self._client_message_loop(session, handler)
+
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         """Stock waits with asyncio.wait on four tasks per connection (its disconnect, the next
         subscription, unsubscription and message to route), made again after each event: 3.8 KiB
@@ -669,6 +724,8 @@ class HardenedBroker(Broker):
         elif client_session.will_flag and not isinstance(disconnect_waiter.result(), DisconnectPacket):
             await self._send_will(client_session)
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        if self.presence is not None:  # where stock fires the plugins' disconnect event
+            self.presence(client_session, False)
         current = self._sessions.get(client_session.client_id, (None, None))[0]
         if client_session.clean_session and current is client_session:
             # A clean session ends with its connection: gone now, not at the session monitor's
