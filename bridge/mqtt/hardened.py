@@ -309,6 +309,24 @@ class BridgeHandler(BrokerProtocolHandler):
         self._reader_task = self._loop.create_task(self._reader_loop())
         await self._retry_deliveries()
 
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
+        """Stock's, without a debug line formatted (the packet's repr) whether logged or not."""
+        waiter = self._disconnect_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(disconnect)
+        self._disconnect_waiter = None
+
+    def _stop_waiters(self) -> None:
+        """Stock's, without its four debug lines formatted whether logged or not."""
+        for waiters in (
+            self._puback_waiters,
+            self._pubcomp_waiters,
+            self._pubrec_waiters,
+            self._pubrel_waiters,
+        ):
+            for waiter in waiters.values():
+                waiter.cancel()
+
     async def handle_publish(self, publish_packet: PublishPacket | codec.Publish) -> None:
         """A PUBLISH, from codec (QoS 0 or 1) or from amqtt's parser."""
         topic, data, session = publish_packet.topic_name, publish_packet.data, self.session
@@ -723,8 +741,14 @@ class HardenedBroker(Broker):
             client_session.will_flag = False  # a revoked identity leaves nothing behind
         elif client_session.will_flag and not isinstance(disconnect_waiter.result(), DisconnectPacket):
             await self._send_will(client_session)
-        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
-        if self.presence is not None:  # where stock fires the plugins' disconnect event
+            if client_session.will_flag:  # not a flow of the bridge's: stock's broadcast
+                topic, message = client_session.will_topic, client_session.will_message
+                await self._broadcast_message(client_session, topic, message, client_session.will_qos)
+        # The rest of stock's (amqtt/broker.py:657-701) without its debug lines formatted (the
+        # packet's repr) whether logged or not; presence instead of the plugins' disconnect event.
+        await self._stop_handler(handler)
+        client_session.transitions.disconnect()
+        if self.presence is not None:
             self.presence(client_session, False)
         current = self._sessions.get(client_session.client_id, (None, None))[0]
         if client_session.clean_session and current is client_session:

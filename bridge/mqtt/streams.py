@@ -144,9 +144,14 @@ class BridgeWriter(StreamWriterAdapter):
         await super().drain()
 
     async def close(self) -> None:
+        """Stock's close (drain, close, wait until closed), cut after 5 s: by a timer, not by
+        asyncio.timeout (a task lookup and three getpid() calls per connection; issue #14)."""
         self.flush()
+        transport = self._writer.transport
+        cut = self._loop.call_later(5, transport.abort)
         try:
-            async with asyncio.timeout(5):
-                await super().close()
-        except (TimeoutError, ConnectionError):
-            self._writer.transport.abort()
+            await super().close()
+        except ConnectionError:
+            transport.abort()
+        finally:
+            cut.cancel()
