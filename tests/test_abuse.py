@@ -18,6 +18,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -435,6 +436,68 @@ async def test_garbage_and_truncated_connect_are_cut_by_the_connect_timeout(
         closed_after = {name: round(task.result(), 1) for name, task in tasks.items()}
     assert all(t <= CONNECT_TIMEOUT + 5 for t in closed_after.values()), closed_after
     assert len(latencies) >= 5 and max(latencies) < 5, latencies
+    assert_alive(bridge)
+
+
+def raw_connect(name: bytes, level: int, flags: int, fields: bytes, trailer: bytes = b"") -> bytes:
+    """A CONNECT of the given protocol name, level and flags, keepalive 60, payload `fields`."""
+    body = struct.pack("!H", len(name)) + name + bytes([level, flags]) + b"\x00\x3c" + fields + trailer
+    return b"\x10" + bytes([len(body)]) + body
+
+
+def mqtt_str(value: bytes) -> bytes:
+    return struct.pack("!H", len(value)) + value
+
+
+# CONNECTs the bridge decodes itself (issue #14): what it answers with a CONNACK code, as amqtt did.
+CONNECT_REFUSALS: dict[str, tuple[Callable[[ThingFiles], bytes], int]] = {
+    "protocol level 3": (lambda t: raw_connect(b"MQTT", 3, 0x02, mqtt_str(t.id.encode())), 1),
+    "no client id, clean session 0": (lambda t: raw_connect(b"MQTT", 4, 0x00, mqtt_str(b"")), 2),
+    "a password without a user name": (
+        lambda t: raw_connect(b"MQTT", 4, 0x42, mqtt_str(t.id.encode()) + mqtt_str(b"secret")),
+        4,
+    ),
+}
+# ... and what ends the connection without one.
+CONNECT_MALFORMED: dict[str, Callable[[ThingFiles], bytes]] = {
+    "protocol name MQIsdp": lambda t: raw_connect(b"MQIsdp", 3, 0x02, mqtt_str(t.id.encode())),
+    "reserved flag set": lambda t: raw_connect(b"MQTT", 4, 0x03, mqtt_str(t.id.encode())),
+    "bytes after the last field": lambda t: raw_connect(b"MQTT", 4, 0x02, mqtt_str(t.id.encode()), b"\x00"),
+    "a client id longer than the packet": lambda t: raw_connect(b"MQTT", 4, 0x02, b"\x00\x40abc"),
+    "a client id that is not UTF-8": lambda t: raw_connect(b"MQTT", 4, 0x02, mqtt_str(b"\xff\xfe")),
+    "will QoS 3": lambda t: raw_connect(
+        b"MQTT",
+        4,
+        0x1E,
+        mqtt_str(t.id.encode()) + mqtt_str(f"things/{t.id}/collect".encode()) + mqtt_str(b"x"),
+    ),
+    "will retain without a will": lambda t: raw_connect(b"MQTT", 4, 0x22, mqtt_str(t.id.encode())),
+    "a PUBLISH first": lambda t: mqttraw.publish(f"things/{t.id}/collect", b"x", qos=0),
+}
+
+
+@pytest.mark.parametrize("case", [*CONNECT_REFUSALS, *CONNECT_MALFORMED])
+async def test_a_connect_out_of_the_rules_is_refused_or_cut(
+    bridge: Bridge, offender: ThingFiles, case: str
+) -> None:
+    """A CONNECT the bridge decodes itself is answered as amqtt answered it (CONNACK 1, 2 or 4 and
+    the connection closed), or, when it breaks the packet's own rules, the connection is closed at
+    once with no CONNACK; nothing of it is connected."""
+    reader, writer = await asyncio.open_connection(
+        HOST, bridge.ports["mqtt_tls"], ssl=bridge.client_tls(offender.cert, offender.key)
+    )
+    try:
+        if case in CONNECT_REFUSALS:
+            packet, code = CONNECT_REFUSALS[case]
+            writer.write(packet(offender))
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == bytes((0x20, 2, 0, code))
+        else:
+            writer.write(CONNECT_MALFORMED[case](offender))
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                assert await asyncio.wait_for(reader.read(4), 5) == b"", "answered"
+        assert await closed_within(reader, 3) < 3
+    finally:
+        close_quietly(writer)
     assert_alive(bridge)
 
 

@@ -1,5 +1,6 @@
 """The hot path's packets, decoded and encoded directly (issue #14): amqtt builds every packet from
-header objects and reads each field with an awaited read of its own. BridgeHandler's reader loop
+header objects and reads each field with an awaited read of its own. The CONNECT is read whole and
+decoded here too (`connect`), once per connection. BridgeHandler's reader loop
 takes here a PUBLISH at QoS 0 or 1, a PUBACK or a PINGREQ whose bytes are all buffered, with the
 rules of the strict parsing in hardened.py (UTF-8 topic without U+0000 or wildcards); any other
 packet, or one not wholly buffered yet, is left to amqtt's parser. The broker's direct delivery
@@ -13,7 +14,17 @@ from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingreq import PingReqPacket
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 
-PUBLISH, PUBACK, PINGREQ = 3, 4, 12
+CONNECT, PUBLISH, PUBACK, PINGREQ = 1, 3, 4, 12
+# CONNECT flags [MQTT-3.1.2-3..-22]
+RESERVED, CLEAN_SESSION, WILL, WILL_QOS, WILL_RETAIN, PASSWORD, USERNAME = (
+    0x01,
+    0x02,
+    0x04,
+    0x18,
+    0x20,
+    0x40,
+    0x80,
+)
 
 
 class Malformed(ValueError):
@@ -41,6 +52,91 @@ class Publish:
             PublishVariableHeader(self.topic_name, self.packet_id),
             PublishPayload(self.data),
         )
+
+
+class Connect:
+    """A CONNECT's fields, as amqtt's ConnectPacket names them (`proto_name` "MQTT" and
+    `proto_level` 4 are checked by the caller, which answers a wrong level with a CONNACK)."""
+
+    __slots__ = (
+        "client_id",
+        "flags",
+        "keep_alive",
+        "password",
+        "proto_level",
+        "proto_name",
+        "username",
+        "will_message",
+        "will_topic",
+    )
+
+    def __init__(self, body: bytes) -> None:
+        """Decode a whole CONNECT body (what follows its fixed header): every field must lie within
+        it, and nothing may follow the last one."""
+        view = _Fields(body)
+        self.proto_name = view.text()
+        self.proto_level, self.flags = view.byte(), view.byte()
+        self.keep_alive, self.client_id = 0, ""
+        self.will_topic = self.will_message = self.username = self.password = None
+        if self.proto_name != "MQTT" or self.proto_level != 4:
+            return  # another protocol: what follows is not read (the caller refuses it)
+        self.keep_alive = view.uint16()
+        self.client_id = view.text()
+        self.will_topic = view.text() if self.will_flag else None
+        self.will_message = view.data() if self.will_flag else None
+        self.username = view.text() if self.flags & USERNAME else None
+        self.password = view.text() if self.flags & PASSWORD else None
+        if view.left():
+            raise Malformed("CONNECT longer than its fields")
+        if not self.will_flag and self.flags & (WILL_QOS | WILL_RETAIN):
+            raise Malformed("[MQTT-3.1.2-11/13] will QoS or retain without a will")
+        if self.will_qos == 3:
+            raise Malformed("[MQTT-3.1.2-14] will QoS 3")
+
+    @property
+    def will_flag(self) -> bool:
+        return bool(self.flags & WILL)
+
+    @property
+    def will_qos(self) -> int:
+        return (self.flags & WILL_QOS) >> 3
+
+
+class _Fields:
+    """Reads a packet body's fields in turn; a field past its end is Malformed."""
+
+    __slots__ = ("_at", "_body")
+
+    def __init__(self, body: bytes) -> None:
+        self._body, self._at = body, 0
+
+    def _take(self, n: int) -> bytes:
+        end = self._at + n
+        if end > len(self._body):
+            raise Malformed("a field runs past the end of the packet")
+        field, self._at = self._body[self._at : end], end
+        return field
+
+    def byte(self) -> int:
+        return self._take(1)[0]
+
+    def uint16(self) -> int:
+        return int.from_bytes(self._take(2), "big")
+
+    def data(self) -> bytes:
+        return self._take(self.uint16())
+
+    def text(self) -> str:
+        try:
+            text = self.data().decode()
+        except UnicodeDecodeError as exc:
+            raise Malformed("a string field is not valid UTF-8") from exc
+        if "\x00" in text:
+            raise Malformed("a string field contains U+0000")
+        return text
+
+    def left(self) -> int:
+        return len(self._body) - self._at
 
 
 def connack(session_present: bool) -> bytes:

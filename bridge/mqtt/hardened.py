@@ -52,7 +52,13 @@ from amqtt.mqtt import packet_class, packet_dict
 from amqtt.mqtt import publish as publish_module
 from amqtt.mqtt import subscribe as subscribe_module
 from amqtt.mqtt import unsubscribe as unsubscribe_module
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connack import (
+    BAD_USERNAME_PASSWORD,
+    IDENTIFIER_REJECTED,
+    NOT_AUTHORIZED,
+    UNACCEPTABLE_PROTOCOL_VERSION,
+    ConnackPacket,
+)
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import (
@@ -74,10 +80,11 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
+from amqtt.utils import gen_client_id
 
 from bridge.mqtt import codec
 from bridge.mqtt.auth import PEERCERT
-from bridge.mqtt.lean import LeanQueue, OfflineQueue, Subscriptions
+from bridge.mqtt.lean import BridgeSession, LeanQueue, OfflineQueue, Subscriptions
 from bridge.mqtt.sessions import DurableSessions, Restored, Routed
 from bridge.mqtt.streams import BridgeWriter, CappedReader, Keepalive, MalformedPacket
 from bridge.store import Unavailable
@@ -203,6 +210,51 @@ class BridgeHandler(BrokerProtocolHandler):
         self._pending_unsubscriptions = LeanQueue()
         self._retries: set[asyncio.Future[None]] = set()
         self._packet_tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def init_from_connect(  # type: ignore[override]
+        cls, reader: Any, writer: Any, plugins_manager: Any, loop: asyncio.AbstractEventLoop | None = None
+    ) -> tuple[BridgeHandler, Session]:
+        """Stock's (amqtt/mqtt/protocol/broker_handler.py:158-251), the same checks and answers, with
+        the CONNECT read whole and decoded by codec: stock read it field by field, an awaited read
+        each, and past the packet's end when a field claimed more than was left (issue #14)."""
+        if not isinstance(reader, CappedReader):
+            return await super().init_from_connect(reader, writer, plugins_manager, loop)  # type: ignore[return-value]
+        connect = await reader.read_connect()
+        if connect.flags & codec.RESERVED:
+            raise MQTTError("[MQTT-3.1.2-3] CONNECT reserved flag must be set to 0")
+        if connect.proto_name != "MQTT":
+            raise MQTTError(f"[MQTT-3.1.2-1] Incorrect protocol name: {connect.proto_name!r:.50}")
+        remote_address, remote_port = writer.get_peer_info() or (None, None)
+        random_id = not connect.client_id
+        if random_id:  # [MQTT-3.1.3-6]: the server may give one, for a clean session only
+            connect.client_id = gen_client_id()
+        refused = None
+        if connect.proto_level != 4:  # only MQTT 3.1.1 [MQTT-3.1.2-2]
+            refused = (UNACCEPTABLE_PROTOCOL_VERSION, f"protocol level {connect.proto_level}")
+        elif connect.password is not None and connect.username is None:
+            refused = (BAD_USERNAME_PASSWORD, "a password without a user name")  # [MQTT-3.1.2-22]
+        elif random_id and not connect.flags & codec.CLEAN_SESSION:
+            refused = (IDENTIFIER_REJECTED, "[MQTT-3.1.3-8] no client id with clean session 0")
+        if refused is not None:
+            writer.write(bytes((0x20, 2, 0, refused[0])))
+            await writer.close()
+            raise MQTTError(f"CONNECT from {remote_address}:{remote_port} refused: {refused[1]}")
+        session = BridgeSession()
+        session.client_id = connect.client_id
+        session.clean_session = bool(connect.flags & codec.CLEAN_SESSION)
+        session.will_flag = connect.will_flag
+        session.will_retain = bool(connect.flags & codec.WILL_RETAIN)
+        session.will_qos = connect.will_qos
+        session.will_topic = connect.will_topic
+        session.will_message = connect.will_message
+        session.username = connect.username
+        session.password = connect.password
+        session.remote_address = remote_address
+        session.remote_port = remote_port
+        session.ssl_object = writer.get_ssl_info()
+        session.keep_alive = connect.keep_alive
+        return cls(plugins_manager, loop=loop), session
 
     async def mqtt_publish(
         self,

@@ -71,6 +71,26 @@ class CappedReader(StreamReaderAdapter):
         the first packet of each read is not parsed the stock way, byte by byte."""
         await self._reader._wait_for_data("read")  # type: ignore[attr-defined]
 
+    async def read_connect(self) -> codec.Connect:
+        """The first packet, which must be a CONNECT, read whole (up to `max_read`) and decoded."""
+        try:
+            if (await self.read(1))[0] != 0x10:  # [MQTT-3.1.0-1], with the flags [MQTT-2.2.2-2] fix
+                raise MalformedPacket("the first packet is not a CONNECT")
+            length, shift = 0, 0
+            while True:
+                byte = (await self.read(1))[0]
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise MalformedPacket("a remaining length of more than four bytes")
+            return codec.Connect(await self.read(length) if length else b"")
+        except asyncio.IncompleteReadError:
+            raise MalformedPacket("the connection ended within its CONNECT") from None
+        except codec.Malformed as exc:
+            raise MalformedPacket(f"malformed CONNECT: {exc}") from exc
+
     async def read(self, n: int = -1) -> bytes:
         if n > self.max_read:
             # Not ConnectionResetError: amqtt turns that into NoDataError and reads on.
