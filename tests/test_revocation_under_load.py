@@ -747,3 +747,109 @@ async def test_a_long_poll_across_a_delete_gets_nothing_of_the_new_owner(
     # delete and the re-creation (an unknown thing: 404) or after it (another thing's key: 401).
     assert answer.status in (401, 404) or (answer.status == 200 and orjson.loads(answer.body)["result"] == [])
     ok(await api.call("DELETE", f"/things/{thing_id}", bob.token))
+
+
+# ==== presence across take-overs and reconnects ==============================================================
+PRESENCE_THINGS = 4
+PRESENCE_STEPS = 8  # connects and closes per thing and round
+
+
+async def test_presence_follows_take_overs_and_reconnects_under_load(
+    bridge: Bridge, alice: Account, api: Api, admin: str, tmp_path: Path
+) -> None:
+    """Things connect under their own client id (each connect takes the previous one over), under
+    other client ids of theirs, and hang up, with DISCONNECT or without, all at once while another
+    thing publishes at full speed; presence is written in groups (issue #14). Once the broker has
+    seen every connection end, each thing's presence, in its twin and as the retained document a
+    new subscriber gets, is online exactly when one of its connections is still open."""
+    things = [await new_thing(bridge, alice, tmp_path / f"t{k}") for k in range(PRESENCE_THINGS)]
+    marker = await new_thing(bridge, alice, tmp_path / "marker")
+    busy = await new_thing(bridge, alice, tmp_path / "busy")
+    app_name = unique("presenceapp")
+    bridge.cli("app", "add", app_name, "--owner", alice.name, "--password", "presence-app-password-1")
+    pub, runner = await BusyPublisher.start(bridge, busy)
+    loop = asyncio.get_running_loop()
+    problems: list[str] = []
+    try:
+        await asyncio.wait_for(pub.full_speed.wait(), 15)
+        baseline = (await api.stats(admin))["connections"]
+        for n in range(ROUNDS):
+            async with asyncio.timeout(ROUND_BUDGET):
+
+                async def churn(k: int, thing: ThingFiles, n: int = n) -> list[Raw]:
+                    """The thing's steps; its connections left open."""
+                    tls = bridge.client_tls(thing.cert, thing.key)
+                    open_: dict[str, Raw] = {}  # client id -> its latest connection
+                    for step in range(PRESENCE_STEPS):
+                        client_id = thing.id if (n + k + step) % 3 else f"{thing.id}:{step % 2}"
+                        if step % 3 == 2 and open_:  # a hang-up, every other one without DISCONNECT
+                            gone = open_.pop(sorted(open_)[(n + step) % len(open_)])
+                            if step % 2:
+                                gone.writer.write(DISCONNECT)
+                            gone.close()
+                            continue
+                        raw, rc, _ = await Raw.thing(bridge, tls, client_id)
+                        assert rc == 0, f"CONNACK {rc}"
+                        taken_over = open_.pop(client_id, None)
+                        if taken_over is not None:  # the broker closed it: ours goes too
+                            taken_over.close()
+                        open_[client_id] = raw
+                    keep = (n + k) % 2  # half the things end with a connection open
+                    for client_id in sorted(open_)[keep:]:
+                        open_.pop(client_id).close()
+                    return list(open_.values())
+
+                kept = await asyncio.gather(*(churn(k, t) for k, t in enumerate(things)))
+                expected = {
+                    t.id: "online" if left else "offline" for t, left in zip(things, kept, strict=True)
+                }
+                want = baseline + sum(map(len, kept))
+                seen = await api.settle_stats(admin, "connections", want, loop.time() + 10)
+                assert seen == want, f"round {n}: {seen} connections, expected {want}"
+                # Every change is recorded by now; one recorded after them, once visible, says they
+                # are written and published too (groups are written and published in order).
+                since = time.time()
+                raw, rc, _ = await Raw.thing(bridge, bridge.client_tls(marker.cert, marker.key), marker.id)
+                assert rc == 0
+                raw.writer.write(DISCONNECT)
+                raw.close()
+                await offline_since(api, alice, marker.id, since)
+                twins = {
+                    t.id: ok(await api.call("GET", f"/things/{t.id}/state", alice.token))["presence"]["state"]
+                    for t in things
+                }
+                viewer = await Raw.app(bridge, app_name, "presence-app-password-1")
+                try:
+                    retained: dict[str, str] = {}
+                    for t in things:  # its retained document follows the SUBACK
+                        docs = await viewer.subscribe(f"things/{t.id}/presence")
+                        async with asyncio.timeout(10):
+                            while not docs:
+                                kind, flags, body = await mqttraw.read_packet(viewer.reader)
+                                if kind == PUBLISH:
+                                    docs.append(viewer.take(flags, body))
+                        assert docs[0].retain, docs
+                        retained[t.id] = orjson.loads(docs[0].payload)["state"]
+                finally:
+                    viewer.close()
+                if twins != expected or retained != expected:
+                    problems.append(f"round {n}: expected {expected}, twins {twins}, retained {retained}")
+                for raw in (raw for left in kept for raw in left):
+                    raw.close()
+                assert await api.settle_stats(admin, "connections", baseline, loop.time() + 10) == baseline
+    finally:
+        pub.hang_up()
+        await stop(runner)
+    assert not problems, "\n".join(problems)
+
+
+async def offline_since(api: Api, owner: Account, thing_id: str, since: float, timeout: float = 10) -> None:
+    """Until the thing's twin shows it offline by a change at `since` or later."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        presence = ok(await api.call("GET", f"/things/{thing_id}/state", owner.token))["presence"]
+        if presence["state"] == "offline" and (presence["ts"] or 0) >= since:
+            return
+        assert loop.time() < deadline, f"{thing_id} not offline since {since} within {timeout} s: {presence}"
+        await asyncio.sleep(0.02)
