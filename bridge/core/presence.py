@@ -71,10 +71,10 @@ class Presence:
 
     def change(self, device: DeviceIdentity, state: str, transport: str = "mqtt") -> Future[None]:
         """record() for a caller that does not wait: the future of the write that takes the change.
-        The states recorded during one turn of the event loop, or while the previous group is being
-        written, are written together (one store write instead of one per connect and disconnect;
-        issue #14): an incarnation's latest state in the group wins, so a connect followed at once
-        by a disconnect ends offline."""
+        The states recorded within WINDOW, or while the previous group is being written, are
+        written together (one store write instead of one per connect and disconnect; issue #14):
+        an incarnation's latest state in the group wins, so a connect followed at once by a
+        disconnect ends offline."""
         key = (device.thing_id, device.cert_id)
         self._pending.pop(key, None)  # its latest change goes last, in the order changes happened
         self._pending[key] = (device, state, ids.now(), transport)
