@@ -1,7 +1,7 @@
 """The hot path's packets, decoded and encoded directly (issue #14): amqtt builds every packet from
 header objects and reads each field with an awaited read of its own. The CONNECT is read whole and
 decoded here too (`connect`), once per connection. BridgeHandler's reader loop
-takes here a PUBLISH at QoS 0 or 1, a PUBACK or a PINGREQ whose bytes are all buffered, with the
+takes here a PUBLISH at QoS 0 or 1, a PUBACK, a PINGREQ or a DISCONNECT whose bytes are all buffered, with the
 rules of the strict parsing in hardened.py (UTF-8 topic without U+0000 or wildcards); any other
 packet, or one not wholly buffered yet, is left to amqtt's parser. The broker's direct delivery
 (HardenedBroker._deliver) encodes its PUBLISH packets here."""
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingreq import PingReqPacket
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 
-CONNECT, PUBLISH, PUBACK, PINGREQ = 1, 3, 4, 12
+CONNECT, PUBLISH, PUBACK, PINGREQ, DISCONNECT = 1, 3, 4, 12, 14
 # CONNECT flags [MQTT-3.1.2-3..-22]
 RESERVED, CLEAN_SESSION, WILL, WILL_QOS, WILL_RETAIN, PASSWORD, USERNAME = (
     0x01,
@@ -178,7 +179,7 @@ def take(buffer: bytearray, max_size: int) -> tuple[int, Any] | None:
     if kind == PUBLISH:
         if (first >> 1) & 0x03 > 1:  # QoS 2 (or the invalid 3): amqtt's exchange
             return None
-    elif first not in (0x40, 0xC0):  # PUBACK, PINGREQ with their fixed flags
+    elif first not in (0x40, 0xC0, 0xE0):  # PUBACK, PINGREQ, DISCONNECT with their fixed flags
         return None
     length, mult, i = 0, 1, 1
     while True:
@@ -196,14 +197,41 @@ def take(buffer: bytearray, max_size: int) -> tuple[int, Any] | None:
         if length != 2:
             return None
         packet: Any = (buffer[i] << 8) | buffer[i + 1]
-    elif kind == PINGREQ:
+    elif kind in (PINGREQ, DISCONNECT):
         if length != 0:
             return None
-        packet = PingReqPacket()
+        packet = PingReqPacket() if kind == PINGREQ else DisconnectPacket()
     else:
         packet = _publish(first, bytes(buffer[i : i + length]))
     del buffer[: i + length]
     return kind, packet
+
+
+def take_connect(buffer: bytearray, max_size: int) -> Connect | None:
+    """The CONNECT at the start of `buffer`, removed from it, when it is wholly there; else None
+    (and `buffer` is left as it is). Malformed when the buffer starts with another packet."""
+    size = len(buffer)
+    if not size:
+        return None
+    if buffer[0] != 0x10:  # [MQTT-3.1.0-1], with the flags [MQTT-2.2.2-2] fix
+        raise Malformed("the first packet is not a CONNECT")
+    length, shift, i = 0, 0, 1
+    while True:
+        if i >= size:
+            return None
+        byte = buffer[i]
+        i += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 21:
+            raise Malformed("a remaining length of more than four bytes")
+    if length > max_size or size < i + length:
+        return None  # the reader's own read says what is wrong, or waits for the rest
+    body = bytes(buffer[i : i + length])
+    del buffer[: i + length]
+    return Connect(body)
 
 
 def _publish(first: int, body: bytes) -> Publish:

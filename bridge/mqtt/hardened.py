@@ -206,8 +206,6 @@ class BridgeHandler(BrokerProtocolHandler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._pending_subscriptions = LeanQueue()
-        self._pending_unsubscriptions = LeanQueue()
         self._retries: set[asyncio.Future[None]] = set()
         self._packet_tasks: set[asyncio.Task[None]] = set()
 
@@ -220,7 +218,16 @@ class BridgeHandler(BrokerProtocolHandler):
         each, and past the packet's end when a field claimed more than was left (issue #14)."""
         if not isinstance(reader, CappedReader):
             return await super().init_from_connect(reader, writer, plugins_manager, loop)  # type: ignore[return-value]
-        connect = await reader.read_connect()
+        return await cls.from_connect(await reader.read_connect(), writer, plugins_manager, loop)
+
+    @classmethod
+    async def from_connect(
+        cls,
+        connect: codec.Connect,
+        writer: Any,
+        plugins_manager: Any,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> tuple[BridgeHandler, Session]:
         if connect.flags & codec.RESERVED:
             raise MQTTError("[MQTT-3.1.2-3] CONNECT reserved flag must be set to 0")
         if connect.proto_name != "MQTT":
@@ -613,10 +620,14 @@ class HardenedBroker(Broker):
         session that owns the client id (B, C), and a resumed session given this connection's TLS
         object and address (A). A CONNECT must arrive within connect_timeout (slow-loris)."""
         try:
-            async with asyncio.timeout(self.connect_timeout):  # no task of its own, as wait_for has
-                handler, incoming = await BridgeHandler.init_from_connect(
-                    reader, writer, self.plugins_manager
-                )
+            connect = reader.take_connect() if isinstance(reader, CappedReader) else None
+            if connect is not None:  # here already, as it mostly is: no timer
+                handler, incoming = await BridgeHandler.from_connect(connect, writer, self.plugins_manager)
+            else:
+                async with asyncio.timeout(self.connect_timeout):  # no task of its own, as wait_for has
+                    handler, incoming = await BridgeHandler.init_from_connect(
+                        reader, writer, self.plugins_manager
+                    )
         except (TimeoutError, ConnectionError, NoDataError, AMQTTError, MQTTError) as exc:
             with contextlib.suppress(Exception):
                 await writer.close()

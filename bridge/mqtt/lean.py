@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from amqtt import broker as broker_module
+from amqtt import session as session_module
 from amqtt.broker import RetainedApplicationMessage
 from amqtt.mqtt.protocol import broker_handler as broker_handler_module
 from amqtt.session import Session
@@ -46,15 +47,15 @@ class SessionState:
 
 class BridgeSession(Session):
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # its two queues are LeanQueues (below)
         self.retained_messages = OfflineQueue()
-        self.delivered_message_queue = LeanQueue()
 
     def _init_states(self) -> None:
         self.transitions = SessionState(self)
 
 
-# amqtt makes its sessions by these module names (a CONNECT, an offline session at start-up).
+# amqtt makes its sessions by these module names (a CONNECT, an offline session at start-up), and
+# the queues of a session and of a protocol handler by the name Queue (LeanQueue, below).
 broker_handler_module.Session = BridgeSession  # type: ignore[attr-defined]
 broker_module.Session = BridgeSession  # type: ignore[attr-defined]
 
@@ -176,3 +177,7 @@ class OfflineQueue(LeanQueue):
 
     def head_size(self) -> int:
         return len(self._queue[0].data or b"")  # type: ignore[attr-defined]
+
+
+session_module.Queue = LeanQueue  # type: ignore[attr-defined]
+broker_handler_module.Queue = LeanQueue  # type: ignore[attr-defined]

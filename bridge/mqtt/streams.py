@@ -71,6 +71,17 @@ class CappedReader(StreamReaderAdapter):
         the first packet of each read is not parsed the stock way, byte by byte."""
         await self._reader._wait_for_data("read")  # type: ignore[attr-defined]
 
+    def take_connect(self) -> codec.Connect | None:
+        """The CONNECT when it is buffered whole already (as it mostly is, in the TLS record after
+        the handshake's), without a read to await or a timer; else None."""
+        try:
+            connect = codec.take_connect(self._reader._buffer, self.max_read)  # type: ignore[attr-defined]
+        except codec.Malformed as exc:
+            raise MalformedPacket(f"malformed CONNECT: {exc}") from exc
+        if connect is not None:
+            self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
+        return connect
+
     async def read_connect(self) -> codec.Connect:
         """The first packet, which must be a CONNECT, read whole (up to `max_read`) and decoded."""
         try:
