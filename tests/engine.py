@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -55,9 +56,17 @@ def rabbitmq_missing() -> str | None:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port for a RabbitMQ listener, which binds it only later: below the kernel's ephemeral range
+    (32768 and up), where the suite's thousands of client connections take their local ports, one
+    of which once took a node's management port first (eaddrinuse at its start)."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @dataclass
