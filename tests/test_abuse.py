@@ -501,6 +501,24 @@ async def test_a_connect_out_of_the_rules_is_refused_or_cut(
     assert_alive(bridge)
 
 
+async def test_a_connect_in_pieces_is_read_whole(bridge: Bridge, offender: ThingFiles) -> None:
+    """A CONNECT that is not all there when the connection is up (its fixed header first, the rest
+    a moment later) is read under the connect timeout and accepted; one byte at a time too."""
+    packet = mqttraw.connect(f"{offender.id}:{unique('pieces')}")
+    for pieces in ([packet[:1], packet[1:5], packet[5:]], [packet[i : i + 1] for i in range(len(packet))]):
+        reader, writer = await asyncio.open_connection(
+            HOST, bridge.ports["mqtt_tls"], ssl=bridge.client_tls(offender.cert, offender.key)
+        )
+        try:
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.01)  # paced, not a wait for the server: each piece arrives alone
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == CONNACK_ACCEPTED
+        finally:
+            close_quietly(writer)
+
+
 VIOLATIONS: dict[str, Callable[[ThingFiles], bytes]] = {
     "packet type 0": lambda t: b"\x00\x00",
     "packet type 15": lambda t: b"\xf0\x00",
