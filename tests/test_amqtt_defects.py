@@ -6,7 +6,7 @@ described in docs/amqtt-defects.md), each run twice by the `target` fixture:
             plugins and PKI; the test asserts that the defect is still there.
 
 If a stock assertion starts failing after an amqtt upgrade, amqtt fixed that defect upstream and the
-override named in the test's docstring (bridge/mqtt/hardened.py) can be reviewed.
+override named in the test's docstring (bridge/mqtt/hardened.py, handler.py) can be reviewed.
 """
 
 from __future__ import annotations
@@ -403,7 +403,7 @@ async def test_g_publish_to_a_wildcard_topic_ends_the_session(target: Target) ->
     correct: the connection is closed, and nothing of the payload is executed.
     stock: the parser rejects the topic before reading the payload, the reader loop just goes on, so
     the connection stays open and the payload is read as the next packet (the broker answers the
-    smuggled PINGREQ). The fix is strict parsing in bridge/mqtt/hardened.py, which patches amqtt's packet
+    smuggled PINGREQ). The fix is strict parsing in bridge/mqtt/handler.py, which patches amqtt's packet
     table for the whole process; the stock broker here runs with the table restored."""
     a = await target.new_thing()
     reader, writer = await target.raw(a)

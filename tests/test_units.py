@@ -20,7 +20,7 @@ from bridge.core.status import DEFAULT, Effective, decide
 from bridge.core.things import check_audience
 from bridge.mqtt import codec
 from bridge.mqtt.external.auth import Logins, subject_fields
-from bridge.mqtt.hardened import Limits
+from bridge.mqtt.handler import Limits
 from bridge.mqtt.lean import OfflineQueue, Subscriptions
 
 

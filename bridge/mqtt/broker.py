@@ -20,7 +20,8 @@ from bridge.core import topics
 from bridge.core.ports import Delivery
 from bridge.core.service import Core
 from bridge.mqtt.auth import Counters, standing
-from bridge.mqtt.hardened import HardenedBroker, Limits, close_client
+from bridge.mqtt.handler import Limits
+from bridge.mqtt.hardened import HardenedBroker, close_client
 from bridge.mqtt.router import Router, presence_changed
 from bridge.mqtt.sessions import DurableSessions, Routed
 from bridge.mqtt.streams import BridgeWriter, CappedReader

@@ -2,7 +2,7 @@
 header objects and reads each field with an awaited read of its own. The CONNECT is read whole and
 decoded here too (`connect`), once per connection. BridgeHandler's reader loop
 takes here a PUBLISH at QoS 0 or 1, a PUBACK, a PINGREQ or a DISCONNECT whose bytes are all buffered, with the
-rules of the strict parsing in hardened.py (UTF-8 topic without U+0000 or wildcards); any other
+rules of the strict parsing in handler.py (UTF-8 topic without U+0000 or wildcards); any other
 packet, or one not wholly buffered yet, is left to amqtt's parser. The broker's direct delivery
 (HardenedBroker._deliver) encodes its PUBLISH packets here."""
 

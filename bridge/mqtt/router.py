@@ -24,7 +24,7 @@ from bridge.core.identity import DeviceIdentity
 from bridge.core.service import Core
 from bridge.core.status import DeviceRef
 from bridge.mqtt.auth import PRINCIPAL, Counters, Principal
-from bridge.mqtt.hardened import REVOKED, ClientRevoked
+from bridge.mqtt.handler import REVOKED, ClientRevoked
 from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
