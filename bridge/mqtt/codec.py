@@ -181,16 +181,10 @@ def take(buffer: bytearray, max_size: int) -> tuple[int, Any] | None:
             return None
     elif first not in (0x40, 0xC0, 0xE0):  # PUBACK, PINGREQ, DISCONNECT with their fixed flags
         return None
-    length, mult, i = 0, 1, 1
-    while True:
-        if i >= size or i > 4:
-            return None  # incomplete, or a 5th length byte: amqtt's parser says so
-        byte = buffer[i]
-        i += 1
-        length += (byte & 0x7F) * mult
-        if not byte & 0x80:
-            break
-        mult <<= 7
+    header = fixed_header(buffer)
+    if header is None:
+        return None
+    length, i = header
     if length > max_size or size < i + length:
         return None
     if kind == PUBACK:
@@ -210,12 +204,28 @@ def take(buffer: bytearray, max_size: int) -> tuple[int, Any] | None:
 def take_connect(buffer: bytearray, max_size: int) -> Connect | None:
     """The CONNECT at the start of `buffer`, removed from it, when it is wholly there; else None
     (and `buffer` is left as it is). Malformed when the buffer starts with another packet."""
-    size = len(buffer)
-    if not size:
+    header = connect_header(buffer)
+    if header is None:
         return None
-    if buffer[0] != 0x10:  # [MQTT-3.1.0-1], with the flags [MQTT-2.2.2-2] fix
+    length, i = header
+    if length > max_size or len(buffer) < i + length:
+        return None  # the reader's own read says what is wrong, or waits for the rest
+    body = bytes(buffer[i : i + length])
+    del buffer[: i + length]
+    return Connect(body)
+
+
+def connect_header(buffer: bytearray) -> tuple[int, int] | None:
+    """fixed_header() of the first packet, which must be a CONNECT."""
+    if buffer and buffer[0] != 0x10:  # [MQTT-3.1.0-1], with the flags [MQTT-2.2.2-2] fix
         raise Malformed("the first packet is not a CONNECT")
-    length, shift, i = 0, 0, 1
+    return fixed_header(buffer)
+
+
+def fixed_header(buffer: bytearray) -> tuple[int, int] | None:
+    """(remaining length, size of the fixed header) of the packet at the start of `buffer`; None
+    while its header is incomplete. Malformed for a fifth length byte [MQTT-2.2.3]."""
+    size, length, shift, i = len(buffer), 0, 0, 1
     while True:
         if i >= size:
             return None
@@ -223,15 +233,10 @@ def take_connect(buffer: bytearray, max_size: int) -> Connect | None:
         i += 1
         length |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            break
+            return length, i
         shift += 7
         if shift > 21:
             raise Malformed("a remaining length of more than four bytes")
-    if length > max_size or size < i + length:
-        return None  # the reader's own read says what is wrong, or waits for the rest
-    body = bytes(buffer[i : i + length])
-    del buffer[: i + length]
-    return Connect(body)
 
 
 def _publish(first: int, body: bytes) -> Publish:

@@ -84,18 +84,14 @@ class CappedReader(StreamReaderAdapter):
 
     async def read_connect(self) -> codec.Connect:
         """The first packet, which must be a CONNECT, read whole (up to `max_read`) and decoded."""
+        reader = self._reader
         try:
-            if (await self.read(1))[0] != 0x10:  # [MQTT-3.1.0-1], with the flags [MQTT-2.2.2-2] fix
-                raise MalformedPacket("the first packet is not a CONNECT")
-            length, shift = 0, 0
-            while True:
-                byte = (await self.read(1))[0]
-                length |= (byte & 0x7F) << shift
-                if not byte & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    raise MalformedPacket("a remaining length of more than four bytes")
+            while (header := codec.connect_header(reader._buffer)) is None:  # type: ignore[attr-defined]
+                if reader.at_eof() or reader.exception() is not None:
+                    raise MalformedPacket("the connection ended within its CONNECT")
+                await self.wait_for_data()
+            length, size = header
+            del reader._buffer[:size]  # type: ignore[attr-defined]
             return codec.Connect(await self.read(length) if length else b"")
         except asyncio.IncompleteReadError:
             raise MalformedPacket("the connection ended within its CONNECT") from None
