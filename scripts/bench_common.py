@@ -939,7 +939,9 @@ def _short(path: str) -> str:
     return path
 
 
-_WAIT = re.compile(r"\.get\((block=True)?\)|\.poll\(|\.select\(|\.wait\(")
+# Leaf source lines of a thread blocked with the GIL released: a queue's get, a poll, a wait, and a
+# lock's acquire (a Condition.wait, as in the password checkers' idle pool, ends in one).
+_WAIT = re.compile(r"\.get\((block=True)?\)|\.poll\(|\.select\(|\.wait\(|\.acquire\(")
 
 
 @functools.cache
