@@ -14,7 +14,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import Bridge, on_each_store
-from tests.helpers import app_client, create_thing, new_user, next_message, thing_client, token, unique
+from tests.helpers import app_client, create_thing, new_user, next_message, thing_client, token, unique, until
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +330,59 @@ async def test_broker_stats_count_refusals_and_denials(bridge: Bridge, tmp_path:
     assert during["connections"] >= 1
     assert during["deniedPublishes"] == before["deniedPublishes"] + 1
     assert after["refusedConnects"] == before["refusedConnects"] + 1
+
+
+async def test_a_standing_the_store_cannot_check_cuts_the_connection_cleanly(tmp_path: Path) -> None:
+    """A revocation between a CONNECT's identity check and its session's registration makes the
+    broker ask the store again; when the store cannot answer, the connection is cut through the
+    disconnect path like any revocation: its session is not left connected and the thing ends
+    offline (the exception left both connected). In-process, the standing check made to fail: the
+    race itself is microseconds wide."""
+    from bridge import config
+    from bridge.core.service import Core
+    from bridge.core.things import NewThing
+    from bridge.mqtt.broker import TLS, MqttBroker
+    from bridge.store import Store, Unavailable
+    from tests.conftest import write_config
+    from tests.mqttraw import connect
+
+    cfg = config.load(write_config(tmp_path))
+    store = Store(cfg.db_path)
+    store.open()
+    mqtt = MqttBroker(cfg)
+    core = Core(cfg, store, link=mqtt)
+    try:
+        core.ca.ensure_server_cert([])
+        owner = await core.accounts.create_user("owner", "owner-password-1")
+        thing = await core.things.create(owner, NewThing(key_type="EC"))
+        (tmp_path / "t.pem").write_text(thing.cert_pem)
+        (tmp_path / "t.key").write_text(thing.private_key_pem or "")
+        await mqtt.start(core)
+        await mqtt.listen()
+        assert mqtt.broker is not None
+
+        async def unanswerable(session: object) -> str:
+            raise Unavailable("the store is away")
+
+        mqtt.broker.standing = unanswerable  # type: ignore[attr-defined]
+        tls = ssl.create_default_context(cafile=str(core.ca.ca_path))
+        tls.load_cert_chain(tmp_path / "t.pem", tmp_path / "t.key")
+        reader, writer = await asyncio.open_connection("127.0.0.1", mqtt.ports[TLS], ssl=tls)
+        writer.write(connect(thing.id))
+        async with asyncio.timeout(5):  # cut (its CONNACK, written in the same turn, goes too)
+            while await reader.read(4096):
+                pass
+        writer.close()
+
+        async def disconnected() -> bool:
+            return mqtt.stats()["connections"] == 0
+
+        async def offline() -> bool:
+            rows = await store.read(lambda c: c.execute("SELECT state FROM presence").fetchall())
+            return [row["state"] for row in rows] in ([], ["offline"])
+
+        await until(disconnected, "the session no longer connected", 5)
+        await until(offline, "the thing offline (or never recorded online)", 5)
+    finally:
+        await mqtt.stop()
+        await asyncio.to_thread(store.close)

@@ -51,7 +51,7 @@ from bridge.mqtt import codec
 from bridge.mqtt.lean import BridgeSession, OfflineQueue
 from bridge.mqtt.sessions import DurableSessions
 from bridge.mqtt.streams import BridgeWriter, CappedReader, Keepalive, MalformedPacket
-from bridge.store import Unavailable
+from bridge.store import StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,13 @@ class BridgeHandler(BrokerProtocolHandler):
         # The session is registered and connected now: a revocation from here on finds it. One that
         # committed after the CONNECT's identity check but before this point did not: ask again.
         if self.standing is not None and self.session is not None:
-            verdict = await self.standing(self.session)
+            try:
+                verdict = await self.standing(self.session)
+            except StoreError as exc:
+                # A revocation came in between and the store cannot tell whom it hit: cut this one
+                # (the device reconnects), through the disconnect path like any revocation, so its
+                # session and presence end as they began (an exception here left both connected).
+                verdict = f"not checked: {exc}"
             if verdict != "valid":
                 log.info("closing %s: revoked while it connected (%s)", self.session.client_id, verdict)
                 self.revoke(forget=verdict == "gone")
