@@ -457,6 +457,12 @@ CONNECT_REFUSALS: dict[str, tuple[Callable[[ThingFiles], bytes], int]] = {
         lambda t: raw_connect(b"MQTT", 4, 0x42, mqtt_str(t.id.encode()) + mqtt_str(b"secret")),
         4,
     ),
+    "a password that is not UTF-8": (
+        lambda t: raw_connect(
+            b"MQTT", 4, 0xC2, mqtt_str(t.id.encode()) + mqtt_str(b"someapp") + mqtt_str(b"\xff\xfe")
+        ),
+        4,
+    ),
 }
 # ... and what ends the connection without one.
 CONNECT_MALFORMED: dict[str, Callable[[ThingFiles], bytes]] = {

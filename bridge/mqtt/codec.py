@@ -86,7 +86,8 @@ class Connect:
         self.will_topic = view.text() if self.will_flag else None
         self.will_message = view.data() if self.will_flag else None
         self.username = view.text() if self.flags & USERNAME else None
-        self.password = view.text() if self.flags & PASSWORD else None
+        # Binary data [MQTT-3.1.3.5]; ours are text: one that is not UTF-8 stays None (CONNACK 4)
+        self.password = _utf8(view.data()) if self.flags & PASSWORD else None
         if view.left():
             raise Malformed("CONNECT longer than its fields")
         if not self.will_flag and self.flags & (WILL_QOS | WILL_RETAIN):
@@ -101,6 +102,13 @@ class Connect:
     @property
     def will_qos(self) -> int:
         return (self.flags & WILL_QOS) >> 3
+
+
+def _utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 class _Fields:

@@ -194,8 +194,10 @@ class BridgeHandler(BrokerProtocolHandler):
         refused = None
         if connect.proto_level != 4:  # only MQTT 3.1.1 [MQTT-3.1.2-2]
             refused = (UNACCEPTABLE_PROTOCOL_VERSION, f"protocol level {connect.proto_level}")
-        elif connect.password is not None and connect.username is None:
+        elif connect.flags & codec.PASSWORD and connect.username is None:
             refused = (BAD_USERNAME_PASSWORD, "a password without a user name")  # [MQTT-3.1.2-22]
+        elif connect.flags & codec.PASSWORD and connect.password is None:
+            refused = (BAD_USERNAME_PASSWORD, "a password that is not UTF-8, as none of ours is")
         elif random_id and not connect.flags & codec.CLEAN_SESSION:
             refused = (IDENTIFIER_REJECTED, "[MQTT-3.1.3-8] no client id with clean session 0")
         if refused is not None:
