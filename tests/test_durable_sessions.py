@@ -413,3 +413,19 @@ async def test_a_thing_online_at_a_kill_is_offline_after_the_restart(
         retained = await next_message(viewer, 10)
         assert retained.retain and orjson.loads(retained.payload)["state"] == "offline"
     assert rows(bridge, "SELECT count(*) FROM outbox WHERE topic = ?", presence) == [(0,)]
+
+
+async def test_a_graceful_stop_records_its_things_offline(restartable: Bridge, tmp_path: Path) -> None:
+    """SIGTERM: every thing connected to the stopping bridge is recorded offline before it exits, so
+    what reads the database while it is down (`thingbridge status`) does not see them online."""
+    bridge = restartable
+    alice = account(bridge)
+    [thing] = await things(bridge, alice, tmp_path, 1)
+    live = await Raw.connect(bridge, thing)
+    await until(
+        lambda: rows(bridge, "SELECT state FROM presence WHERE thing_id = ?", thing.id) == [("online",)]
+    )
+    assert bridge.stop() == 0
+    live.writer.close()
+    assert rows(bridge, "SELECT state FROM presence WHERE thing_id = ?", thing.id) == [("offline",)]
+    bridge.start()

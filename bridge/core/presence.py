@@ -142,6 +142,17 @@ class Presence:
                 topics.topic(thing_id, topics.PRESENCE), _document(state, ts), retain=True
             )
 
+    async def flush(self) -> None:
+        """Write what is recorded now, not WINDOW later (a server that stops); what the store
+        refuses stays for the next start's restore()."""
+        while self._writing is not None or self._next is not None:
+            if self._writing is None:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._write_next()
+            if self._writing is not None:
+                await self._writing
+
     def _retry(self) -> None:
         if self._pending and self._next is None:
             self._next = asyncio.get_running_loop().create_future()

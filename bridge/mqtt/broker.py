@@ -137,6 +137,14 @@ class MqttBroker:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        if isinstance(self.broker, HardenedBroker) and self.broker.presence is not None:
+            # Every connection ends with this process: its things are offline now (and subscribers
+            # hear it), not only at the next start (amqtt's shutdown ends no connection's loop).
+            for session, _ in list(self.broker.sessions.values()):
+                if session.transitions.is_connected():
+                    self.broker.presence(session, False)
+            assert self.core is not None
+            await self.core.presence.flush()
         if self.broker is not None:
             await self.broker.shutdown()
         if isinstance(self.broker, HardenedBroker) and self.broker.limits.durable is not None:
