@@ -313,3 +313,20 @@ def test_subscriptions_know_the_filters_that_match_until_they_change() -> None:
     for n in range(Subscriptions.MAX_TOPICS + 10):
         table.matching(str(n))
     assert len(table._matched) <= Subscriptions.MAX_TOPICS
+
+
+def test_a_postgresql_read_in_a_thread_that_never_connected_says_unavailable(tmp_path: Path) -> None:
+    """A reader thread's first connection, tried while the server is away, is the store's
+    Unavailable (503, one log line), not an AttributeError of the retry path (a traceback the outage
+    test once caught). A real connection attempt, to a port nothing listens on."""
+    import socket
+
+    from bridge.store.errors import Unavailable
+    from bridge.store.postgres import PostgresStore
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: connections to it are refused
+    store = PostgresStore(f"postgresql://nobody@127.0.0.1:{port}/nothing", tmp_path / "unused")
+    with pytest.raises(Unavailable):
+        store._read(lambda conn: conn.execute("SELECT 1"), ())

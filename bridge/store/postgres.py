@@ -541,8 +541,9 @@ class PostgresStore(db.Store):
         try:
             return super()._read(fn, args)
         except Unavailable:
-            broken: Connection | None = self._local.conn
-            if broken is None:  # no connection to be had: the server is away
+            # None: no connection to be had (this thread never had one, or lost it before)
+            broken: Connection | None = getattr(self._local, "conn", None)
+            if broken is None:  # the server is away
                 raise
         with self._lock:
             self._read_conns.remove(broken)
