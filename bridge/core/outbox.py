@@ -51,6 +51,12 @@ def forget_thing(conn: sqlite3.Connection, thing_id: str) -> None:
     conn.execute("DELETE FROM outbox WHERE substr(topic, 1, ?) = ?", (len(prefix), prefix))
 
 
+def forget_flow(conn: sqlite3.Connection, flow: str) -> None:
+    """Drop what is still queued on every thing's `flow` topic (presence's documents an earlier
+    version queued here: presence publishes its own now)."""
+    conn.execute("DELETE FROM outbox WHERE topic LIKE ?", (topics.topic("%", flow),))
+
+
 class Outbox(Background):
     step = "outbox drain"
 

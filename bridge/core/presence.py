@@ -18,7 +18,7 @@ import orjson
 
 from bridge.core import ids, topics
 from bridge.core.identity import DeviceIdentity
-from bridge.core.outbox import Outbox
+from bridge.core.outbox import Outbox, forget_flow
 from bridge.core.ports import DeviceLink
 from bridge.store import Store
 
@@ -191,8 +191,7 @@ class Presence:
         state is restored as it is (the engine's connection events correct it)."""
 
         def went_offline(conn: sqlite3.Connection) -> list[Document]:
-            # Documents an earlier version queued in the outbox and did not publish: older than these.
-            conn.execute("DELETE FROM outbox WHERE topic LIKE ?", (topics.topic("%", topics.PRESENCE),))
+            forget_flow(conn, topics.PRESENCE)  # an earlier version's, older than these
             if connections_outlive_us:
                 return []
             rows = conn.execute(

@@ -1,9 +1,10 @@
 """The hot path's packets, decoded and encoded directly (issue #14): amqtt builds every packet from
-header objects and reads each field with an awaited read of its own. The CONNECT is read whole and
-decoded here too (`connect`), once per connection. BridgeHandler's reader loop
-takes here a PUBLISH at QoS 0 or 1, a PUBACK, a PINGREQ or a DISCONNECT whose bytes are all buffered, with the
-rules of the strict parsing in handler.py (UTF-8 topic without U+0000 or wildcards); any other
-packet, or one not wholly buffered yet, is left to amqtt's parser. The broker's direct delivery
+header objects and reads each field with an awaited read of its own. BridgeHandler's reader loop
+takes here a PUBLISH at QoS 0 or 1, a PUBACK, a PINGREQ or a DISCONNECT whose bytes are all
+buffered, with the rules of the strict parsing (`text`: UTF-8 without U+0000; a topic name without
+wildcards); any other packet, or one not wholly buffered yet, is left to amqtt's parser, made
+strict in handler.py with the same `text`. The CONNECT is read whole and decoded here too
+(`Connect`, `take_connect`), once per connection. The broker's direct delivery
 (HardenedBroker._deliver) encodes its PUBLISH packets here."""
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ class Connect:
         return (self.flags & WILL_QOS) >> 3
 
 
+def text(raw: bytes) -> str:
+    """An MQTT string field [MQTT-1.5.3-1/2]: UTF-8 without U+0000, else Malformed."""
+    try:
+        decoded = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise Malformed("a string field is not valid UTF-8") from exc
+    if "\x00" in decoded:
+        raise Malformed("a string field contains U+0000")
+    return decoded
+
+
 def _utf8(raw: bytes) -> str | None:
     try:
         return raw.decode()
@@ -136,13 +148,7 @@ class _Fields:
         return self._take(self.uint16())
 
     def text(self) -> str:
-        try:
-            text = self.data().decode()
-        except UnicodeDecodeError as exc:
-            raise Malformed("a string field is not valid UTF-8") from exc
-        if "\x00" in text:
-            raise Malformed("a string field contains U+0000")
-        return text
+        return text(self.data())
 
     def left(self) -> int:
         return len(self._body) - self._at
@@ -225,7 +231,7 @@ def take_connect(buffer: bytearray, max_size: int) -> Connect | None:
 
 def connect_header(buffer: bytearray) -> tuple[int, int] | None:
     """fixed_header() of the first packet, which must be a CONNECT."""
-    if buffer and buffer[0] != 0x10:  # [MQTT-3.1.0-1], with the flags [MQTT-2.2.2-2] fix
+    if buffer and buffer[0] != CONNECT << 4:  # [MQTT-3.1.0-1], its flags 0 [MQTT-2.2.2-2]
         raise Malformed("the first packet is not a CONNECT")
     return fixed_header(buffer)
 
@@ -255,12 +261,7 @@ def _publish(first: int, body: bytes) -> Publish:
     head = 2 + n + (2 if qos else 0)
     if len(body) < head:
         raise Malformed("PUBLISH shorter than its topic and packet id")
-    try:
-        topic = body[2 : 2 + n].decode()
-    except UnicodeDecodeError as exc:
-        raise Malformed("a string field is not valid UTF-8") from exc
-    if "\x00" in topic:
-        raise Malformed("a string field contains U+0000")
+    topic = text(body[2 : 2 + n])
     if "#" in topic or "+" in topic:
         raise Malformed("malformed PublishPacket: [MQTT-3.3.2-2] a topic name has no wildcards")
     packet_id = ((body[2 + n] << 8) | body[3 + n]) if qos else None

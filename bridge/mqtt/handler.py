@@ -79,12 +79,9 @@ async def _strict_string(reader: Any) -> str:
     length = int.from_bytes(await read_or_raise(reader, 2), "big")
     raw = await read_or_raise(reader, length) if length else b""
     try:
-        text = raw.decode()
-    except UnicodeDecodeError as exc:
-        raise MalformedPacket("a string field is not valid UTF-8") from exc
-    if "\x00" in text:
-        raise MalformedPacket("a string field contains U+0000")
-    return text
+        return codec.text(raw)
+    except codec.Malformed as exc:
+        raise MalformedPacket(str(exc)) from exc
 
 
 # Parsing made strict: a packet that does not parse ends the connection (stock logs "Message
@@ -166,13 +163,15 @@ class BridgeHandler(BrokerProtocolHandler):
 
     @classmethod
     async def init_from_connect(  # type: ignore[override]
-        cls, reader: Any, writer: Any, plugins_manager: Any, loop: asyncio.AbstractEventLoop | None = None
+        cls,
+        reader: CappedReader,
+        writer: Any,
+        plugins_manager: Any,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> tuple[BridgeHandler, Session]:
         """Stock's (amqtt/mqtt/protocol/broker_handler.py:158-251), the same checks and answers, with
         the CONNECT read whole and decoded by codec: stock read it field by field, an awaited read
         each, and past the packet's end when a field claimed more than was left (issue #14)."""
-        if not isinstance(reader, CappedReader):
-            return await super().init_from_connect(reader, writer, plugins_manager, loop)  # type: ignore[return-value]
         return await cls.from_connect(await reader.read_connect(), writer, plugins_manager, loop)
 
     @classmethod

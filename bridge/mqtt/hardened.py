@@ -117,13 +117,13 @@ class HardenedBroker(Broker):
         return bool(results) and all(results)
 
     async def _initialize_client_session(  # type: ignore[override]
-        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+        self, reader: CappedReader, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         """Stock logic (amqtt/broker.py:480-539) with authentication moved *before* any change to the
         session that owns the client id (B, C), and a resumed session given this connection's TLS
         object and address (A). A CONNECT must arrive within connect_timeout (slow-loris)."""
         try:
-            connect = reader.take_connect() if isinstance(reader, CappedReader) else None
+            connect = reader.take_connect()
             if connect is not None:  # here already, as it mostly is: no timer
                 handler, incoming = await BridgeHandler.from_connect(connect, writer, self.plugins_manager)
             else:
@@ -195,8 +195,7 @@ class HardenedBroker(Broker):
             durable.connected(session)
         if session.keep_alive > 0:
             session.keep_alive = int(session.keep_alive * 1.5 + 0.5)
-            if isinstance(reader, CappedReader):
-                reader.body_timeout = session.keep_alive
+            reader.body_timeout = session.keep_alive
         return handler, session
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
