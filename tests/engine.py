@@ -55,18 +55,24 @@ def rabbitmq_missing() -> str | None:
     return None
 
 
+_GIVEN: set[int] = set()  # never the same port twice: a cluster's ports are chosen before any binds
+
+
 def free_port() -> int:
     """A port for a RabbitMQ listener, which binds it only later: below the kernel's ephemeral range
     (32768 and up), where the suite's thousands of client connections take their local ports, one
     of which once took a node's management port first (eaddrinuse at its start)."""
     while True:
         port = random.randrange(20000, 32000)
+        if port in _GIVEN:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _GIVEN.add(port)
+        return port
 
 
 @dataclass
